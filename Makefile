@@ -1,0 +1,30 @@
+# Set-up is two commands: `make demo` and `make test`. Each creates .venv and installs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SHARED ?= ../shared
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	# Pinned, in this order (SPEC section 8): the CPU torch first, so nothing pulls a CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet torchvision==0.28.0
+	$(BIN)/pip install --quiet timm==1.0.31
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	SHARED=$(SHARED) $(BIN)/python scripts/demo.py
+
+clean:
+	rm -rf $(VENV) demo_out

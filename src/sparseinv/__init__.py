@@ -1,0 +1,34 @@
+"""sparseinv: fast inversion of Vision Transformers into synthetic training data.
+
+Sparse Model Inversion (Hu et al., ICML 2024): while inverting, stop optimising the
+patches the model does not attend to and drop them from the token sequence.
+"""
+
+from sparseinv.errors import UsageError
+from sparseinv.inversion import BatchResult, InversionConfig, InversionResult, invert, invert_batch
+from sparseinv.losses import InversionLoss, LossInputs
+from sparseinv.models import ViTInfo, load_model, vit_info
+from sparseinv.pool import Pool, read_pool
+from sparseinv.schedule import PruneSchedule
+from sparseinv.sparse_forward import SparseOutput, sparse_forward
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchResult",
+    "InversionConfig",
+    "InversionLoss",
+    "InversionResult",
+    "LossInputs",
+    "Pool",
+    "PruneSchedule",
+    "SparseOutput",
+    "UsageError",
+    "ViTInfo",
+    "invert",
+    "invert_batch",
+    "load_model",
+    "read_pool",
+    "sparse_forward",
+    "vit_info",
+]

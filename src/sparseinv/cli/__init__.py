@@ -1,0 +1,44 @@
+"""The ``sparseinv`` command: parse, validate, call the Python API, print.
+
+Each sub-command lives in its own module with a ``register(subparsers)`` that adds
+its parser and sets ``func``. Bad input raises :class:`UsageError`, which becomes one
+line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sparseinv.errors import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        self.exit(2, f"sparseinv: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sparseinv.cli import distill, evaluate, invert, quantize
+
+    parser = _Parser(prog="sparseinv", description="Invert timm ViTs into synthetic training data, sparsely.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for module in (invert, quantize, evaluate, distill):
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as err:
+        print(f"sparseinv: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparseinv: interrupted; finished batches are kept, run the same command to continue.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Arguments and checks several sub-commands share."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from sparseinv.errors import UsageError
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+def resolve_device(args: argparse.Namespace) -> torch.device:
+    """The requested device, refused clearly if this machine does not have it."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{args.device}': use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device on this machine.")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported device '{args.device}': use cpu, cuda or cuda:N.")
+    return device
+
+
+def split_model_spec(spec: str) -> tuple[str, str | None]:
+    """``NAME[:CHECKPOINT]`` to (name, checkpoint or None)."""
+    name, _, checkpoint = spec.partition(":")
+    return name, (checkpoint or None)

@@ -1,0 +1,9 @@
+"""``sparseinv quantize``: placeholder until its issue lands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    pass

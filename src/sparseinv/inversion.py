@@ -1,0 +1,363 @@
+"""Dense and sparse model inversion (SPEC sections 2 and 3).
+
+:func:`invert_batch` is the loop for one batch: Adam over pixels, roll/flip
+augmentation, a pluggable loss, best-so-far pixels per image, and, when the schedule
+says so, scoring patches by last-block CLS attention and dropping the rest from the
+token sequence for good. :func:`invert` runs many batches and, given a folder, writes
+them as a pool that survives interruption.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparseinv.augment import RollFlip
+from sparseinv.errors import UsageError
+from sparseinv.losses import InversionLoss, LossInputs
+from sparseinv.models import ViTInfo, vit_info
+from sparseinv.schedule import PruneSchedule
+from sparseinv.sparse_forward import sparse_forward
+
+
+@dataclass
+class InversionConfig:
+    """Everything that decides what an inversion run produces.
+
+    Defaults are the paper's reference setting for dense inversion; use
+    ``schedule=PruneSchedule.reference()`` for sparse inversion.
+    """
+
+    num_images: int = 32
+    batch_size: int = 32
+    iterations: int = 4000
+    lr: float = 0.25
+    betas: tuple[float, float] = (0.5, 0.99)
+    schedule: PruneSchedule = field(default_factory=PruneSchedule)
+    loss: InversionLoss = field(default_factory=InversionLoss)
+    classes: tuple[int, ...] | None = None
+    seed: int = 0
+    jitter: float = 0.125
+    flip: bool = True
+
+    def validate(self, num_classes: int | None = None) -> None:
+        """Raise :class:`UsageError` for settings no run could use."""
+        for name in ("num_images", "batch_size", "iterations"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if not self.lr > 0:
+            raise UsageError(f"the learning rate must be positive, got {self.lr}.")
+        self.schedule.validate(self.iterations)
+        if self.classes is not None:
+            if not self.classes:
+                raise UsageError("--classes needs at least one class index.")
+            if num_classes is not None:
+                bad = [c for c in self.classes if not 0 <= c < num_classes]
+                if bad:
+                    raise UsageError(f"unknown class index {bad[0]}: the model has classes 0..{num_classes - 1}.")
+
+    def record(self) -> dict:
+        """JSON-able settings, for the run record and for matching a resumed pool."""
+        out = asdict(self)
+        out["betas"] = list(self.betas)
+        out["schedule"] = {"steps": list(self.schedule.steps), "ratios": list(self.schedule.ratios)}
+        out["loss"] = self.loss.describe()
+        out["classes"] = None if self.classes is None else list(self.classes)
+        return out
+
+
+@dataclass
+class BatchResult:
+    """One inverted batch.
+
+    Attributes:
+        images: (B, 3, H, W) pixels in [0, 1], 8-bit exact, stopped patches zero.
+        labels: (B,) target classes.
+        kept_patches: (B, K) sorted 0-based row-major indices of the kept patches.
+        target_prob: (B,) the model's probability of the label, fed the kept patches.
+        seconds_per_phase: wall time of each stretch between stop steps.
+        tokens_per_phase: patch tokens fed in each stretch.
+        correct: (B,) whether the model's top class, fed the kept patches, is the label.
+        final_seconds: the closing dense scoring pass and the check of the outputs.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    kept_patches: torch.Tensor
+    target_prob: torch.Tensor
+    correct: torch.Tensor
+    seconds_per_phase: list[float]
+    tokens_per_phase: list[int]
+    final_seconds: float
+
+    @property
+    def wall_seconds(self) -> float:
+        return sum(self.seconds_per_phase) + self.final_seconds
+
+
+def assign_labels(config: InversionConfig, num_classes: int) -> list[int]:
+    """One target class per image, balanced over the chosen classes.
+
+    Given classes are cycled in the order given; otherwise every class is drawn once
+    (a seeded permutation) before any repeats.
+    """
+    if config.classes is not None:
+        return [config.classes[i % len(config.classes)] for i in range(config.num_images)]
+    generator = torch.Generator().manual_seed(config.seed)
+    labels: list[int] = []
+    while len(labels) < config.num_images:
+        labels.extend(torch.randperm(num_classes, generator=generator).tolist())
+    return labels[: config.num_images]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _patch_mask(keep: torch.Tensor, info: ViTInfo) -> torch.Tensor:
+    """(B, 1, H, W) boolean pixel mask of the patches in ``keep``."""
+    rows, cols = info.grid_size
+    cells = torch.zeros(keep.shape[0], rows * cols, dtype=torch.bool, device=keep.device)
+    cells.scatter_(1, keep, True)
+    cells = cells.view(-1, 1, rows, cols)
+    return cells.repeat_interleave(info.patch_size[0], 2).repeat_interleave(info.patch_size[1], 3)
+
+
+def _top_patches(cls_attn: torch.Tensor, keep: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` kept patches with the highest CLS attention, as sorted indices."""
+    top = cls_attn.topk(count, dim=1).indices
+    return keep.gather(1, top).sort(dim=1).values
+
+
+def invert_batch(
+    model: nn.Module,
+    labels: torch.Tensor,
+    config: InversionConfig,
+    *,
+    seed: int,
+    progress: bool = True,
+    desc: str = "invert",
+) -> BatchResult:
+    """Invert one batch of images towards ``labels``.
+
+    Args:
+        model: A timm ViT in eval mode; its weights are not changed.
+        labels: (B,) target classes, on the model's device.
+        config: Learning rate, iterations, schedule and loss.
+        seed: Seeds the initial pixels and every augmentation draw; the same seed,
+            settings and device give the same images.
+        progress: Show a tqdm bar with step, loss and tokens kept.
+        desc: The bar's label.
+    """
+    info = vit_info(model)
+    device = labels.device
+    schedule = config.schedule
+    batch = labels.shape[0]
+    _, height, width = info.input_size
+    generator = torch.Generator().manual_seed(seed)
+    # Drawn on the CPU so CPU and CUDA runs start from the same pixels.
+    x = torch.randn(batch, *info.input_size, generator=generator).to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=config.lr, betas=config.betas)
+    mean = torch.tensor(info.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(info.std, device=device).view(1, 3, 1, 1)
+    low, high = (0 - mean) / std, (1 - mean) / std
+    best_loss = torch.full((batch,), float("inf"), device=device)
+    best_x = x.detach().clone()
+
+    counts = schedule.keep_counts(info.num_patches)
+    bounds = schedule.phase_bounds(config.iterations)
+    keep: torch.Tensor | None = None  # None: every patch, no gather
+    frozen: torch.Tensor | None = None  # pixels as they were when their patch stopped
+    pixel_mask: torch.Tensor | None = None
+    max_dy, max_dx = int(height * config.jitter), int(width * config.jitter)
+    seconds_per_phase: list[float] = []
+
+    for model_param in model.parameters():
+        model_param.requires_grad_(False)
+    bar = tqdm(total=config.iterations, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for phase, (start, end) in enumerate(bounds):
+        _sync(device)
+        phase_start = time.perf_counter()
+        if phase > 0:
+            # Score on the un-augmented current image, then stop the low-attention patches.
+            with torch.no_grad():
+                scored = sparse_forward(model, x, keep, return_cls_attn=True)
+                current = keep if keep is not None else torch.arange(info.num_patches, device=device).expand(batch, -1)
+                keep = _top_patches(scored.cls_attn, current, counts[phase])
+                pixel_mask = _patch_mask(keep, info)
+                frozen = x.detach().clone()
+        for _ in range(start, end):
+            aug = RollFlip.sample(generator, max_dy, max_dx, config.flip)
+            fed = None if keep is None else aug.remap(keep, info.grid_size, info.patch_size)
+            logits = sparse_forward(model, aug.apply(x), fed).logits
+            per_image = config.loss(LossInputs(images=x, logits=logits, targets=labels))
+            optimizer.zero_grad(set_to_none=True)
+            per_image.mean().backward()
+            with torch.no_grad():
+                improved = per_image.detach() < best_loss
+                best_loss = torch.where(improved, per_image.detach(), best_loss)
+                best_x[improved] = x[improved]
+                optimizer.step()
+                if pixel_mask is not None:
+                    # A stopped patch is gone for good: undo whatever Adam's momentum
+                    # or a straddling shifted patch did to it.
+                    torch.where(pixel_mask, x, frozen, out=x.data)
+                torch.maximum(torch.minimum(x, high, out=x.data), low, out=x.data)
+            bar.update(1)
+            if bar.n % 10 == 0 or bar.n == config.iterations:
+                bar.set_postfix(loss=f"{per_image.mean().item():.3f}", tokens=counts[phase])
+        _sync(device)
+        seconds_per_phase.append(time.perf_counter() - phase_start)
+    bar.close()
+
+    final_start = time.perf_counter()
+    with torch.no_grad():
+        final_count = schedule.final_keep(info.num_patches)
+        everything = torch.arange(info.num_patches, device=device).expand(batch, -1)
+        if final_count == info.num_patches:
+            kept = everything.clone()
+        else:
+            scored = sparse_forward(model, best_x, None, return_cls_attn=True)
+            kept = _top_patches(scored.cls_attn, everything, final_count)
+        pixels = (best_x * std + mean).clamp_(0, 1)
+        pixels = torch.round(pixels * 255) / 255  # exactly what the PNGs will hold
+        pixels = pixels * _patch_mask(kept, info)
+        probs = sparse_forward(model, (pixels - mean) / std, kept).logits.softmax(dim=1)
+        target_prob = probs.gather(1, labels[:, None]).squeeze(1)
+        correct = probs.argmax(dim=1) == labels
+    _sync(device)
+    return BatchResult(
+        images=pixels.cpu(),
+        labels=labels.cpu(),
+        kept_patches=kept.cpu(),
+        target_prob=target_prob.cpu(),
+        correct=correct.cpu(),
+        seconds_per_phase=seconds_per_phase,
+        tokens_per_phase=counts,
+        final_seconds=time.perf_counter() - final_start,
+    )
+
+
+@dataclass
+class InversionResult:
+    """All images of a run, in memory, plus its run record.
+
+    Attributes:
+        images: (N, 3, H, W) pixels in [0, 1], stopped patches zero.
+        labels: (N,) target classes.
+        kept_patches: (N, K) sorted kept patch indices.
+        target_prob: (N,) the model's probability of each label, fed sparse.
+        run: The run record (as in the pool's ``run.json``).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    kept_patches: torch.Tensor
+    target_prob: torch.Tensor
+    run: dict
+
+
+def run_record(model: nn.Module, config: InversionConfig, model_name: str | None, checkpoint: str | None) -> dict:
+    """The parts of ``run.json`` known before the first step."""
+    info = vit_info(model)
+    return {
+        "model": model_name or getattr(model, "default_cfg", {}).get("architecture", type(model).__name__),
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "settings": config.record(),
+        "input_size": list(info.input_size),
+        "patch_size": list(info.patch_size),
+        "num_patches": info.num_patches,
+        "num_classes": info.num_classes,
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "torch": torch.__version__,
+        "device": str(next(model.parameters()).device),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def invert(
+    model: nn.Module,
+    config: InversionConfig,
+    out: str | None = None,
+    *,
+    model_name: str | None = None,
+    checkpoint: str | None = None,
+    progress: bool = True,
+) -> InversionResult:
+    """Invert ``config.num_images`` images in batches; optionally write them as a pool.
+
+    With ``out``, each batch is committed to the pool folder as soon as it is done,
+    and a folder already holding part of the same run is continued, not restarted.
+    Batch ``b`` is seeded by ``config.seed`` and ``b`` alone, so a continued run gives
+    the images an uninterrupted one would.
+
+    Raises:
+        UsageError: bad settings, or ``out`` holding a pool made with other settings.
+    """
+    from sparseinv.pool import PoolWriter, read_pool
+    from sparseinv.viz import class_namer, image_grid_png
+
+    info = vit_info(model)
+    config.validate(info.num_classes)
+    device = next(model.parameters()).device
+    labels = assign_labels(config, info.num_classes)
+    writer = None
+    done = 0
+    if out is not None:
+        writer = PoolWriter(out, run_record(model, config, model_name, checkpoint))
+        done = writer.open()
+    batches: list[BatchResult] = []
+    num_batches = -(-config.num_images // config.batch_size)
+    for b in range(done // config.batch_size, num_batches):
+        chunk = labels[b * config.batch_size : (b + 1) * config.batch_size]
+        result = invert_batch(
+            model,
+            torch.tensor(chunk, device=device),
+            config,
+            seed=config.seed * 1_000_003 + b,
+            progress=progress,
+            desc=f"batch {b + 1}/{num_batches}",
+        )
+        if writer is not None:
+            writer.add_batch(
+                result.images,
+                result.labels,
+                result.kept_patches,
+                result.target_prob,
+                {
+                    "index": b,
+                    "wall_seconds": result.wall_seconds,
+                    "seconds_per_phase": result.seconds_per_phase,
+                    "tokens_per_phase": result.tokens_per_phase,
+                    "final_seconds": result.final_seconds,
+                    "num_correct": int(result.correct.sum()),
+                },
+            )
+        else:
+            batches.append(result)
+    if writer is not None:
+        pool = read_pool(out)
+        name = class_namer(model)
+        writer.finish(image_grid_png(pool.images, [name(c) for c in pool.labels]))
+        return InversionResult(pool.images, pool.labels, pool.kept_patches, pool.target_prob, writer.run)
+    run = run_record(model, config, model_name, checkpoint)
+    run.update(
+        num_images=config.num_images,
+        wall_seconds=sum(r.wall_seconds for r in batches),
+        seconds_per_phase=[sum(col) for col in zip(*(r.seconds_per_phase for r in batches))],
+        tokens_per_phase=batches[0].tokens_per_phase,
+        success_rate=float(torch.cat([r.correct for r in batches]).float().mean()),
+    )
+    return InversionResult(
+        images=torch.cat([r.images for r in batches]),
+        labels=torch.cat([r.labels for r in batches]),
+        kept_patches=torch.cat([r.kept_patches for r in batches]),
+        target_prob=torch.cat([r.target_prob for r in batches]),
+        run=run,
+    )

@@ -1,0 +1,137 @@
+"""Loading timm ViTs and reading what inversion needs to know about them.
+
+Everything model-specific (normalisation, input size, patch grid, prefix tokens) is
+read from the model itself, never from constants or its name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparseinv._torchvision_compat import ensure_torchvision_importable
+from sparseinv.errors import UsageError
+
+ensure_torchvision_importable()
+import timm  # noqa: E402  (needs the torchvision shim above)
+
+
+@dataclass(frozen=True)
+class ViTInfo:
+    """Facts about a ViT that inversion and sparse feeding rely on.
+
+    Attributes:
+        mean: Per-channel normalisation mean of the model's input.
+        std: Per-channel normalisation std.
+        input_size: (channels, height, width) the model expects.
+        patch_size: (height, width) of one patch in pixels.
+        grid_size: (rows, cols) of the patch grid.
+        num_prefix_tokens: CLS plus any distillation/register tokens, always kept.
+        num_classes: Size of the classifier output.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    input_size: tuple[int, int, int]
+    patch_size: tuple[int, int]
+    grid_size: tuple[int, int]
+    num_prefix_tokens: int
+    num_classes: int
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+
+def vit_info(model: nn.Module) -> ViTInfo:
+    """Read normalisation, geometry and prefix tokens from a timm ViT.
+
+    Raises:
+        UsageError: if the model is not a token-sequence ViT with a class token.
+    """
+    name = type(model).__name__
+    needed = ("patch_embed", "_pos_embed", "blocks", "norm", "forward_head")
+    if not all(hasattr(model, attr) for attr in needed) or not hasattr(model.patch_embed, "grid_size"):
+        raise UsageError(f"{name} is not a token-sequence ViT (patch embedding, blocks, head), so it cannot be inverted sparsely.")
+    if getattr(model, "cls_token", None) is None:
+        raise UsageError(f"{name} has no class token, so its patches cannot be scored by class-token attention.")
+    if not hasattr(model.blocks[-1], "attn") or not hasattr(model.blocks[-1].attn, "attn_drop"):
+        raise UsageError(f"{name}'s last block has no standard attention module, so its class-token attention cannot be read.")
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = tuple(float(v) for v in cfg.get("mean", timm.data.IMAGENET_DEFAULT_MEAN))
+    std = tuple(float(v) for v in cfg.get("std", timm.data.IMAGENET_DEFAULT_STD))
+    pe = model.patch_embed
+    img_h, img_w = (int(v) for v in pe.img_size)
+    patch = tuple(int(v) for v in pe.patch_size)
+    if img_h % patch[0] or img_w % patch[1]:
+        raise UsageError(f"image size {img_h}x{img_w} is not divisible by the patch size {patch[0]}x{patch[1]}.")
+    return ViTInfo(
+        mean=mean,
+        std=std,
+        input_size=(3, img_h, img_w),
+        patch_size=patch,
+        grid_size=tuple(int(v) for v in pe.grid_size),
+        num_prefix_tokens=int(model.num_prefix_tokens),
+        num_classes=int(model.num_classes),
+    )
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_ema"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            return state[key]
+    return state
+
+
+def load_model(
+    name: str,
+    checkpoint: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    num_classes: int | None = None,
+    pretrained: bool = True,
+) -> nn.Module:
+    """Create a timm ViT by name, load its weights, and put it in eval mode.
+
+    Args:
+        name: A timm model name, e.g. ``deit_tiny_patch16_224``.
+        checkpoint: A ``.safetensors`` or ``.pth`` file with timm key names. ``None``
+            loads timm's pretrained weights from the hub (needs a network).
+        device: Where to put the model.
+        num_classes: Override the classifier size (for checkpoints of fine-tuned heads).
+        pretrained: With no checkpoint, ``False`` keeps random weights (speed tests).
+
+    Raises:
+        UsageError: unknown model, missing checkpoint, or weights that do not match.
+    """
+    if name not in timm.list_models() and name not in timm.list_pretrained():
+        raise UsageError(f"unknown model '{name}': not a timm model name (see timm.list_models()).")
+    kwargs = {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        model = timm.create_model(name, pretrained=checkpoint is None and pretrained, **kwargs)
+    except Exception as err:  # hub errors come in many types; all mean "no weights"
+        if checkpoint is None and pretrained:
+            raise UsageError(f"could not fetch pretrained weights for '{name}' ({type(err).__name__}); pass --checkpoint FILE.") from None
+        raise
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise UsageError(f"checkpoint '{path}' does not exist.")
+        try:
+            state = _load_state_dict(path)
+            model.load_state_dict(state, strict=True)
+        except (RuntimeError, KeyError, ValueError, OSError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UsageError(f"checkpoint '{path}' does not match model '{name}': {first}") from None
+    vit_info(model)  # refuse models we cannot invert before anyone spends time on them
+    return model.to(device).eval()

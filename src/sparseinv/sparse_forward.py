@@ -1,0 +1,115 @@
+"""The one sparse forward: a ViT run on a subset of its patch tokens.
+
+Every part of the project that feeds kept patches to a model (inversion, scoring,
+calibration, distillation, evaluation) goes through :func:`sparse_forward`; nothing
+else gathers tokens. It uses the model's own public pieces (patch embedding,
+positional embedding, blocks, norm, head), so LayerScale, fused attention, register
+and distillation tokens behave exactly as in ``model(x)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SparseOutput:
+    """Result of :func:`sparse_forward`.
+
+    Attributes:
+        logits: (B, num_classes) classifier output.
+        cls_attn: (B, K) last-block attention from the CLS token to each fed patch,
+            averaged over heads, in the order of ``keep``; ``None`` unless asked for.
+    """
+
+    logits: torch.Tensor
+    cls_attn: torch.Tensor | None = None
+
+
+class AttentionRecorder:
+    """Capture one attention module's softmax weights for the duration of a ``with``.
+
+    timm's fused attention never materialises the weights, so while recording the
+    module is switched to its own unfused path and a forward hook on its
+    ``attn_drop`` (which receives the post-softmax weights) keeps them. Outside the
+    ``with`` block the module is exactly as it was: register, read, remove.
+    """
+
+    def __init__(self, attn: nn.Module) -> None:
+        self.attn = attn
+        self.weights: torch.Tensor | None = None
+        self._handle = None
+        self._was_fused = False
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.weights = output
+
+    def __enter__(self) -> "AttentionRecorder":
+        self._was_fused = bool(getattr(self.attn, "fused_attn", False))
+        self.attn.fused_attn = False
+        self._handle = self.attn.attn_drop.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+        self.attn.fused_attn = self._was_fused
+
+
+def embed_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Patch-embed ``x`` and add positional embeddings: (B, prefix + N, C).
+
+    Positional embeddings are added before any token is dropped, so every kept
+    token carries the embedding of its own grid cell.
+    """
+    return model._pos_embed(model.patch_embed(x))
+
+
+def gather_tokens(tokens: torch.Tensor, keep: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Keep the prefix tokens and the patch tokens at ``keep`` (B, K), in that order."""
+    prefix, patches = tokens[:, :num_prefix_tokens], tokens[:, num_prefix_tokens:]
+    index = keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1])
+    return torch.cat([prefix, torch.gather(patches, 1, index)], dim=1)
+
+
+def sparse_forward(
+    model: nn.Module,
+    x: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    *,
+    return_cls_attn: bool = False,
+) -> SparseOutput:
+    """Run ``model`` on the patch tokens of ``x`` listed in ``keep``.
+
+    Args:
+        model: A timm ViT with a class token (see :func:`sparseinv.models.vit_info`).
+        x: (B, 3, H, W) normalised images.
+        keep: (B, K) long tensor of 0-based row-major patch indices to feed, per
+            image; ``None`` feeds every patch (then the logits equal ``model(x)``).
+        return_cls_attn: Also return the last block's CLS-to-patch attention,
+            head-averaged. Costs an unfused attention in the last block only.
+
+    Returns:
+        SparseOutput with logits and, if asked, the CLS attention over fed patches.
+    """
+    num_prefix = model.num_prefix_tokens
+    tokens = embed_tokens(model, x)
+    if keep is not None:
+        tokens = gather_tokens(tokens, keep, num_prefix)
+    tokens = model.norm_pre(model.patch_drop(tokens))
+    recorder = None
+    blocks = list(model.blocks)
+    for block in blocks[:-1]:
+        tokens = block(tokens)
+    if return_cls_attn:
+        with AttentionRecorder(blocks[-1].attn) as recorder:
+            tokens = blocks[-1](tokens)
+    else:
+        tokens = blocks[-1](tokens)
+    logits = model.forward_head(model.norm(tokens))
+    cls_attn = None
+    if recorder is not None:
+        cls_attn = recorder.weights[:, :, 0, num_prefix:].mean(dim=1)
+    return SparseOutput(logits=logits, cls_attn=cls_attn)
