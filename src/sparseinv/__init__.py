@@ -4,6 +4,7 @@ Sparse Model Inversion (Hu et al., ICML 2024): while inverting, stop optimising 
 patches the model does not attend to and drop them from the token sequence.
 """
 
+from sparseinv.distill import DistillConfig, distill, kd_loss
 from sparseinv.errors import UsageError
 from sparseinv.inversion import BatchResult, InversionConfig, InversionResult, invert, invert_batch
 from sparseinv.losses import InversionLoss, LossInputs
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchResult",
+    "DistillConfig",
     "InversionConfig",
     "InversionLoss",
     "InversionResult",
@@ -25,8 +27,10 @@ __all__ = [
     "SparseOutput",
     "UsageError",
     "ViTInfo",
+    "distill",
     "invert",
     "invert_batch",
+    "kd_loss",
     "load_model",
     "read_pool",
     "sparse_forward",

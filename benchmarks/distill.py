@@ -1,0 +1,221 @@
+"""Data-free knowledge transfer benchmark (SPEC section 6), scaled down for a 2-core CPU.
+
+Teacher: DeiT-Tiny fine-tuned on Imagenette ``train100`` (``make_teacher.py``).
+Student: ImageNet DeiT-Tiny (real weights), backbone frozen, fresh 10-way head
+(``linear-probe``: SGD lr 0.1, momentum 0.9, wd 1e-4, T = 20), plus one ``full`` row.
+Students are taught from (a) Gaussian noise, (b) dense inversion, (c) sparse inversion,
+(d) real ``train100`` images (the ceiling), at equal numbers of images; and (b) vs (c) at
+equal inversion wall time (sparse gets as many images as fit in dense's time).
+Pools are inverted from the teacher. Metric: 10-way top-1 on a fixed balanced subset of
+Imagenette val (see ``make_teacher.VAL_PER_CLASS``).
+
+What is scaled down (recorded in the JSON): NUM_IMAGES images per pool, ITERATIONS
+inversion steps with the reference stop steps (50/100/200/300, 0.3 each), batch
+NUM_IMAGES, and the val subset. Linear-probe students are evaluated every epoch on
+cached val features: the frozen student backbone is the ImageNet DeiT-Tiny, whose
+first blocks are the teacher's frozen blocks, so ``make_teacher.py``'s cached tokens
+entering the last block give the student's features with one block of compute.
+
+    .venv/bin/python benchmarks/distill.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import make_teacher  # noqa: E402
+from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, RESULTS, TRAIN100, ensure_pool, pool_config, write_results  # noqa: E402
+from sparseinv import load_model, read_pool  # noqa: E402
+from sparseinv.data import ImageFolder, evaluate  # noqa: E402
+from sparseinv.distill import DistillConfig, distill  # noqa: E402
+from sparseinv.models import timm, vit_info  # noqa: E402
+from sparseinv.pool import Pool, read_image  # noqa: E402
+
+NUM_IMAGES = int(os.environ.get("DISTILL_IMAGES", "20"))
+ITERATIONS = 400
+LP = DistillConfig(mode="linear-probe", epochs=60, batch_size=10, temperature=20.0)
+FULL = DistillConfig(mode="full", epochs=10, batch_size=10, temperature=20.0, lr=0.01)
+CLASSES = tuple(range(10))
+OUT = CACHE / "distill"
+
+
+def teacher():
+    meta = make_teacher.main()
+    return load_model(DEIT_TINY, make_teacher.TEACHER_CKPT, num_classes=10), meta
+
+
+def student():
+    return load_model(DEIT_TINY, DEIT_TINY_CKPT)
+
+
+def in_memory_pool(name: str, images: torch.Tensor, model) -> Pool:
+    """A dense pool (all patches kept) from pixels in [0, 1], for noise and real images."""
+    info = vit_info(model)
+    n = len(images)
+    return Pool(
+        root=Path(f"<{name}>"),
+        images=images,
+        labels=torch.full((n,), -1),
+        kept_patches=torch.arange(info.num_patches).repeat(n, 1),
+        target_prob=torch.zeros(n),
+        run={"model": DEIT_TINY, "num_classes": 10, "num_patches": info.num_patches, "patch_size": list(info.patch_size),
+             "settings": {"schedule": {"steps": [], "ratios": []}}},
+    )
+
+
+def noise_pool(model) -> Pool:
+    info = vit_info(model)
+    z = torch.randn((NUM_IMAGES, *info.input_size), generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(info.mean).view(1, 3, 1, 1), torch.tensor(info.std).view(1, 3, 1, 1)
+    # N(0, 1) in the model's normalised space (the inversion's starting point), as pixels.
+    return in_memory_pool("gaussian-noise", (z * std + mean).clamp(0, 1), model)
+
+
+def real_pool(model) -> Pool:
+    """The first NUM_IMAGES/10 train100 images of each class, eval transform, as pixels."""
+    folder = ImageFolder.scan(TRAIN100, limit_per_class=max(1, NUM_IMAGES // 10))
+    config = timm.data.resolve_data_config(model=model)
+    transform = timm.data.create_transform(**{**config, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}, is_training=False)
+    from PIL import Image
+
+    images = []
+    for path in folder.files:
+        with Image.open(path) as img:
+            images.append(transform(img.convert("RGB")))
+    return in_memory_pool("train100", torch.stack(images), model)
+
+
+def concat(name: str, pools: list[Pool]) -> Pool:
+    return Pool(root=Path(f"<{name}>"), images=torch.cat([p.images for p in pools]), labels=torch.cat([p.labels for p in pools]),
+                kept_patches=torch.cat([p.kept_patches for p in pools]), target_prob=torch.cat([p.target_prob for p in pools]),
+                run=pools[0].run)
+
+
+def val_features(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen ImageNet student's pre-logit features on the cached val tokens."""
+    tokens = torch.load(make_teacher.TEACHER_DIR / f"val{make_teacher.VAL_PER_CLASS}_tokens.pt")
+    val = ImageFolder.scan(make_teacher.VAL, limit_per_class=make_teacher.VAL_PER_CLASS)
+    with torch.no_grad():
+        feats = torch.cat([model.forward_head(model.norm(model.blocks[-1](tokens[i : i + 100])), pre_logits=True)
+                           for i in range(0, len(tokens), 100)])
+    return feats, torch.tensor(val.labels)
+
+
+def run_student(name: str, t, pool: Pool, config: DistillConfig, feats=None, labels=None) -> dict:
+    s = student()
+    val = None
+    if config.mode == "linear-probe":
+        def val(model):  # valid only while the backbone is frozen
+            with torch.no_grad():
+                pred = model.get_classifier()(feats).argmax(1)
+            return {"top1": 100.0 * float((pred == labels).float().mean())}
+    out = OUT / name / "student.safetensors"
+    for f in out.parent.glob("student*"):
+        f.unlink()  # a fresh run every time: the benchmark measures training time
+    summary = distill(t, s, pool, config, out, val, teacher_name=DEIT_TINY, student_name=DEIT_TINY, progress=False)
+    row = {"name": name, "mode": config.mode, "num_images": len(pool), "sparse": pool.is_sparse,
+           "kept_patches": int(pool.kept_patches.shape[1]), "train_seconds": round(summary["train_seconds"], 2),
+           "val_top1_last": summary["final_val_top1"], "val_top1_best": summary["best_val_top1"], "best_epoch": summary["best_epoch"]}
+    if config.mode == "full":
+        folder = ImageFolder.scan(make_teacher.VAL, limit_per_class=make_teacher.VAL_PER_CLASS)
+        start = time.time()
+        row["val_top1_last"] = evaluate(s, folder, progress=False)["top1"]
+        row["eval_seconds"] = round(time.time() - start, 1)
+    print(f"{name}: {row}", flush=True)
+    return row
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    t, teacher_meta = teacher()
+    inversion = {}
+
+    def pool(name: str, sparse: bool, num: int, seed: int = 0) -> Pool:
+        config = pool_config(sparse, num_images=num, batch_size=min(num, NUM_IMAGES), iterations=ITERATIONS, seed=seed, classes=CLASSES)
+        p = read_pool(ensure_pool(name, DEIT_TINY, make_teacher.TEACHER_CKPT, config, model=t))
+        inversion[name] = {"num_images": len(p), "wall_seconds": round(p.run["wall_seconds"], 1),
+                           "success_rate": p.run["success_rate"], "kept_patches": int(p.kept_patches.shape[1])}
+        print(f"pool {name}: {inversion[name]}", flush=True)
+        return p
+
+    sparse = pool(f"distill_sparse_{NUM_IMAGES}", True, NUM_IMAGES)
+    dense = pool(f"distill_dense_{NUM_IMAGES}", False, NUM_IMAGES)
+    per_image = sparse.run["wall_seconds"] / len(sparse)
+    fit = int(dense.run["wall_seconds"] // per_image)  # sparse images that fit in dense's inversion time
+    parts = [sparse]
+    if fit > NUM_IMAGES:
+        parts.append(pool(f"distill_sparse_extra_{fit - NUM_IMAGES}_seed1", True, fit - NUM_IMAGES, seed=1))
+    sparse_eq = concat("sparse-equal-time", parts)
+    sparse_eq_seconds = sum(inversion[n]["wall_seconds"] for n in inversion if "sparse" in n)
+
+    student_model = student()
+    feats, labels = val_features(student_model)
+    rows = [
+        run_student("noise", t, noise_pool(t), LP, feats, labels),
+        run_student("dense", t, dense, LP, feats, labels),
+        run_student("sparse", t, sparse, LP, feats, labels),
+        run_student("real-train100", t, real_pool(t), LP, feats, labels),
+        run_student("sparse-equal-time", t, sparse_eq, LP, feats, labels),
+        run_student("sparse-full", t, sparse, FULL),
+    ]
+    rows[1]["inversion_seconds"] = inversion[f"distill_dense_{NUM_IMAGES}"]["wall_seconds"]
+    rows[2]["inversion_seconds"] = inversion[f"distill_sparse_{NUM_IMAGES}"]["wall_seconds"]
+    rows[4]["inversion_seconds"] = round(sparse_eq_seconds, 1)
+    rows[5]["inversion_seconds"] = rows[2]["inversion_seconds"]
+    payload = {
+        "teacher": teacher_meta,
+        "student": {"model": DEIT_TINY, "checkpoint": str(DEIT_TINY_CKPT), "init": "ImageNet-1k, fresh 10-way head"},
+        "protocol": {
+            "metric": f"10-way top-1 on {teacher_meta['val_subset']} ({teacher_meta['val_images']} images)",
+            "linear_probe": LP.record(),
+            "full": FULL.record(),
+            "augmentation": "none; teacher logits and frozen-backbone features computed once per image",
+            "headline": "val_top1_last (after the last epoch); val_top1_best picks the epoch on val and is optimistic",
+        },
+        "scaled_down": {
+            "images_per_pool": NUM_IMAGES,
+            "inversion_iterations": ITERATIONS,
+            "inversion_batch_size": NUM_IMAGES,
+            "schedule": "reference stops 50/100/200/300, ratio 0.3 each (sparse); none (dense)",
+            "paper": "4000 iterations, batch 100, full CIFAR test sets",
+            "val": f"balanced subset, {make_teacher.VAL_PER_CLASS} images per class",
+            "linear_probe_epochs": LP.epochs,
+        },
+        "equal_time": {"dense_seconds": inversion[f"distill_dense_{NUM_IMAGES}"]["wall_seconds"], "sparse_images": len(sparse_eq),
+                       "sparse_seconds": round(sparse_eq_seconds, 1)},
+        "inversion": inversion,
+        "rows": rows,
+    }
+    path = write_results("distill", payload)
+    lines = [
+        "| pool | images | inversion s | mode | train s | 10-way top-1 (last) | best epoch's |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        best = "" if r["val_top1_best"] is None else f"{r['val_top1_best']:.1f}"
+        lines.append(f"| {r['name']} | {r['num_images']} | {r.get('inversion_seconds', 0):.0f} | {r['mode']} | "
+                     f"{r['train_seconds']:.1f} | {r['val_top1_last']:.1f} | {best} |")
+    md = (
+        f"# Distillation (data-free knowledge transfer), `{payload['command']}`\n\n"
+        f"Teacher: DeiT-Tiny fine-tuned on train100, {teacher_meta['val_top1']:.1f}% 10-way top-1. Student: ImageNet DeiT-Tiny. "
+        f"Metric: {payload['protocol']['metric']}. Scaled down: {NUM_IMAGES} images per pool, {ITERATIONS} inversion steps, "
+        f"batch {NUM_IMAGES}, linear probe {LP.epochs} epochs. Equal inversion time: sparse gets {len(sparse_eq)} images in "
+        f"{sparse_eq_seconds:.0f} s vs dense {NUM_IMAGES} in {payload['equal_time']['dense_seconds']:.0f} s.\n\n"
+        + "\n".join(lines) + "\n"
+    )
+    (RESULTS / "distill.md").write_text(md)
+    print(md)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

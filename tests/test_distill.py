@@ -1,0 +1,187 @@
+"""Distillation: the KD loss, head rebuilding, sparse feeding, resume, growth and the CLI's refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from sparseinv import InversionConfig, PruneSchedule, invert, load_model, read_pool
+from sparseinv.cli import main
+from sparseinv.distill import DistillConfig, distill, kd_loss
+from sparseinv.inversion import run_record
+from sparseinv.models import timm
+from sparseinv.pool import PoolWriter
+
+TEACHER_CLASSES, STUDENT_CLASSES = 5, 7
+KEPT = 48  # 100 -> 70 -> 49 while inverting; the final mask keeps int(100 * 0.7 * 0.7) = 48
+
+
+def _save(model, path) -> str:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A 5-class test_vit teacher, a 7-class test_vit student, and a sparse pool from the teacher."""
+    root = tmp_path_factory.mktemp("distill")
+    torch.manual_seed(0)
+    teacher_ckpt = _save(timm.create_model("test_vit", num_classes=TEACHER_CLASSES), root / "teacher.safetensors")
+    torch.manual_seed(1)
+    student_ckpt = _save(timm.create_model("test_vit", num_classes=STUDENT_CLASSES), root / "student.safetensors")
+    teacher = load_model("test_vit", teacher_ckpt, num_classes=TEACHER_CLASSES)
+    config = InversionConfig(num_images=4, batch_size=4, iterations=6, schedule=PruneSchedule((2, 4), (0.3, 0.3)))
+    invert(teacher, config, out=str(root / "pool"), model_name="test_vit", progress=False)
+    return {"root": root, "teacher": teacher_ckpt, "student": student_ckpt, "pool": str(root / "pool")}
+
+
+def _models(files):
+    teacher = load_model("test_vit", files["teacher"], num_classes=TEACHER_CLASSES)
+    student = load_model("test_vit", files["student"], num_classes=STUDENT_CLASSES)
+    return teacher, student
+
+
+def test_kd_loss_matches_hand_computed_value():
+    s, t, T = [1.0, 2.0, 0.5], [0.2, -1.0, 3.0], 4.0
+
+    def softmax(v):
+        e = [math.exp(x / T) for x in v]
+        return [x / sum(e) for x in e]
+
+    p, q = softmax(t), softmax(s)
+    expected = T * T * sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+    got = kd_loss(torch.tensor([s, s]), torch.tensor([t, t]), T)  # batch mean of two equal rows
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert kd_loss(torch.tensor([t]), torch.tensor([t]), T).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_linear_probe_rebuilds_head_and_freezes_backbone(files, tmp_path):
+    teacher, student = _models(files)
+    backbone = {k: v.clone() for k, v in student.state_dict().items() if not k.startswith("head.")}
+    out = tmp_path / "s.safetensors"
+    summary = distill(teacher, student, read_pool(files["pool"]), DistillConfig(epochs=2, batch_size=2), out,
+                      teacher_name="test_vit", student_name="test_vit", progress=False)
+    assert student.num_classes == TEACHER_CLASSES
+    state = load_file(str(out))
+    assert state["head.weight"].shape == (TEACHER_CLASSES, 64)
+    for k, v in backbone.items():
+        assert torch.equal(state[k], v), k  # the backbone did not move
+    meta = json.loads((tmp_path / "s.json").read_text())
+    assert meta["num_classes"] == TEACHER_CLASSES and meta["epoch"] == 2
+    assert (tmp_path / "s.best.safetensors").is_file() and (tmp_path / "s.last.pt").is_file()
+    assert summary["history"][-1]["loss"] < summary["history"][0]["loss"] * 1.5  # sane, finite
+    # The saved student loads back as a 5-class model.
+    assert load_model("test_vit", str(out), num_classes=TEACHER_CLASSES).num_classes == TEACHER_CLASSES
+
+
+@pytest.mark.parametrize("mode", ["linear-probe", "full"])
+def test_sparse_images_reach_both_models_as_kept_tokens_only(files, tmp_path, mode):
+    teacher, student = _models(files)
+    lengths = {"teacher": [], "student": []}
+    for role, model in (("teacher", teacher), ("student", student)):
+        model.blocks[0].register_forward_hook(lambda m, i, o, role=role: lengths[role].append(i[0].shape[1]))
+    pool = read_pool(files["pool"])
+    assert pool.is_sparse and pool.kept_patches.shape[1] == KEPT
+    distill(teacher, student, pool, DistillConfig(mode=mode, epochs=1, batch_size=2), tmp_path / "s.safetensors", progress=False)
+    assert lengths["teacher"] and lengths["student"]
+    assert set(lengths["teacher"]) == {1 + KEPT}  # CLS + kept patches, never the 100 of a dense image
+    assert set(lengths["student"]) == {1 + KEPT}
+
+
+def test_resume_after_interruption_gives_the_uninterrupted_weights(files, tmp_path):
+    config = DistillConfig(mode="full", epochs=3, batch_size=3, lr=0.05)
+    pool = read_pool(files["pool"])
+    teacher, student = _models(files)
+    distill(teacher, student, pool, config, tmp_path / "a" / "s.safetensors", progress=False)
+
+    def interrupt(epoch, record):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    teacher, student = _models(files)
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher, student, pool, config, tmp_path / "b" / "s.safetensors", progress=False, on_epoch_end=interrupt)
+    assert torch.load(tmp_path / "b" / "s.last.pt", weights_only=False)["epoch"] == 1
+    teacher, student = _models(files)  # a fresh process would reload both from their files
+    summary = distill(teacher, student, pool, config, tmp_path / "b" / "s.safetensors", progress=False)
+    assert [r["epoch"] for r in summary["history"]] == [1, 2, 3]
+    a, b = load_file(str(tmp_path / "a" / "s.safetensors")), load_file(str(tmp_path / "b" / "s.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(a["blocks.0.attn.qkv.weight"], load_file(files["student"])["blocks.0.attn.qkv.weight"])
+
+
+def test_inverting_during_training_grows_the_pool(files, tmp_path):
+    teacher, student = _models(files)
+    config = DistillConfig(epochs=3, batch_size=4, invert_every=2, images_per_round=2)
+    summary = distill(teacher, student, read_pool(files["pool"]), config, tmp_path / "s.safetensors",
+                      teacher_name="test_vit", progress=False)
+    assert [r["num_images"] for r in summary["history"]] == [4, 4, 6]
+    grown = read_pool(tmp_path / "s.rounds" / "round_001")
+    assert len(grown) == 2 and grown.kept_patches.shape[1] == KEPT  # the pool's own (sparse) settings
+    assert grown.run["settings"]["seed"] != read_pool(files["pool"]).run["settings"]["seed"]
+    assert summary["inversion_seconds"] > 0
+
+
+def _val_folder(root):
+    for c in range(TEACHER_CLASSES):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(2):
+            pixels = np.random.default_rng(c * 10 + i).integers(0, 256, (160, 160, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return str(root)
+
+
+def test_cli_distills_and_reads_teacher_classes_from_checkpoint(files, tmp_path, capsys):
+    out = tmp_path / "student.safetensors"
+    code = main(["distill", "--teacher", f"test_vit:{files['teacher']}", "--student", f"test_vit:{files['student']}",
+                 "--pool", files["pool"], "--epochs", "2", "--batch-size", "2", "--val", _val_folder(tmp_path / "val"),
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    meta = json.loads((tmp_path / "student.json").read_text())
+    assert meta["num_classes"] == TEACHER_CLASSES
+    assert all("val_top1" in r for r in meta["history"])
+    assert "linear-probe distillation" in capsys.readouterr().out
+
+
+def _refused(capsys, argv) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sparseinv: error: ")
+    return err
+
+
+def test_cli_refuses_a_pool_from_another_model(files, tmp_path, capsys):
+    err = _refused(capsys, ["distill", "--teacher", f"test_vit2:{files['teacher']}", "--student", "test_vit",
+                            "--pool", files["pool"], "--out", str(tmp_path / "s.safetensors")])
+    assert "test_vit2" in err and "teacher" in err
+
+
+def test_cli_refuses_a_non_vit_student_for_sparse_images(files, tmp_path, capsys):
+    err = _refused(capsys, ["distill", "--teacher", f"test_vit:{files['teacher']}", "--student", "test_resnet",
+                            "--random-student", "--pool", files["pool"], "--out", str(tmp_path / "s.safetensors")])
+    assert "not a token-sequence ViT" in err and "sparse" in err
+
+
+def test_cli_refuses_an_empty_pool(files, tmp_path, capsys):
+    teacher = load_model("test_vit", files["teacher"], num_classes=TEACHER_CLASSES)
+    empty = tmp_path / "empty"
+    PoolWriter(empty, run_record(teacher, InversionConfig(num_images=4, iterations=6), "test_vit", None)).open()
+    err = _refused(capsys, ["distill", "--teacher", f"test_vit:{files['teacher']}", "--student", "test_vit",
+                            "--pool", str(empty), "--out", str(tmp_path / "s.safetensors")])
+    assert "no images" in err
+    (tmp_path / "bare").mkdir()
+    err = _refused(capsys, ["distill", "--teacher", "test_vit", "--student", "test_vit",
+                            "--pool", str(tmp_path / "bare"), "--out", str(tmp_path / "s.safetensors")])
+    assert "not a sparseinv pool" in err
