@@ -300,7 +300,7 @@ def invert(
     Raises:
         UsageError: bad settings, or ``out`` holding a pool made with other settings.
     """
-    from sparseinv.pool import PoolWriter, read_pool
+    from sparseinv.pool import PoolWriter, read_pool, summarise_batches
     from sparseinv.viz import class_namer, image_grid_png
 
     info = vit_info(model)
@@ -313,6 +313,7 @@ def invert(
         writer = PoolWriter(out, run_record(model, config, model_name, checkpoint))
         done = writer.open()
     batches: list[BatchResult] = []
+    batch_stats: list[dict] = []
     num_batches = -(-config.num_images // config.batch_size)
     for b in range(done // config.batch_size, num_batches):
         chunk = labels[b * config.batch_size : (b + 1) * config.batch_size]
@@ -324,36 +325,27 @@ def invert(
             progress=progress,
             desc=f"batch {b + 1}/{num_batches}",
         )
+        stats = {
+            "index": b,
+            "size": len(chunk),
+            "wall_seconds": result.wall_seconds,
+            "seconds_per_phase": result.seconds_per_phase,
+            "tokens_per_phase": result.tokens_per_phase,
+            "final_seconds": result.final_seconds,
+            "num_correct": int(result.correct.sum()),
+        }
         if writer is not None:
-            writer.add_batch(
-                result.images,
-                result.labels,
-                result.kept_patches,
-                result.target_prob,
-                {
-                    "index": b,
-                    "wall_seconds": result.wall_seconds,
-                    "seconds_per_phase": result.seconds_per_phase,
-                    "tokens_per_phase": result.tokens_per_phase,
-                    "final_seconds": result.final_seconds,
-                    "num_correct": int(result.correct.sum()),
-                },
-            )
+            writer.add_batch(result.images, result.labels, result.kept_patches, result.target_prob, stats)
         else:
             batches.append(result)
+            batch_stats.append(stats)
     if writer is not None:
         pool = read_pool(out)
         name = class_namer(model)
         writer.finish(image_grid_png(pool.images, [name(c) for c in pool.labels]))
         return InversionResult(pool.images, pool.labels, pool.kept_patches, pool.target_prob, writer.run)
     run = run_record(model, config, model_name, checkpoint)
-    run.update(
-        num_images=config.num_images,
-        wall_seconds=sum(r.wall_seconds for r in batches),
-        seconds_per_phase=[sum(col) for col in zip(*(r.seconds_per_phase for r in batches))],
-        tokens_per_phase=batches[0].tokens_per_phase,
-        success_rate=float(torch.cat([r.correct for r in batches]).float().mean()),
-    )
+    run.update(summarise_batches(batch_stats))
     return InversionResult(
         images=torch.cat([r.images for r in batches]),
         labels=torch.cat([r.labels for r in batches]),

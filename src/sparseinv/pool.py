@@ -128,6 +128,19 @@ def read_pool(root: str | os.PathLike) -> Pool:
     )
 
 
+def summarise_batches(batches: list[dict]) -> dict:
+    """Run totals from per-batch statistics (``size``, ``wall_seconds``, ``seconds_per_phase``,
+    ``tokens_per_phase``, ``num_correct``); batches of a continued run add up."""
+    images = sum(b["size"] for b in batches)
+    return {
+        "num_images": images,
+        "wall_seconds": sum(b["wall_seconds"] for b in batches),
+        "seconds_per_phase": [sum(col) for col in zip(*(b["seconds_per_phase"] for b in batches))],
+        "tokens_per_phase": batches[0]["tokens_per_phase"] if batches else [],
+        "success_rate": sum(b["num_correct"] for b in batches) / max(1, images),
+    }
+
+
 class PoolWriter:
     """Writes batches to a pool folder and continues an interrupted one.
 
@@ -167,6 +180,7 @@ class PoolWriter:
         if existing is not None:
             self.run["batches"] = existing.get("batches", [])
             self.entries = read_manifest(self.root)[: sum(b["size"] for b in self.run["batches"])]
+            self.run.update(summarise_batches(self.run["batches"]))
         _atomic_write_json(self.root / "run.json", self.run)
         return len(self.entries)
 
@@ -188,17 +202,9 @@ class PoolWriter:
             )
         lines = "".join(json.dumps(e) + "\n" for e in self.entries)
         _atomic_write_bytes(self.root / "manifest.jsonl", lines.encode())
-        self.run["batches"].append({"size": int(labels.shape[0]), **stats})
-        self._summarise()
+        self.run["batches"].append(stats)
+        self.run.update(summarise_batches(self.run["batches"]))
         _atomic_write_json(self.root / "run.json", self.run)
-
-    def _summarise(self) -> None:
-        batches = self.run["batches"]
-        self.run["num_images"] = len(self.entries)
-        self.run["wall_seconds"] = sum(b["wall_seconds"] for b in batches)
-        self.run["seconds_per_phase"] = [sum(col) for col in zip(*(b["seconds_per_phase"] for b in batches))]
-        self.run["tokens_per_phase"] = batches[0]["tokens_per_phase"] if batches else []
-        self.run["success_rate"] = sum(b["num_correct"] for b in batches) / max(1, len(self.entries))
 
     def finish(self, grid_png: bytes | None = None) -> dict:
         """Mark the pool complete and write its picture; return the run record."""

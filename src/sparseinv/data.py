@@ -1,0 +1,122 @@
+"""Real labelled image folders, timm's eval transform, and top-k evaluation.
+
+Real images only ever *measure* data-free results (or make baselines and fixtures);
+nothing here feeds a synthetic pool.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparseinv.errors import UsageError
+from sparseinv.models import timm
+from sparseinv.pool import read_image  # noqa: F401  (one PNG/JPEG reader for the project)
+from sparseinv.sparse_forward import sparse_forward
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def read_class_index(path: str | os.PathLike) -> dict[str, int]:
+    """``folder name -> class index`` from a file whose line i starts with class i's folder name.
+
+    ``imagenet_synsets.txt`` (``n01440764 tench``) is such a file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"class index '{path}' does not exist.")
+    return {line.split()[0]: i for i, line in enumerate(path.read_text().splitlines()) if line.strip()}
+
+
+@dataclass
+class ImageFolder:
+    """Images in ``root/<class folder>/*`` with their class indices.
+
+    Args:
+        root: The folder of class sub-folders.
+        class_index: ``folder name -> class index``; ``None`` numbers the sorted folders 0..C-1.
+        limit_per_class: Keep only the first N images (sorted by name) of each class.
+    """
+
+    root: Path
+    files: list[Path]
+    labels: list[int]
+    classes: list[str]
+
+    @classmethod
+    def scan(cls, root: str | os.PathLike, class_index: dict[str, int] | None = None, limit_per_class: int | None = None) -> "ImageFolder":
+        root = Path(root)
+        if not root.is_dir():
+            raise UsageError(f"image folder '{root}' does not exist.")
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        if class_index is None:
+            class_index = {name: i for i, name in enumerate(classes)}
+        missing = [c for c in classes if c not in class_index]
+        if missing:
+            raise UsageError(f"class folder '{missing[0]}' of '{root}' is not in the class index.")
+        files, labels = [], []
+        for name in classes:
+            found = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = found[:limit_per_class] if limit_per_class else found
+            files += found
+            labels += [class_index[name]] * len(found)
+        if not files:
+            raise UsageError(f"image folder '{root}' holds no images in class sub-folders.")
+        return cls(root=root, files=files, labels=labels, classes=classes)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def eval_transform(model: nn.Module):
+    """timm's evaluation transform for ``model`` (resize, center crop, normalise)."""
+    config = timm.data.resolve_data_config(model=model)
+    return timm.data.create_transform(**config, is_training=False)
+
+
+class _TransformedFolder(torch.utils.data.Dataset):
+    def __init__(self, folder: ImageFolder, transform) -> None:
+        self.folder, self.transform = folder, transform
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        with Image.open(self.folder.files[i]) as img:
+            return self.transform(img.convert("RGB")), self.folder.labels[i]
+
+
+def load_images(folder: ImageFolder, model: nn.Module, batch_size: int = 64, workers: int = 0):
+    """Yield (images, labels) batches of ``folder`` through timm's eval transform."""
+    dataset = _TransformedFolder(folder, eval_transform(model))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    folder: ImageFolder,
+    *,
+    batch_size: int = 64,
+    progress: bool = True,
+    desc: str = "evaluate",
+) -> dict:
+    """Top-1 and top-5 accuracy (percent) of ``model`` on ``folder``."""
+    device = next(model.parameters()).device
+    model.eval()
+    correct1 = correct5 = total = 0
+    for images, labels in tqdm(load_images(folder, model, batch_size), desc=desc, disable=not progress, leave=False):
+        logits = sparse_forward(model, images.to(device)).logits
+        labels = labels.to(device)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += int((top5[:, 0] == labels).sum())
+        correct5 += int((top5 == labels[:, None]).any(dim=1).sum())
+        total += labels.shape[0]
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "num_images": total}

@@ -1,0 +1,133 @@
+"""Calibration: where the images come from, and running them through the model.
+
+A calibration source yields ``(images, keep)`` batches: normalised images and, for
+a sparse pool, the kept patch indices (``None`` feeds every patch). Everything is
+fed through :func:`sparseinv.sparse_forward`, so a sparse synthetic image enters as
+its kept tokens only, never as a picture with black squares.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparseinv.data import ImageFolder, eval_transform
+from sparseinv.errors import UsageError
+from sparseinv.models import vit_info
+from sparseinv.pool import read_pool, read_run
+from sparseinv.quant.model import quant_modules, set_quant_mode
+from sparseinv.quant.quantizers import ActQuantizer
+from sparseinv.sparse_forward import sparse_forward
+
+Batch = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _normalise(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    info = vit_info(model)
+    mean = torch.tensor(info.mean).view(1, 3, 1, 1)
+    std = torch.tensor(info.std).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def pool_batches(model: nn.Module, root: str | os.PathLike, model_name: str, num: int = 32, batch_size: int = 32) -> list[Batch]:
+    """The first ``num`` images of a pool, normalised for ``model``, with their kept patches.
+
+    Raises:
+        UsageError: the pool was inverted from another model.
+    """
+    pool = read_pool(root)
+    pool.check_model(model_name, "model being quantized")
+    images = _normalise(model, pool.images[:num])
+    keep = pool.kept_patches[:num] if pool.is_sparse else None
+    return [
+        (images[i : i + batch_size], None if keep is None else keep[i : i + batch_size])
+        for i in range(0, images.shape[0], batch_size)
+    ]
+
+
+def noise_batches(model: nn.Module, num: int = 32, batch_size: int = 32, seed: int = 0) -> list[Batch]:
+    """Gaussian noise N(0, 1) in normalised space: the data-free floor."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(num, *vit_info(model).input_size, generator=generator)
+    return [(images[i : i + batch_size], None) for i in range(0, num, batch_size)]
+
+
+def folder_batches(model: nn.Module, root: str | os.PathLike, num: int = 32, batch_size: int = 32) -> list[Batch]:
+    """``num`` real images through timm's eval transform, spread over the classes.
+
+    Takes the first image of every class, then the second, and so on (names sorted),
+    so 32 images from 10 classes are 3 or 4 per class.
+
+    Raises:
+        UsageError: the folder holds no images in class sub-folders.
+    """
+    from PIL import Image
+
+    folder = ImageFolder.scan(root)
+    by_class: dict[int, list[Path]] = {}
+    for path, label in zip(folder.files, folder.labels):
+        by_class.setdefault(label, []).append(path)
+    order = [files[i] for i in range(max(map(len, by_class.values()))) for files in by_class.values() if i < len(files)]
+    transform = eval_transform(model)
+    images = []
+    for path in order[:num]:
+        with Image.open(path) as img:
+            images.append(transform(img.convert("RGB")))
+    images = torch.stack(images)
+    return [(images[i : i + batch_size], None) for i in range(0, images.shape[0], batch_size)]
+
+
+def calibration_batches(model: nn.Module, source: str, model_name: str, num: int = 32, batch_size: int = 32, seed: int = 0) -> list[Batch]:
+    """Resolve ``--calib``: ``noise``, a pool folder, or a folder of real images in class sub-folders."""
+    if num < 1:
+        raise UsageError(f"--num-calib {num} must be at least 1.")
+    if source == "noise":
+        return noise_batches(model, num, batch_size, seed)
+    path = Path(source)
+    if not path.is_dir():
+        raise UsageError(f"--calib '{source}' is neither 'noise' nor a folder.")
+    if read_run(path) is not None:
+        return pool_batches(model, path, model_name, num, batch_size)
+    return folder_batches(model, path, num, batch_size)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Batch], *, progress: bool = True) -> nn.Module:
+    """Set every activation range of a :func:`quantize_`-d model from ``batches``.
+
+    All batches are observed with the model in full precision, then each quantizer
+    turns what it saw into its scale and zero point, and the model is switched to
+    fake-quantized inference.
+
+    Args:
+        model: A model prepared by :func:`sparseinv.quant.quantize_`.
+        batches: ``(images, keep)`` pairs; ``keep`` (B, K) or ``None``.
+        progress: Show a tqdm bar.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    quantizers = [m for _, m in quant_modules(model) if isinstance(m, ActQuantizer)]
+    for q in quantizers:
+        q.reset()
+    set_quant_mode(model, "observe")
+    try:
+        batches = list(batches)
+        for images, keep in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
+            sparse_forward(model, images.to(device), None if keep is None else keep.to(device))
+        missed = [name for name, m in quant_modules(model) if isinstance(m, ActQuantizer) and m.min_val is None]
+        if missed:
+            raise RuntimeError(f"calibration never reached these quantizers: {', '.join(missed[:5])}")
+        for q in quantizers:
+            q.finalize()
+    except BaseException:
+        set_quant_mode(model, "off")
+        raise
+    set_quant_mode(model, "quant")
+    model.train(was_training)
+    return model

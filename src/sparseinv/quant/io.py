@@ -1,0 +1,123 @@
+"""Saving and loading a quantized model's parameters (safetensors + JSON header).
+
+The file holds every weight scale, activation scale and zero point, keyed by module
+name; its metadata holds the format, the model name, the :class:`QuantConfig` and a
+fingerprint of the full-precision weights the scales were computed for. The float
+weights themselves come from the model (``--checkpoint``), as they did when it was
+quantized; the fingerprint refuses any other weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sparseinv.errors import UsageError
+from sparseinv.quant.config import QuantConfig
+from sparseinv.quant.model import is_quantized, quant_modules, quantize_, set_quant_mode
+from sparseinv.quant.quantizers import ActQuantizer
+
+FORMAT = "sparseinv-quant/1"
+QUANT_BUFFERS = ("scale", "zero_point", "w_scale")
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's full-precision parameters and buffers (names, shapes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.rpartition(".")[2] in QUANT_BUFFERS and is_quantized(model):
+            continue
+        # Wrapped modules add ".linear"/".conv" to their parameter names; hash the original names.
+        name = name.replace(".linear.", ".").replace(".conv.", ".")
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every scale and zero point of a quantized model, keyed ``module.buffer``."""
+    state = {}
+    for name, module in quant_modules(model):
+        for buffer in QUANT_BUFFERS:
+            if buffer in module._buffers:
+                state[f"{name}.{buffer}"] = module._buffers[buffer].detach().cpu().contiguous()
+    return state
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike, model_name: str, fp_fingerprint: str | None = None) -> Path:
+    """Write a calibrated quantized model's scales and zero points to ``path``.
+
+    Args:
+        model: A model after :func:`quantize_` and :func:`calibrate`.
+        path: The ``.safetensors`` file to write.
+        model_name: The timm name to rebuild it from.
+        fp_fingerprint: :func:`fingerprint` of the model taken before quantizing;
+            computed here if not given.
+    """
+    config: QuantConfig | None = getattr(model, "quant_config", None)
+    if config is None:
+        raise ValueError("the model is not quantized")
+    uncalibrated = [n for n, m in quant_modules(model) if isinstance(m, ActQuantizer) and not m.calibrated]
+    if uncalibrated:
+        raise ValueError(f"the model is not calibrated ({uncalibrated[0]} has no scale)")
+    metadata = {
+        "format": FORMAT,
+        "model": model_name,
+        "config": json.dumps(config.record()),
+        "fingerprint": fp_fingerprint or fingerprint(model),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(quant_state(model), str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The metadata of a quantized file, with ``config`` parsed."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"quantized file '{path}' does not exist.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UsageError(f"'{path}' is not a safetensors file ({type(err).__name__}).") from None
+    if metadata.get("format") != FORMAT:
+        raise UsageError(f"'{path}' is not a sparseinv quantized model (no {FORMAT} header).")
+    return {**metadata, "config": json.loads(metadata["config"])}
+
+
+def load_quantized(model: nn.Module, path: str | os.PathLike, model_name: str) -> nn.Module:
+    """Quantize a full-precision ``model`` in place exactly as recorded in ``path``.
+
+    Raises:
+        UsageError: the file is not a quantized model, or was made for another
+            model name or other weights.
+    """
+    header = read_header(path)
+    if header["model"] != model_name:
+        raise UsageError(f"quantized file '{path}' was made for {header['model']}, not for {model_name}.")
+    if header["fingerprint"] != fingerprint(model):
+        raise UsageError(f"quantized file '{path}' does not match the weights of {model_name} (another checkpoint?).")
+    config = QuantConfig(**header["config"]).validate()
+    state = load_file(str(path))
+    quantize_(model, config)
+    if set(state) != set(quant_state(model)):
+        raise UsageError(f"quantized file '{path}' does not match the modules of {model_name}.")
+    device = next(model.parameters()).device
+    for key, tensor in state.items():
+        module_name, _, buffer = key.rpartition(".")
+        model.get_submodule(module_name).register_buffer(buffer, tensor.to(device))
+    set_quant_mode(model, "quant")
+    return model

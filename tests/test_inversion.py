@@ -1,0 +1,130 @@
+"""The inversion loop and the pool it writes: masks, manifest, resume, reproducibility."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import sparseinv.inversion as inversion
+from sparseinv import InversionConfig, PruneSchedule, invert, invert_batch, read_pool, sparse_forward, vit_info
+
+SPARSE = PruneSchedule(steps=(2, 4), ratios=(0.5, 0.5))  # 100 -> 50 -> 25 patches; mask keeps 25
+
+
+def _config(**overrides) -> InversionConfig:
+    base = dict(num_images=4, batch_size=2, iterations=6, schedule=SPARSE, seed=3)
+    return InversionConfig(**{**base, **overrides})
+
+
+def test_batch_shapes_masks_and_phases(tiny_vit):
+    result = invert_batch(tiny_vit, torch.tensor([1, 2, 3]), _config(), seed=0, progress=False)
+    assert result.images.shape == (3, 3, 160, 160)
+    assert result.kept_patches.shape == (3, 25)
+    assert result.tokens_per_phase == [100, 50, 25]
+    assert len(result.seconds_per_phase) == 3
+    for image, kept in zip(result.images, result.kept_patches):
+        assert torch.equal(kept, kept.sort().values)
+        energy = image.abs().sum(0).unflatten(0, (10, 16)).unflatten(2, (10, 16)).sum((1, 3)).flatten()
+        stopped = torch.ones(100, dtype=torch.bool)
+        stopped[kept] = False
+        assert torch.all(energy[stopped] == 0)  # stopped patches are black
+    assert torch.all((result.images * 255 - (result.images * 255).round()).abs() < 1e-4)  # 8-bit exact
+
+
+def test_target_prob_is_the_sparse_prediction_on_the_output(tiny_vit):
+    result = invert_batch(tiny_vit, torch.tensor([5, 6]), _config(), seed=1, progress=False)
+    info = vit_info(tiny_vit)
+    mean = torch.tensor(info.mean).view(1, 3, 1, 1)
+    std = torch.tensor(info.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        probs = sparse_forward(tiny_vit, (result.images - mean) / std, result.kept_patches).logits.softmax(1)
+    assert torch.allclose(probs[:, [5, 6]].diagonal(), result.target_prob, atol=1e-5)
+    assert torch.equal(result.correct, probs.argmax(1) == torch.tensor([5, 6]))
+
+
+def test_dense_keeps_every_patch(tiny_vit):
+    result = invert_batch(tiny_vit, torch.tensor([0, 1]), _config(schedule=PruneSchedule()), seed=0, progress=False)
+    assert result.tokens_per_phase == [100]
+    assert torch.equal(result.kept_patches, torch.arange(100).expand(2, -1))
+
+
+def test_seeded_runs_reproduce(tiny_vit):
+    a = invert_batch(tiny_vit, torch.tensor([1, 2]), _config(), seed=7, progress=False)
+    b = invert_batch(tiny_vit, torch.tensor([1, 2]), _config(), seed=7, progress=False)
+    c = invert_batch(tiny_vit, torch.tensor([1, 2]), _config(), seed=8, progress=False)
+    assert torch.equal(a.images, b.images) and torch.equal(a.kept_patches, b.kept_patches)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_returns_best_pixels_not_last(tiny_vit, monkeypatch):
+    """With the loss rising after step 0, the output must be the step-0 pixels."""
+    seen = []
+
+    class RisingLoss(inversion.InversionLoss):
+        def __call__(self, inputs):
+            seen.append(inputs.images.detach().clone())
+            return inputs.images.sum((1, 2, 3)) * 0 + len(seen) + inputs.logits.sum(1) * 0
+
+    config = _config(schedule=PruneSchedule(), loss=RisingLoss())
+    result = invert_batch(tiny_vit, torch.tensor([0, 1]), config, seed=0, progress=False)
+    info = vit_info(tiny_vit)
+    first = seen[0] * torch.tensor(info.std).view(1, 3, 1, 1) + torch.tensor(info.mean).view(1, 3, 1, 1)
+    assert torch.allclose(result.images, (first.clamp(0, 1) * 255).round() / 255, atol=1e-6)
+
+
+def test_labels_are_balanced_and_follow_given_classes():
+    labels = inversion.assign_labels(InversionConfig(num_images=7, classes=(4, 9)), num_classes=10)
+    assert labels == [4, 9, 4, 9, 4, 9, 4]
+    drawn = inversion.assign_labels(InversionConfig(num_images=25, seed=1), num_classes=10)
+    assert all(drawn.count(c) in (2, 3) for c in range(10))
+    assert sorted(drawn[:10]) == list(range(10))
+
+
+def test_pool_files_agree(tiny_vit, tmp_path):
+    out = tmp_path / "pool"
+    result = invert(tiny_vit, _config(num_images=3), str(out), model_name="test_vit", progress=False)
+    run = json.loads((out / "run.json").read_text())
+    lines = [json.loads(l) for l in (out / "manifest.jsonl").read_text().splitlines()]
+    assert run["complete"] and run["num_images"] == 3 and run["model"] == "test_vit"
+    assert run["tokens_per_phase"] == [100, 50, 25] and len(run["seconds_per_phase"]) == 3
+    assert 0 <= run["success_rate"] <= 1 and run["wall_seconds"] > 0
+    assert [l["file"] for l in lines] == [f"images/{i:06d}.png" for i in range(3)]
+    assert (out / "grid.png").is_file()
+    pool = read_pool(out)
+    assert torch.equal(pool.images, result.images) and torch.equal(pool.labels, result.labels)
+    for line, image in zip(lines, pool.images):
+        with Image.open(out / line["file"]) as png:
+            assert png.mode == "RGB" and png.size == (160, 160)
+        black = image.abs().sum(0).unflatten(0, (10, 16)).unflatten(2, (10, 16)).sum((1, 3)).flatten() == 0
+        assert set(torch.nonzero(~black).flatten().tolist()) <= set(line["kept_patches"])
+
+
+def test_interrupted_run_continues_to_the_same_pool(tiny_vit, tmp_path, monkeypatch):
+    config = _config(num_images=6, batch_size=2)
+    invert(tiny_vit, config, str(tmp_path / "whole"), model_name="test_vit", progress=False)
+
+    real = inversion.invert_batch
+    calls = []
+
+    def dies_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inversion, "invert_batch", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        invert(tiny_vit, config, str(tmp_path / "cut"), model_name="test_vit", progress=False)
+    assert len(read_pool(tmp_path / "cut")) == 2  # the first batch survived
+    monkeypatch.setattr(inversion, "invert_batch", real)
+
+    done = []
+    monkeypatch.setattr(inversion, "invert_batch", lambda *a, **k: done.append(1) or real(*a, **k))
+    invert(tiny_vit, config, str(tmp_path / "cut"), model_name="test_vit", progress=False)
+    assert len(done) == 2  # only the two missing batches were inverted
+    whole, cut = read_pool(tmp_path / "whole"), read_pool(tmp_path / "cut")
+    assert torch.equal(whole.images, cut.images) and torch.equal(whole.kept_patches, cut.kept_patches)
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["complete"]
