@@ -15,11 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 MODES = ("off", "observe", "quant")
-# Clipping candidates searched by the MSE calibrator, as fractions of the min/max range.
-MSE_GRID = torch.linspace(0.05, 1.0, 96)
-# Cap on values kept per batch for percentile/MSE, so calibration memory stays flat.
-SAMPLE_ROWS_PER_TENSOR = 1 << 16
-SAMPLE_ROWS_PER_CHANNEL = 2048
+# Clipping candidates searched by the MSE calibrator, as fractions of the min/max
+# range. Activations (softmax scores, post-GELU tails) can want heavy clipping;
+# weights rarely below a third of their abs-max even at 2 bits.
+ACT_MSE_GRID = torch.linspace(0.05, 1.0, 40)
+WEIGHT_MSE_GRID = torch.linspace(0.3, 1.0, 36)
+# Caps on the rows kept for percentile/MSE (per batch and in all), so calibration
+# time and memory stay flat however many batches come.
+SAMPLE_ROWS_PER_TENSOR = 1 << 14
+SAMPLE_ROWS_PER_CHANNEL = 512
+SAMPLE_BATCHES = 4
 
 
 def weight_qrange(bits: int) -> tuple[int, int]:
@@ -54,7 +59,7 @@ def weight_scale(w: torch.Tensor, bits: int, calibrator: str = "minmax") -> torc
     if calibrator != "mse":
         return absmax / qmax
     best_scale, best_err = absmax / qmax, None
-    for alpha in MSE_GRID:
+    for alpha in WEIGHT_MSE_GRID:
         scale = (alpha * absmax / qmax).clamp_min(1e-8)
         err = (fake_quant_weight(w, scale, bits) - w).pow(2).reshape(w.shape[0], -1).sum(dim=1)
         if best_err is None:
@@ -125,6 +130,13 @@ class ActQuantizer(nn.Module):
                 rows = rows[pick.to(rows.device)]
             self.samples.append(rows.cpu())
 
+    def _sample(self) -> torch.Tensor:
+        data = torch.cat(self.samples)
+        cap = (SAMPLE_ROWS_PER_CHANNEL if self.per_channel else SAMPLE_ROWS_PER_TENSOR) * SAMPLE_BATCHES
+        if data.shape[0] > cap:
+            data = data[torch.randperm(data.shape[0], generator=self._generator)[:cap]]
+        return data
+
     @torch.no_grad()
     def finalize(self) -> None:
         """Turn what was observed into the scale and zero point, then drop the samples."""
@@ -132,11 +144,11 @@ class ActQuantizer(nn.Module):
             raise RuntimeError("activation quantizer finalised before it observed anything")
         lo, hi = self.min_val.cpu(), self.max_val.cpu()
         if self.calibrator == "percentile":
-            data = torch.cat(self.samples)
+            data = self._sample()
             q = torch.tensor([1.0 - self.percentile / 100.0, self.percentile / 100.0])
             lo, hi = torch.quantile(data, q, dim=0)
         elif self.calibrator == "mse":
-            lo, hi = self._mse_range(torch.cat(self.samples), lo, hi)
+            lo, hi = self._mse_range(self._sample(), lo, hi)
         scale, zero_point = act_qparams(lo, hi, self.bits)
         device = self.scale.device
         self.scale, self.zero_point = scale.to(device), zero_point.to(device)
@@ -146,7 +158,7 @@ class ActQuantizer(nn.Module):
         """Shrink [lo, hi] by the factor (per channel) that minimises the squared error on ``data``."""
         qmin, qmax = act_qrange(self.bits)
         best_lo, best_hi, best_err = lo, hi, None
-        for alpha in MSE_GRID:
+        for alpha in ACT_MSE_GRID:
             scale, zero_point = act_qparams(alpha * lo, alpha * hi, self.bits)
             fq = torch.fake_quantize_per_channel_affine(data, scale, zero_point, 1, qmin, qmax)
             err = (fq - data).pow(2).sum(dim=0)
