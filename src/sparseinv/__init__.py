@@ -10,6 +10,7 @@ from sparseinv.inversion import BatchResult, InversionConfig, InversionResult, i
 from sparseinv.losses import InversionLoss, LossInputs
 from sparseinv.models import ViTInfo, load_model, vit_info
 from sparseinv.pool import Pool, read_pool
+from sparseinv.quant import QuantConfig, calibrate, calibration_batches, load_quantized, quantize_, save_quantized
 from sparseinv.schedule import PruneSchedule
 from sparseinv.sparse_forward import SparseOutput, sparse_forward
 
@@ -24,15 +25,21 @@ __all__ = [
     "LossInputs",
     "Pool",
     "PruneSchedule",
+    "QuantConfig",
     "SparseOutput",
     "UsageError",
+    "calibrate",
+    "calibration_batches",
     "ViTInfo",
     "distill",
     "invert",
     "invert_batch",
     "kd_loss",
     "load_model",
+    "load_quantized",
+    "quantize_",
     "read_pool",
+    "save_quantized",
     "sparse_forward",
     "vit_info",
 ]

@@ -120,3 +120,36 @@ def evaluate(
         correct5 += int((top5 == labels[:, None]).any(dim=1).sum())
         total += labels.shape[0]
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "num_images": total}
+
+
+def transform_folder(folder: ImageFolder, model: nn.Module, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of ``folder`` through timm's eval transform, as one (N, 3, H, W) tensor and (N,) labels.
+
+    For evaluating many models on one small set: transform once, cache, reuse.
+    """
+    images, labels = zip(*load_images(folder, model, batch_size))
+    return torch.cat(images), torch.cat(labels)
+
+
+@torch.no_grad()
+def evaluate_tensors(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch_size: int = 64,
+    progress: bool = True,
+    desc: str = "evaluate",
+) -> dict:
+    """Top-1 and top-5 accuracy (percent) of ``model`` on already transformed ``images``."""
+    device = next(model.parameters()).device
+    model.eval()
+    correct1 = correct5 = 0
+    for start in tqdm(range(0, images.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
+        logits = sparse_forward(model, images[start : start + batch_size].to(device)).logits
+        batch_labels = labels[start : start + batch_size].to(device)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += int((top5[:, 0] == batch_labels).sum())
+        correct5 += int((top5 == batch_labels[:, None]).any(dim=1).sum())
+    total = int(images.shape[0])
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "num_images": total}
