@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--temperature", type=float, default=20.0, help="softmax temperature T (default 20)")
-    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 0.1 for linear-probe, 0.01 for full)")
+    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: the paper's 0.1 for linear-probe, 0.01 for full; with T=20 and the T^2 scaling 0.1 can diverge on features of large norm, try 0.01)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
