@@ -18,7 +18,7 @@ MODES = ("off", "observe", "quant")
 # Clipping candidates searched by the MSE calibrator, as fractions of the min/max
 # range. Activations (softmax scores, post-GELU tails) can want heavy clipping;
 # weights rarely below a third of their abs-max even at 2 bits.
-ACT_MSE_GRID = torch.linspace(0.05, 1.0, 40)
+ACT_MSE_GRID = torch.linspace(0.04, 1.0, 33)
 WEIGHT_MSE_GRID = torch.linspace(0.3, 1.0, 36)
 # Caps on the rows kept for percentile/MSE (per batch and in all), so calibration
 # time and memory stay flat however many batches come.
@@ -155,22 +155,28 @@ class ActQuantizer(nn.Module):
         self.reset()
 
     def _mse_range(self, data: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shrink [lo, hi] by the factor (per channel) that minimises the squared error on ``data``."""
+        """Clip [lo, hi] (per channel) to minimise the squared quantization error on ``data``.
+
+        The upper end is searched first with the lower end fixed, then the lower end:
+        activation ranges are lopsided (post-GELU, softmax scores), so one shared
+        shrink factor would clip the short side far too much.
+        """
         qmin, qmax = act_qrange(self.bits)
-        best_lo, best_hi, best_err = lo, hi, None
-        for alpha in ACT_MSE_GRID:
-            scale, zero_point = act_qparams(alpha * lo, alpha * hi, self.bits)
+
+        def error(lo_c: torch.Tensor, hi_c: torch.Tensor) -> torch.Tensor:
+            scale, zero_point = act_qparams(lo_c, hi_c, self.bits)
             fq = torch.fake_quantize_per_channel_affine(data, scale, zero_point, 1, qmin, qmax)
-            err = (fq - data).pow(2).sum(dim=0)
-            if best_err is None:
-                best_err = err
-                best_lo, best_hi = alpha * lo, alpha * hi
-            else:
+            return (fq - data).pow(2).sum(dim=0)
+
+        best_err = error(lo, hi)
+        for end in ("hi", "lo"):
+            for alpha in ACT_MSE_GRID[:-1]:
+                cand_lo, cand_hi = (lo, alpha * hi) if end == "hi" else (alpha * lo, hi)
+                err = error(cand_lo, cand_hi)
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
-                best_lo = torch.where(better, alpha * lo, best_lo)
-                best_hi = torch.where(better, alpha * hi, best_hi)
-        return best_lo, best_hi
+                lo, hi = torch.where(better, cand_lo, lo), torch.where(better, cand_hi, hi)
+        return lo, hi
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "observe":

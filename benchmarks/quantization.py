@@ -1,0 +1,136 @@
+"""Data-free quantization of DeiT-Tiny: calibration sources x bit-widths x calibrators.
+
+    python benchmarks/quantization.py [--per-class 30]
+
+Top-1 (1000-way) on a fixed balanced subset of imagenette val (the first N images of
+each class, transformed once and cached), after fake-quantizing the real DeiT-Tiny
+calibrated on 32 images from: Gaussian noise, the dense and the sparse inversion
+pools of ``make_pools.py`` (400 iterations, not 4000), and real train100 images.
+Writes ``benchmarks/results/quantization.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, POOL_ITERATIONS, RESULTS, SYNSETS, TRAIN100, VAL, write_results
+
+from sparseinv import load_model
+from sparseinv.data import ImageFolder, evaluate_tensors, read_class_index, transform_folder
+from sparseinv.pool import read_pool, read_run
+from sparseinv.quant import QuantConfig, calibrate, calibration_batches, quantize_
+
+ROWS = [(8, 8), (6, 6), (4, 8), (4, 4)]
+BASELINE = {"calibrator": "minmax"}
+BEST = {"calibrator": "mse", "channelwise_ln": True}
+# The other calibrators, measured on the sparse pool only (CPU budget).
+ABLATION = {"percentile": {"calibrator": "percentile"}, "mse": {"calibrator": "mse"}}
+NUM_CALIB = 32
+
+
+def val_subset(model, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``per_class`` val images of each class, eval-transformed, cached on disk."""
+    path = CACHE / f"imagenette_val_first{per_class}.pt"
+    if path.is_file():
+        cached = torch.load(path)
+        return cached["images"], cached["labels"]
+    folder = ImageFolder.scan(VAL, read_class_index(SYNSETS), limit_per_class=per_class)
+    images, labels = transform_folder(folder, model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"images": images, "labels": labels}, path)
+    return images, labels
+
+
+def pool_paths() -> dict[str, str]:
+    """The two pools of make_pools.py, refusing to start an inversion here."""
+    paths = {kind: CACHE / "pools" / f"imagenet_{kind}_32" for kind in ("sparse", "dense")}
+    for kind, path in paths.items():
+        run = read_run(path)
+        if not run or not run.get("complete"):
+            raise SystemExit(f"pool {path} is not complete yet: run benchmarks/make_pools.py first.")
+    from make_pools import quantization_pools  # reuses the complete pools, inverts nothing
+
+    return quantization_pools()
+
+
+def markdown(payload: dict) -> str:
+    sources = payload["sources"]
+    fp = payload["full_precision"]["top1"]
+    lines = [
+        f"DeiT-Tiny, top-1 (1000-way) on {payload['eval_images']} imagenette val images "
+        f"(first {payload['per_class']} per class; scaled down), {NUM_CALIB} calibration images; "
+        f"pools inverted with {POOL_ITERATIONS} iterations (not 4000).",
+        "",
+        "| bits | calibrator | full precision | " + " | ".join(sources) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in sources) + " |",
+    ]
+    for row in payload["rows"]:
+        cells = [f"{row['top1'][s]:.2f}" if s in row["top1"] else "" for s in sources]
+        lines.append(f"| W{row['w_bits']}/A{row['a_bits']} | {row['calibrator']} | {fp:.2f} | " + " | ".join(cells) + " |")
+    walls = ", ".join(f"{k} {v:.0f} s" for k, v in payload["pool_wall_seconds"].items())
+    lines += ["", f"Inversion wall time (32 images, {POOL_ITERATIONS} iterations): {walls}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-class", type=int, default=30, help="val images per class (default 30: 300 images)")
+    args = parser.parse_args()
+    pools = pool_paths()
+    model = load_model(DEIT_TINY, DEIT_TINY_CKPT)
+    images, labels = val_subset(model, args.per_class)
+    sources = {
+        "noise": calibration_batches(model, "noise", DEIT_TINY, NUM_CALIB),
+        "dense inversion": calibration_batches(model, pools["dense"], DEIT_TINY, NUM_CALIB),
+        "sparse inversion": calibration_batches(model, pools["sparse"], DEIT_TINY, NUM_CALIB),
+        "real (train100)": calibration_batches(model, str(TRAIN100), DEIT_TINY, NUM_CALIB),
+    }
+    start = time.perf_counter()
+    payload = {
+        "scaled_down": True,
+        "note": (
+            f"scaled down: evaluated on the first {args.per_class} images per class of imagenette val "
+            f"({images.shape[0]} images, not 3925); pools use {POOL_ITERATIONS} inversion iterations, not 4000"
+        ),
+        "model": DEIT_TINY,
+        "per_class": args.per_class,
+        "eval_images": int(images.shape[0]),
+        "num_calib": NUM_CALIB,
+        "pool_iterations": POOL_ITERATIONS,
+        "pool_wall_seconds": {k: float(read_pool(p).run["wall_seconds"]) for k, p in pools.items()},
+        "pools": pools,
+        "sources": list(sources),
+        "full_precision": evaluate_tensors(model, images, labels, desc="full precision"),
+        "rows": [],
+    }
+
+    def measure(name: str, settings: dict, source_names: list[str]) -> None:
+        for w_bits, a_bits in ROWS:
+            config = QuantConfig(w_bits=w_bits, a_bits=a_bits, **settings)
+            qmodel = quantize_(copy.deepcopy(model), config)  # weight scales once per config
+            row = {"w_bits": w_bits, "a_bits": a_bits, "calibrator": name, "config": config.record(), "top1": {}, "top5": {}}
+            for source in source_names:
+                calibrate(qmodel, sources[source])
+                result = evaluate_tensors(qmodel, images, labels, desc=f"{config.name} {source}")
+                row["top1"][source], row["top5"][source] = result["top1"], result["top5"]
+                print(f"{config.name:<22} {source:<17} top-1 {result['top1']:6.2f}", flush=True)
+            payload["rows"].append(row)
+            payload["benchmark_seconds"] = time.perf_counter() - start
+            write_results("quantization", payload)  # partial results survive an interruption
+
+    measure("minmax (baseline)", BASELINE, list(sources))
+    measure("mse + channelwise LN (best)", BEST, list(sources))
+    for name, settings in ABLATION.items():
+        measure(name, settings, ["sparse inversion"])
+    table = markdown(payload)
+    (RESULTS / "quantization.md").write_text(table)
+    print(table)
+    print(json.dumps({"benchmark_seconds": payload["benchmark_seconds"]}))
+
+
+if __name__ == "__main__":
+    main()

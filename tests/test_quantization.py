@@ -1,0 +1,337 @@
+"""Quantization: the arithmetic, calibrators, sparse-aware calibration, save/reload, the CLI's refusals."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from conftest import DEIT_TINY_CKPT, SYNSETS, VAL
+from sparseinv import InversionConfig, PruneSchedule, invert, load_model, sparse_forward
+from sparseinv.cli import main
+from sparseinv.data import ImageFolder, evaluate, read_class_index
+from sparseinv.models import timm
+from sparseinv.quant import (
+    ActQuantizer,
+    QuantAttention,
+    QuantConfig,
+    QuantConv2d,
+    QuantLinear,
+    calibrate,
+    calibration_batches,
+    fake_quant_weight,
+    fingerprint,
+    load_quantized,
+    noise_batches,
+    quantize_,
+    save_quantized,
+    set_quant_mode,
+    weight_scale,
+)
+
+
+# ---------------------------------------------------------------- the arithmetic
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_weight_quantization_matches_hand_written_reference(bits):
+    torch.manual_seed(0)
+    w = torch.randn(6, 10) * torch.tensor([0.01, 0.1, 1.0, 3.0, 10.0, 0.5])[:, None]
+    qmax = 2 ** (bits - 1) - 1
+    scale = weight_scale(w, bits)
+    ref_scale = w.abs().amax(dim=1) / qmax  # symmetric per output channel, min/max
+    assert torch.allclose(scale, ref_scale)
+    ref = torch.clamp(torch.round(w / ref_scale[:, None]), -qmax, qmax) * ref_scale[:, None]
+    out = fake_quant_weight(w, scale, bits)
+    assert torch.allclose(out, ref, atol=1e-6)
+    # Every row uses at most 2 * qmax + 1 levels, and its largest magnitude is exact.
+    for row, s in zip(out, scale):
+        assert len(torch.unique(torch.round(row / s))) <= 2 * qmax + 1
+    assert torch.allclose(out.abs().amax(dim=1), w.abs().amax(dim=1), rtol=1e-5)
+
+
+def test_activation_minmax_over_all_batches_and_reference_rounding():
+    q = ActQuantizer(bits=4)
+    q.mode = "observe"
+    a, b = torch.tensor([[-1.0, 0.5]]), torch.tensor([[2.0, 0.25], [0.1, -0.3]])
+    assert torch.equal(q(a), a)  # observing changes nothing
+    q(b)
+    q.finalize()
+    scale = (2.0 - (-1.0)) / 15
+    zero_point = round(1.0 / scale)
+    assert torch.allclose(q.scale, torch.tensor([scale]))
+    assert int(q.zero_point) == zero_point
+    q.mode = "quant"
+    x = torch.tensor([-5.0, -1.0, -0.33, 0.0, 0.41, 1.9, 2.0, 7.0])
+    ref = (torch.clamp(torch.round(x / scale) + zero_point, 0, 15) - zero_point) * scale
+    assert torch.allclose(q(x), ref, atol=1e-6)
+    assert float(q(torch.tensor([7.0]))) == pytest.approx((15 - zero_point) * scale)  # clamped, not wrapped
+
+
+def test_percentile_and_mse_clip_heavy_tails_that_minmax_keeps():
+    torch.manual_seed(0)
+    x = torch.randn(20000, 1) ** 3  # heavy tails, like post-GELU and residual activations
+    x[0] = 1000.0  # one outlier: percentile ignores it
+    ranges, errors = {}, {}
+    for calibrator in ("minmax", "percentile", "mse"):
+        q = ActQuantizer(bits=4, calibrator=calibrator)
+        q.mode = "observe"
+        q(x)
+        q.finalize()
+        ranges[calibrator] = float(q.scale) * 15
+        q.mode = "quant"
+        errors[calibrator] = float((q(x) - x).pow(2).sum())
+    assert ranges["minmax"] == pytest.approx(1000 - float(x.min()), rel=1e-4)
+    assert ranges["percentile"] < 0.2 * ranges["minmax"]
+    assert ranges["mse"] < ranges["minmax"]
+    assert errors["mse"] < errors["minmax"]
+
+
+def test_mse_weight_scale_never_worse_than_minmax():
+    torch.manual_seed(0)
+    w = torch.randn(16, 1024)  # max is ~3.3 sigma; 4-bit MSE clips near 2.5 sigma
+    for bits in (2, 4, 8):
+        err = {c: (fake_quant_weight(w, weight_scale(w, bits, c), bits) - w).pow(2).sum(dim=1) for c in ("minmax", "mse")}
+        assert (err["mse"] <= err["minmax"] + 1e-6).all()
+        if bits == 4:
+            assert err["mse"].sum() < 0.9 * err["minmax"].sum()
+
+
+def test_per_channel_activation_ranges():
+    q = ActQuantizer(bits=8, per_channel=True)
+    q.mode = "observe"
+    x = torch.randn(4, 9, 3) * torch.tensor([0.1, 1.0, 50.0])
+    q(x)
+    q.finalize()
+    assert q.scale.shape == (3,)
+    ref = (x.amax(dim=(0, 1)).clamp(min=0) - x.amin(dim=(0, 1)).clamp(max=0)) / 255
+    assert torch.allclose(q.scale, ref)
+
+
+def test_config_refuses_bits_out_of_range():
+    from sparseinv import UsageError
+
+    for w, a in ((1, 8), (9, 8), (8, 1), (8, 16)):
+        with pytest.raises(UsageError):
+            QuantConfig(w, a).validate()
+    for bits in range(2, 9):
+        QuantConfig(bits, bits).validate()
+
+
+# ---------------------------------------------------------------- the model
+
+
+@pytest.fixture()
+def vit():
+    torch.manual_seed(0)
+    return load_model("test_vit", pretrained=False)
+
+
+def test_quantize_wraps_everything_and_off_is_exactly_full_precision(vit):
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        ref = vit(x)
+    quantize_(vit, QuantConfig(4, 4))
+    linears = [n for n, m in vit.named_modules() if type(m) is torch.nn.Linear]
+    assert len(linears) == 6 * 4 + 1  # qkv, proj, fc1, fc2 per block, and the head
+    assert all(isinstance(vit.get_submodule(n.rpartition(".")[0]), QuantLinear) for n in linears)
+    assert isinstance(vit.patch_embed.proj, QuantConv2d)
+    assert all(isinstance(b.attn, QuantAttention) for b in vit.blocks)
+    assert isinstance(vit.blocks[0].attn.qkv, QuantLinear)
+    with torch.no_grad():
+        # Mode "off" is full precision (up to fused vs. explicit attention rounding).
+        assert torch.allclose(sparse_forward(vit, x).logits, ref, atol=1e-5)
+        calibrate(vit, noise_batches(vit, 4, 2), progress=False)
+        quantized = sparse_forward(vit, x).logits
+    assert not torch.allclose(quantized, ref)
+
+
+def test_w8a8_stays_close_on_random_vit_per_layer(vit):
+    """Each quantizer alone barely moves a random ViT's logits at 8 bits."""
+    x = torch.randn(4, 3, 160, 160)
+    with torch.no_grad():
+        ref = vit(x)
+    quantize_(vit, QuantConfig(8, 8))
+    calibrate(vit, [(x, None)], progress=False)
+    with torch.no_grad():
+        set_quant_mode(vit, "off")
+        vit.blocks[2].attn.qkv.mode = "quant"
+        vit.blocks[2].attn.qkv.input_quant.mode = "quant"
+        vit.blocks[2].attn.score_quant.mode = "quant"
+        out = sparse_forward(vit, x).logits
+    assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+def test_sparse_calibration_never_sees_dropped_patches(vit):
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 160, 160)
+    keep = torch.stack([torch.randperm(100)[:40].sort().values for _ in range(2)])
+    dropped = torch.ones(2, 100, dtype=torch.bool)
+    dropped[torch.arange(2)[:, None], keep] = False
+    mask = dropped.view(2, 1, 10, 1, 10, 1).expand(2, 3, 10, 16, 10, 16).reshape(2, 3, 160, 160)
+    huge = torch.where(mask, torch.full_like(x, 1e4), x)
+    black = torch.where(mask, torch.zeros_like(x), x)
+
+    def scales(images, kept):
+        model = quantize_(copy.deepcopy(vit), QuantConfig(8, 8))
+        calibrate(model, [(images, kept)], progress=False)
+        return {name: m.scale.clone() for name, m in model.named_modules() if isinstance(m, ActQuantizer)}
+
+    sparse_huge, sparse_black, dense_huge = scales(huge, keep), scales(black, keep), scales(huge, None)
+    for name in sparse_huge:
+        assert torch.equal(sparse_huge[name], sparse_black[name]), name
+    assert (dense_huge["embed_quant"] > 100 * sparse_huge["embed_quant"]).all()
+
+
+def test_pool_batches_feed_kept_patches(tmp_path, vit):
+    config = InversionConfig(num_images=3, batch_size=3, iterations=4, schedule=PruneSchedule((1, 2), (0.3, 0.3)))
+    invert(vit, config, out=str(tmp_path / "pool"), model_name="test_vit", progress=False)
+    batches = calibration_batches(vit, str(tmp_path / "pool"), "test_vit", num=32, batch_size=2)
+    assert [b[0].shape[0] for b in batches] == [2, 1]
+    assert all(keep is not None and keep.shape[1] < 100 for _, keep in batches)
+    # Pixels were normalised with the model's mean/std before feeding.
+    assert batches[0][0].min() < -0.5
+
+
+def test_save_and_reload_give_identical_logits(tmp_path, vit):
+    state = copy.deepcopy(vit.state_dict())
+    fp = fingerprint(vit)
+    quantize_(vit, QuantConfig(4, 6, "mse", channelwise_ln=True))
+    calibrate(vit, noise_batches(vit, 2, 1), progress=False)
+    x = torch.randn(3, 3, 160, 160)
+    keep = torch.arange(0, 100, 2).expand(3, -1)
+    with torch.no_grad():
+        before = [sparse_forward(vit, x).logits, sparse_forward(vit, x, keep).logits]
+    save_quantized(vit, tmp_path / "q.safetensors", "test_vit", fp)
+    fresh = load_model("test_vit", pretrained=False)
+    fresh.load_state_dict(state)
+    load_quantized(fresh, tmp_path / "q.safetensors", "test_vit")
+    with torch.no_grad():
+        after = [sparse_forward(fresh, x).logits, sparse_forward(fresh, x, keep).logits]
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
+def test_real_deit_tiny_w8a8_is_close_to_full_precision(deit_tiny):
+    folder = ImageFolder.scan(VAL, read_class_index(SYNSETS), limit_per_class=1)
+    batches = calibration_batches(deit_tiny, str(VAL), "deit_tiny_patch16_224", num=8)
+    x = batches[0][0]
+    with torch.no_grad():
+        ref = sparse_forward(deit_tiny, x).logits
+    model = quantize_(copy.deepcopy(deit_tiny), QuantConfig(8, 8))
+    calibrate(model, batches, progress=False)
+    with torch.no_grad():
+        out = sparse_forward(model, x).logits
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+    assert torch.nn.functional.cosine_similarity(out, ref).min() > 0.95
+    assert len(folder) == 10
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    """test_vit checkpoints (two different ones), a small labelled folder, a pool from test_vit."""
+    root = tmp_path_factory.mktemp("quant_cli")
+    paths = {}
+    for seed, name in ((0, "ckpt"), (1, "other_ckpt")):
+        torch.manual_seed(seed)
+        model = timm.create_model("test_vit")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / f"{name}.safetensors"))
+        paths[name] = str(root / f"{name}.safetensors")
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (root / "data" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (180, 170, 3), dtype=np.uint8)).save(root / "data" / cls / f"{i}.png")
+    model = load_model("test_vit", paths["ckpt"])
+    config = InversionConfig(num_images=2, batch_size=2, iterations=3, schedule=PruneSchedule((1,), (0.3,)))
+    invert(model, config, out=str(root / "pool"), model_name="test_vit", progress=False)
+    paths.update(root=root, data=str(root / "data"), pool=str(root / "pool"))
+    return paths
+
+
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_cli_quantize_then_evaluate_gives_the_in_memory_accuracy(cli_files, tmp_path, capsys):
+    out, report = tmp_path / "q.safetensors", tmp_path / "eval.json"
+    base = ["--model", "test_vit", "--checkpoint", cli_files["ckpt"]]
+    assert main(["quantize", *base, "--calib", cli_files["pool"], "--w-bits", "4", "--a-bits", "8",
+                 "--calibrator", "percentile", "--out", str(out), "--quiet"]) == 0
+    assert "sparse calibration" in capsys.readouterr().out
+    assert main(["evaluate", *base, "--quantized", str(out), "--data", cli_files["data"], "--json", str(report), "--quiet"]) == 0
+    record = json.loads(report.read_text())
+    assert record["num_images"] == 6 and record["quant_config"]["w_bits"] == 4
+    model = load_model("test_vit", cli_files["ckpt"])
+    quantize_(model, QuantConfig(4, 8, "percentile"))
+    calibrate(model, calibration_batches(model, cli_files["pool"], "test_vit"), progress=False)
+    expected = evaluate(model, ImageFolder.scan(cli_files["data"]), progress=False)
+    assert record["top1"] == expected["top1"] and record["top5"] == expected["top5"]
+
+
+@pytest.mark.parametrize("bits", [["--w-bits", "9"], ["--w-bits", "1"], ["--a-bits", "0"], ["--a-bits", "16"]])
+def test_cli_refuses_bits_out_of_range(cli_files, tmp_path, capsys, bits):
+    args = ["quantize", "--model", "test_vit", "--checkpoint", cli_files["ckpt"], "--calib", "noise", *bits, "--out", str(tmp_path / "q.st")]
+    assert main(args) == 2
+    _one_line_error(capsys, bits[0], "2 to 8")
+    assert not (tmp_path / "q.st").exists()
+
+
+def test_cli_refuses_a_pool_from_another_model(cli_files, tmp_path, capsys):
+    args = ["quantize", "--model", "deit_tiny_patch16_224", "--checkpoint", str(DEIT_TINY_CKPT), "--calib", cli_files["pool"],
+            "--out", str(tmp_path / "q.st")]
+    assert main(args) == 2
+    _one_line_error(capsys, "inverted from test_vit")
+
+
+def test_cli_refuses_a_calibration_folder_without_images(cli_files, tmp_path, capsys):
+    (tmp_path / "empty" / "somecls").mkdir(parents=True)
+    args = ["quantize", "--model", "test_vit", "--checkpoint", cli_files["ckpt"], "--calib", str(tmp_path / "empty"), "--out", str(tmp_path / "q.st")]
+    assert main(args) == 2
+    _one_line_error(capsys, "no images")
+
+
+@pytest.fixture(scope="module")
+def quantized_file(cli_files):
+    out = cli_files["root"] / "noise.safetensors"
+    assert main(["quantize", "--model", "test_vit", "--checkpoint", cli_files["ckpt"], "--calib", "noise", "--num-calib", "4",
+                 "--out", str(out), "--quiet"]) == 0
+    return str(out)
+
+
+@pytest.mark.parametrize("model, ckpt, needle", [
+    ("test_vit", "other_ckpt", "does not match the weights"),
+    ("deit_tiny_patch16_224", "deit", "made for test_vit"),
+])
+def test_cli_refuses_a_quantized_file_for_another_model(cli_files, quantized_file, capsys, model, ckpt, needle):
+    capsys.readouterr()
+    weights = ["--checkpoint", str(DEIT_TINY_CKPT) if ckpt == "deit" else cli_files[ckpt]]
+    args = ["evaluate", "--model", model, *weights, "--quantized", quantized_file, "--data", cli_files["data"], "--quiet"]
+    assert main(args) == 2
+    _one_line_error(capsys, needle)
+
+
+def test_cli_refuses_a_file_that_is_not_a_quantized_model(cli_files, capsys):
+    args = ["evaluate", "--model", "test_vit", "--checkpoint", cli_files["ckpt"], "--quantized", cli_files["ckpt"], "--data", cli_files["data"]]
+    assert main(args) == 2
+    _one_line_error(capsys, "not a sparseinv quantized model")
+
+
+def test_cli_refuses_classes_missing_from_the_class_index(cli_files, capsys):
+    args = ["evaluate", "--model", "test_vit", "--checkpoint", cli_files["ckpt"], "--data", cli_files["data"], "--class-index", str(SYNSETS)]
+    assert main(args) == 2
+    _one_line_error(capsys, "not in the class index")
