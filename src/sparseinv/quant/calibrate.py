@@ -9,7 +9,7 @@ its kept tokens only, never as a picture with black squares.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
