@@ -163,27 +163,30 @@ def main() -> None:
 
     sparse = pool(f"distill_sparse_{NUM_IMAGES}", True, NUM_IMAGES)
     dense = pool(f"distill_dense_{NUM_IMAGES}", False, NUM_IMAGES)
+    rows = [noise_row, real_row]
+    for name, p, config in (("dense", dense, LP), ("sparse", sparse, LP), ("sparse-full", sparse, FULL)):
+        rows.append(run_student(name, t, p, config, feats, labels))
+        rows[-1]["inversion_seconds"] = round(p.run["wall_seconds"], 1)
+    report(teacher_meta, inversion, rows, None)  # partial results, in case the last stage is cut short
+
     per_image = sparse.run["wall_seconds"] / len(sparse)
     fit = int(dense.run["wall_seconds"] // per_image)  # sparse images that fit in dense's inversion time
     parts = [sparse]
     if fit > NUM_IMAGES:
         parts.append(pool(f"distill_sparse_extra_{fit - NUM_IMAGES}_seed1", True, fit - NUM_IMAGES, seed=1))
     sparse_eq = concat("sparse-equal-time", parts)
-    sparse_eq_seconds = sum(inversion[n]["wall_seconds"] for n in inversion if "sparse" in n)
+    sparse_eq_seconds = sum(float(p.run["wall_seconds"]) for p in parts)
+    rows.append(run_student("sparse-equal-time", t, sparse_eq, LP, feats, labels))
+    rows[-1]["inversion_seconds"] = round(sparse_eq_seconds, 1)
+    equal_time = {"dense_images": len(dense), "dense_seconds": round(dense.run["wall_seconds"], 1),
+                  "sparse_images": len(sparse_eq), "sparse_seconds": round(sparse_eq_seconds, 1)}
+    report(teacher_meta, inversion, rows, equal_time)
 
-    rows = [
-        noise_row,
-        run_student("dense", t, dense, LP, feats, labels),
-        run_student("sparse", t, sparse, LP, feats, labels),
-        real_row,
-        run_student("sparse-equal-time", t, sparse_eq, LP, feats, labels),
-        run_student("sparse-full", t, sparse, FULL),
-    ]
-    rows[1]["inversion_seconds"] = inversion[f"distill_dense_{NUM_IMAGES}"]["wall_seconds"]
-    rows[2]["inversion_seconds"] = inversion[f"distill_sparse_{NUM_IMAGES}"]["wall_seconds"]
-    rows[4]["inversion_seconds"] = round(sparse_eq_seconds, 1)
-    rows[5]["inversion_seconds"] = rows[2]["inversion_seconds"]
+
+def report(teacher_meta: dict, inversion: dict, rows: list[dict], equal_time: dict | None) -> None:
+    """Write ``distill.json`` and ``distill.md`` (again after every stage)."""
     payload = {
+        "complete": equal_time is not None,
         "teacher": teacher_meta,
         "student": {"model": DEIT_TINY, "checkpoint": str(DEIT_TINY_CKPT), "init": "ImageNet-1k, fresh 10-way head"},
         "protocol": {
@@ -192,6 +195,7 @@ def main() -> None:
             "full": FULL.record(),
             "augmentation": "none; teacher logits and frozen-backbone features computed once per image",
             "headline": "val_top1_last (after the last epoch); val_top1_best picks the epoch on val and is optimistic",
+            "timing": "wall seconds on 2 CPU cores shared with other jobs (contention varied during the run)",
         },
         "scaled_down": {
             "images_per_pool": NUM_IMAGES,
@@ -201,32 +205,34 @@ def main() -> None:
             "paper": "4000 iterations, batch 100, full CIFAR test sets",
             "val": f"balanced subset, {make_teacher.VAL_PER_CLASS} images per class",
             "linear_probe_epochs": LP.epochs,
+            "linear_probe_lr": LP.learning_rate,
         },
-        "equal_time": {"dense_seconds": inversion[f"distill_dense_{NUM_IMAGES}"]["wall_seconds"], "sparse_images": len(sparse_eq),
-                       "sparse_seconds": round(sparse_eq_seconds, 1)},
+        "equal_time": equal_time,
         "inversion": inversion,
         "rows": rows,
     }
     path = write_results("distill", payload)
     lines = [
-        "| pool | images | inversion s | mode | train s | 10-way top-1 (last) | best epoch's |",
+        "| pool | images | inversion s | mode | train s | 10-way top-1 (last epoch) | best epoch's (optimistic) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         best = "" if r["val_top1_best"] is None else f"{r['val_top1_best']:.1f}"
         lines.append(f"| {r['name']} | {r['num_images']} | {r.get('inversion_seconds', 0):.0f} | {r['mode']} | "
                      f"{r['train_seconds']:.1f} | {r['val_top1_last']:.1f} | {best} |")
+    eq = "not run (cut short)" if equal_time is None else (
+        f"sparse gets {equal_time['sparse_images']} images in {equal_time['sparse_seconds']:.0f} s vs dense "
+        f"{equal_time['dense_images']} in {equal_time['dense_seconds']:.0f} s")
     md = (
         f"# Distillation (data-free knowledge transfer), `{payload['command']}`\n\n"
         f"Teacher: DeiT-Tiny fine-tuned on train100, {teacher_meta['val_top1']:.1f}% 10-way top-1. Student: ImageNet DeiT-Tiny. "
         f"Metric: {payload['protocol']['metric']}. Scaled down: {NUM_IMAGES} images per pool, {ITERATIONS} inversion steps, "
-        f"batch {NUM_IMAGES}, linear probe {LP.epochs} epochs. Equal inversion time: sparse gets {len(sparse_eq)} images in "
-        f"{sparse_eq_seconds:.0f} s vs dense {NUM_IMAGES} in {payload['equal_time']['dense_seconds']:.0f} s.\n\n"
+        f"batch {NUM_IMAGES}, linear probe {LP.epochs} epochs at lr {LP.learning_rate}. Equal inversion time: {eq}.\n\n"
         + "\n".join(lines) + "\n"
     )
     (RESULTS / "distill.md").write_text(md)
     print(md)
-    print(f"wrote {path}")
+    print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

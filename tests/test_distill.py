@@ -185,3 +185,15 @@ def test_cli_refuses_an_empty_pool(files, tmp_path, capsys):
     err = _refused(capsys, ["distill", "--teacher", "test_vit", "--student", "test_vit",
                             "--pool", str(tmp_path / "bare"), "--out", str(tmp_path / "s.safetensors")])
     assert "not a sparseinv pool" in err
+
+
+def test_a_cnn_student_learns_from_a_dense_pool(files, tmp_path):
+    teacher = load_model("test_vit", files["teacher"], num_classes=TEACHER_CLASSES)
+    config = InversionConfig(num_images=2, batch_size=2, iterations=2)
+    invert(teacher, config, out=str(tmp_path / "dense"), model_name="test_vit", progress=False)
+    pool = read_pool(tmp_path / "dense")
+    assert not pool.is_sparse
+    torch.manual_seed(0)
+    student = timm.create_model("test_resnet").eval()
+    summary = distill(teacher, student, pool, DistillConfig(mode="full", epochs=1, batch_size=2), tmp_path / "s.safetensors", progress=False)
+    assert student.num_classes == TEACHER_CLASSES and summary["epoch"] == 1
