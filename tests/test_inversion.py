@@ -128,3 +128,20 @@ def test_interrupted_run_continues_to_the_same_pool(tiny_vit, tmp_path, monkeypa
     whole, cut = read_pool(tmp_path / "whole"), read_pool(tmp_path / "cut")
     assert torch.equal(whole.images, cut.images) and torch.equal(whole.kept_patches, cut.kept_patches)
     assert json.loads((tmp_path / "cut" / "run.json").read_text())["complete"]
+
+
+def test_best_pixels_restart_at_each_stop(tiny_vit):
+    """Losses over fewer tokens are not comparable: the output is the best of the last phase."""
+    seen = []
+
+    class RisingLoss(inversion.InversionLoss):
+        def __call__(self, inputs):
+            seen.append(inputs.images.detach().clone())
+            return inputs.logits.sum(1) * 0 + len(seen)
+
+    result = invert_batch(tiny_vit, torch.tensor([0, 1]), _config(loss=RisingLoss()), seed=0, progress=False)
+    info = vit_info(tiny_vit)
+    last_phase_start = seen[SPARSE.steps[-1]]  # the first step after the last stop
+    pixels = last_phase_start * torch.tensor(info.std).view(1, 3, 1, 1) + torch.tensor(info.mean).view(1, 3, 1, 1)
+    expected = (pixels.clamp(0, 1) * 255).round() / 255 * inversion._patch_mask(result.kept_patches, info)
+    assert torch.allclose(result.images, expected, atol=1e-6)

@@ -191,6 +191,11 @@ def invert_batch(
                 keep = _top_patches(scored.cls_attn, current, counts[phase])
                 pixel_mask = _patch_mask(keep, info)
                 frozen = x.detach().clone()
+            # Losses over different token sets are not comparable: fewer tokens give a
+            # higher loss, so a "best" from an earlier phase would win for good and the
+            # output would be an image optimised for patches it no longer has. The best
+            # pixels are therefore the best of the current phase.
+            best_loss.fill_(float("inf"))
         for _ in range(start, end):
             aug = RollFlip.sample(generator, max_dy, max_dx, config.flip)
             fed = None if keep is None else aug.remap(keep, info.grid_size, info.patch_size)
