@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	SHARED=$(SHARED) $(BIN)/python scripts/demo.py
+	SHARED=$(SHARED) BIN=$(BIN) bash scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) demo_out

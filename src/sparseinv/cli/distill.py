@@ -28,11 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--temperature", type=float, default=20.0, help="softmax temperature T (default 20)")
-    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: the paper's 0.1 for linear-probe, 0.01 for full; with T=20 and the T^2 scaling 0.1 can diverge on features of large norm, try 0.01)")
+    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 0.01 for linear-probe, 0.001 for full; the paper's 0.1 diverged here with T=20 and the T^2 factor)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val", help="real labelled folder <class>/<images> to evaluate on after every epoch (classes numbered in sorted order)")
+    p.add_argument("--val", help="real labelled folder <class>/<images> to evaluate on after every epoch")
+    p.add_argument("--val-class-index", help="file whose line i starts with class i's folder name, e.g. imagenet_synsets.txt (default: sorted folder order)")
+    p.add_argument("--val-limit-per-class", type=int, help="evaluate on only the first N images of each class")
     p.add_argument("--invert-every", type=int, default=0, metavar="K", help="invert new images from the teacher every K epochs")
     p.add_argument("--images-per-round", type=int, default=0, metavar="M", help="images inverted per round")
     p.add_argument("--random-student", action="store_true", help="start the student from random weights (no checkpoint)")
@@ -103,9 +105,10 @@ def run(args: argparse.Namespace) -> int:
     pool.check_model(teacher_name, "teacher")
     val = None
     if args.val:
-        from sparseinv.data import ImageFolder
+        from sparseinv.data import ImageFolder, read_class_index
 
-        val = ImageFolder.scan(args.val)
+        index = read_class_index(args.val_class_index) if args.val_class_index else None
+        val = ImageFolder.scan(args.val, index, limit_per_class=args.val_limit_per_class)
     device = resolve_device(args)
     teacher, teacher_name, teacher_ckpt = load_teacher(args.teacher, device)
     student, student_name = load_student(args.student, device, args.random_student)
