@@ -100,6 +100,21 @@ def load_images(folder: ImageFolder, model: nn.Module, batch_size: int = 64, wor
 
 
 @torch.no_grad()
+def _topk_accuracy(model: nn.Module, batches, *, total: int, progress: bool, desc: str) -> dict:
+    """Top-1 and top-5 accuracy (percent) over (images, labels) batches, fed densely."""
+    device = next(model.parameters()).device
+    model.eval()
+    correct1 = correct5 = seen = 0
+    for images, labels in tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
+        logits = sparse_forward(model, images.to(device)).logits
+        labels = labels.to(device)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += int((top5[:, 0] == labels).sum())
+        correct5 += int((top5 == labels[:, None]).any(dim=1).sum())
+        seen += labels.shape[0]
+    return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "num_images": seen}
+
+
 def evaluate(
     model: nn.Module,
     folder: ImageFolder,
@@ -109,17 +124,8 @@ def evaluate(
     desc: str = "evaluate",
 ) -> dict:
     """Top-1 and top-5 accuracy (percent) of ``model`` on ``folder``."""
-    device = next(model.parameters()).device
-    model.eval()
-    correct1 = correct5 = total = 0
-    for images, labels in tqdm(load_images(folder, model, batch_size), desc=desc, disable=not progress, leave=False):
-        logits = sparse_forward(model, images.to(device)).logits
-        labels = labels.to(device)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += int((top5[:, 0] == labels).sum())
-        correct5 += int((top5 == labels[:, None]).any(dim=1).sum())
-        total += labels.shape[0]
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "num_images": total}
+    loader = load_images(folder, model, batch_size)
+    return _topk_accuracy(model, loader, total=len(loader), progress=progress, desc=desc)
 
 
 def transform_folder(folder: ImageFolder, model: nn.Module, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +137,6 @@ def transform_folder(folder: ImageFolder, model: nn.Module, batch_size: int = 64
     return torch.cat(images), torch.cat(labels)
 
 
-@torch.no_grad()
 def evaluate_tensors(
     model: nn.Module,
     images: torch.Tensor,
@@ -142,14 +147,5 @@ def evaluate_tensors(
     desc: str = "evaluate",
 ) -> dict:
     """Top-1 and top-5 accuracy (percent) of ``model`` on already transformed ``images``."""
-    device = next(model.parameters()).device
-    model.eval()
-    correct1 = correct5 = 0
-    for start in tqdm(range(0, images.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
-        logits = sparse_forward(model, images[start : start + batch_size].to(device)).logits
-        batch_labels = labels[start : start + batch_size].to(device)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += int((top5[:, 0] == batch_labels).sum())
-        correct5 += int((top5 == batch_labels[:, None]).any(dim=1).sum())
-    total = int(images.shape[0])
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "num_images": total}
+    batches = [(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+    return _topk_accuracy(model, batches, total=len(batches), progress=progress, desc=desc)

@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from sparseinv.errors import UsageError
+from sparseinv.models import load_model
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:
@@ -33,3 +34,15 @@ def split_model_spec(spec: str) -> tuple[str, str | None]:
     """``NAME[:CHECKPOINT]`` to (name, checkpoint or None)."""
     name, _, checkpoint = spec.partition(":")
     return name, (checkpoint or None)
+
+
+def add_model(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--checkpoint`` and ``--random-weights``."""
+    parser.add_argument("--model", required=True, help="timm model name, e.g. deit_tiny_patch16_224")
+    parser.add_argument("--checkpoint", help=".safetensors or .pth weights (default: timm's pretrained weights from the hub)")
+    parser.add_argument("--random-weights", action="store_true", help="keep random weights (speed tests only)")
+
+
+def model_from_args(args: argparse.Namespace, device: torch.device):
+    """The model :func:`add_model`'s arguments name, on ``device``."""
+    return load_model(args.model, args.checkpoint, device=device, pretrained=not args.random_weights)

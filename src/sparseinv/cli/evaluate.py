@@ -6,10 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from sparseinv.cli.common import add_device, resolve_device
+from sparseinv.cli.common import add_device, add_model, model_from_args, resolve_device
 from sparseinv.data import ImageFolder, evaluate, read_class_index
 from sparseinv.errors import UsageError
-from sparseinv.models import load_model
 from sparseinv.quant import load_quantized, read_header
 
 
@@ -19,9 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="top-1 and top-5 accuracy on a folder of labelled images",
         description="Evaluate a timm ViT, optionally with a file from 'sparseinv quantize', with timm's eval transform.",
     )
-    p.add_argument("--model", required=True, help="timm model name, e.g. deit_tiny_patch16_224")
-    p.add_argument("--checkpoint", help=".safetensors or .pth weights (default: timm's pretrained weights from the hub)")
-    p.add_argument("--random-weights", action="store_true", help="keep random weights (speed tests only)")
+    add_model(p)
     p.add_argument("--quantized", help="a .safetensors file written by 'sparseinv quantize'")
     p.add_argument("--data", required=True, help="folder of class sub-folders of images")
     p.add_argument("--class-index", help="file whose line i starts with class i's folder name, e.g. imagenet_synsets.txt (default: sorted folder order)")
@@ -41,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quantized:
         read_header(args.quantized)  # a wrong file fails before the model loads
     device = resolve_device(args)
-    model = load_model(args.model, args.checkpoint, device=device, pretrained=not args.random_weights)
+    model = model_from_args(args, device)
     if max(folder.labels) >= model.num_classes:
         raise UsageError(f"'{args.data}' has class index {max(folder.labels)}, but {args.model} has only {model.num_classes} classes.")
     if args.quantized:

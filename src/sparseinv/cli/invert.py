@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from sparseinv.cli.common import add_device, resolve_device
-from sparseinv.inversion import InversionConfig, invert
+from sparseinv.cli.common import add_device, add_model, model_from_args, resolve_device
+from sparseinv.inversion import InversionConfig, invert, run_record
 from sparseinv.losses import InversionLoss
-from sparseinv.models import load_model
 from sparseinv.pool import PoolWriter
-from sparseinv.inversion import run_record
 from sparseinv.schedule import PruneSchedule
 
 
@@ -19,9 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="invert a ViT into a pool of labelled synthetic images",
         description="Invert a timm ViT into labelled synthetic images. No --prune-at gives dense inversion.",
     )
-    p.add_argument("--model", required=True, help="timm model name, e.g. deit_tiny_patch16_224")
-    p.add_argument("--checkpoint", help=".safetensors or .pth weights (default: timm's pretrained weights from the hub)")
-    p.add_argument("--random-weights", action="store_true", help="keep random weights (speed tests only)")
+    add_model(p)
     p.add_argument("--out", required=True, help="pool folder; an unfinished pool with the same settings is continued")
     p.add_argument("--num-images", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)
@@ -52,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     )
     config.validate()  # before the model loads: cheap mistakes first
     device = resolve_device(args)
-    model = load_model(args.model, args.checkpoint, device=device, pretrained=not args.random_weights)
+    model = model_from_args(args, device)
     config.validate(model.num_classes)
     PoolWriter(args.out, run_record(model, config, args.model, args.checkpoint)).check()
     result = invert(model, config, args.out, model_name=args.model, checkpoint=args.checkpoint, progress=not args.quiet)

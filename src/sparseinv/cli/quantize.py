@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sparseinv.cli.common import add_device, resolve_device
-from sparseinv.models import load_model
+from sparseinv.cli.common import add_device, add_model, model_from_args, resolve_device
 from sparseinv.quant import CALIBRATORS, QuantConfig, calibrate, calibration_batches, fingerprint, quantize_, save_quantized
 
 
@@ -18,9 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "calibrate its activation ranges. Sparse pools are fed as their kept patches only."
         ),
     )
-    p.add_argument("--model", required=True, help="timm model name, e.g. deit_tiny_patch16_224")
-    p.add_argument("--checkpoint", help=".safetensors or .pth weights (default: timm's pretrained weights from the hub)")
-    p.add_argument("--random-weights", action="store_true", help="keep random weights (speed tests only)")
+    add_model(p)
     p.add_argument("--calib", required=True, help="a pool folder, 'noise' (N(0,1) in normalised space) or a folder of real images in class sub-folders")
     p.add_argument("--w-bits", type=int, default=8, help="weight bit-width, 2..8 (default 8)")
     p.add_argument("--a-bits", type=int, default=8, help="activation bit-width, 2..8 (default 8)")
@@ -45,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         channelwise_ln=args.channelwise_ln,
     ).validate()  # before the model loads: cheap mistakes first
     device = resolve_device(args)
-    model = load_model(args.model, args.checkpoint, device=device, pretrained=not args.random_weights)
+    model = model_from_args(args, device)
     batches = calibration_batches(model, args.calib, args.model, args.num_calib, args.batch_size, args.seed)
     fp = fingerprint(model)
     quantize_(model, config)

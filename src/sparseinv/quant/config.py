@@ -25,7 +25,9 @@ class QuantConfig:
             (the full range), ``percentile`` (activations clipped at the
             ``percentile``-th and its mirror percentile; weights min/max) or ``mse``
             (the clipping of each activation range and of each weight channel that
-            minimises the squared quantization error).
+            minimises the squared quantization error). The residual stream and the
+            embeddings always keep their min/max range: clipping their outlier
+            channels costs more than the resolution it buys.
         percentile: Upper percentile for ``calibrator="percentile"``.
         channelwise_ln: Give the inputs of Linears that follow a LayerNorm (qkv, fc1,
             head) one range per channel: LayerNorm outputs have a few channels with
