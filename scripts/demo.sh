@@ -31,7 +31,7 @@ $BIN/sparseinv evaluate $EVAL --json "$OUT/fp32.json"
 for bits in "8 8" "4 8"; do
   set -- $bits
   $BIN/sparseinv quantize --model $MODEL --checkpoint "$CKPT" --calib "$OUT/sparse" --w-bits $1 --a-bits $2 \
-      --calibrator mse --out "$OUT/w$1a$2.safetensors" --quiet
+      --channelwise-ln --out "$OUT/w$1a$2.safetensors" --quiet
   $BIN/sparseinv evaluate $EVAL --quantized "$OUT/w$1a$2.safetensors" --json "$OUT/w$1a$2.json"
 done
 

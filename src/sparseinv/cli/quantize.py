@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--a-bits", type=int, default=8, help="activation bit-width, 2..8 (default 8)")
     p.add_argument("--calibrator", choices=CALIBRATORS, default="minmax", help="how ranges are chosen (default minmax, the PSAQ-ViT baseline)")
     p.add_argument("--percentile", type=float, default=99.99, help="upper percentile for --calibrator percentile (default 99.99)")
-    p.add_argument("--channelwise-ln", action="store_true", help="per-channel ranges for the inputs of qkv, fc1 and head (post-LayerNorm)")
+    p.add_argument("--channelwise-ln", action="store_true", help="per-channel ranges for the inputs of qkv, fc1 and head (post-LayerNorm); with minmax, our most accurate setting")
+    p.add_argument("--weight-calibrator", choices=("minmax", "mse"), help="how weight ranges are chosen (default: as --calibrator)")
     p.add_argument("--num-calib", type=int, default=32, help="calibration images (default 32)")
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed for --calib noise")
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         calibrator=args.calibrator,
         percentile=args.percentile,
         channelwise_ln=args.channelwise_ln,
+        weight_calibrator=args.weight_calibrator,
     ).validate()  # before the model loads: cheap mistakes first
     device = resolve_device(args)
     model = model_from_args(args, device)

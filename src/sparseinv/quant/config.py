@@ -29,6 +29,8 @@ class QuantConfig:
             embeddings always keep their min/max range: clipping their outlier
             channels costs more than the resolution it buys.
         percentile: Upper percentile for ``calibrator="percentile"``.
+        weight_calibrator: How weight ranges are chosen (``minmax`` or ``mse``);
+            ``None`` follows ``calibrator`` (``percentile`` then means min/max).
         channelwise_ln: Give the inputs of Linears that follow a LayerNorm (qkv, fc1,
             head) one range per channel: LayerNorm outputs have a few channels with
             ranges tens of times wider than the rest, which per-tensor ranges cannot
@@ -40,6 +42,11 @@ class QuantConfig:
     calibrator: str = "minmax"
     percentile: float = 99.99
     channelwise_ln: bool = False
+    weight_calibrator: str | None = None
+
+    @property
+    def weight_calibrator_name(self) -> str:
+        return self.weight_calibrator or self.calibrator
 
     def validate(self) -> "QuantConfig":
         """Raise :class:`UsageError` for settings no quantizer can honour; return self."""
@@ -48,6 +55,8 @@ class QuantConfig:
                 raise UsageError(f"{name} {bits} is out of range: use a bit-width from {MIN_BITS} to {MAX_BITS}.")
         if self.calibrator not in CALIBRATORS:
             raise UsageError(f"unknown calibrator '{self.calibrator}': use one of {', '.join(CALIBRATORS)}.")
+        if self.weight_calibrator not in (None, "minmax", "mse"):
+            raise UsageError(f"unknown weight calibrator '{self.weight_calibrator}': use minmax or mse.")
         if not 50.0 < self.percentile <= 100.0:
             raise UsageError(f"--percentile {self.percentile} is out of range: use a value in (50, 100].")
         return self
@@ -59,4 +68,6 @@ class QuantConfig:
     def name(self) -> str:
         """Short label, e.g. ``W4/A8 mse+ln``."""
         extra = "+ln" if self.channelwise_ln else ""
+        if self.weight_calibrator and self.weight_calibrator != self.calibrator:
+            extra += f" (weights {self.weight_calibrator})"
         return f"W{self.w_bits}/A{self.a_bits} {self.calibrator}{extra}"

@@ -40,7 +40,9 @@ class QuantAttention(nn.Module):
         for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
             setattr(self, name, getattr(attn, name))
         self.gate = getattr(attn, "gate", None)
-        self.score_quant = _act(config)
+        # The pre-softmax scores keep min/max: softmax is decided by the largest scores,
+        # exactly what a clipping calibrator would cut.
+        self.score_quant = _act(config, calibrator="minmax")
         self.av_quant = _act(config)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
@@ -96,11 +98,11 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
     linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
     for name, linear in linears:
         per_channel = config.channelwise_ln and name.endswith(POST_NORM_LINEARS)
-        wrapped = QuantLinear(linear, config.w_bits, _act(config, per_channel), config.calibrator)
+        wrapped = QuantLinear(linear, config.w_bits, _act(config, per_channel), config.weight_calibrator_name)
         _set_submodule(model, name, wrapped)
     proj = getattr(model.patch_embed, "proj", None)
     if isinstance(proj, nn.Conv2d):
-        model.patch_embed.proj = QuantConv2d(proj, config.w_bits, config.calibrator)
+        model.patch_embed.proj = QuantConv2d(proj, config.w_bits, config.weight_calibrator_name)
     handles = []
     for block in model.blocks:
         if type(getattr(block, "attn", None)) is timm.models.vision_transformer.Attention:
