@@ -197,3 +197,19 @@ def test_a_cnn_student_learns_from_a_dense_pool(files, tmp_path):
     student = timm.create_model("test_resnet").eval()
     summary = distill(teacher, student, pool, DistillConfig(mode="full", epochs=1, batch_size=2), tmp_path / "s.safetensors", progress=False)
     assert student.num_classes == TEACHER_CLASSES and summary["epoch"] == 1
+
+
+def test_cli_val_class_index_and_limit(files, tmp_path, capsys):
+    """--val-class-index maps folders to the teacher's classes; a folder missing from it is refused."""
+    val = _val_folder(tmp_path / "val")
+    index = tmp_path / "index.txt"
+    index.write_text("".join(f"class{c} name\n" for c in reversed(range(TEACHER_CLASSES))))
+    out = tmp_path / "student.safetensors"
+    argv = ["distill", "--teacher", f"test_vit:{files['teacher']}", "--student", f"test_vit:{files['student']}",
+            "--pool", files["pool"], "--epochs", "1", "--batch-size", "2", "--val", val,
+            "--val-class-index", str(index), "--val-limit-per-class", "1", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "student.json").read_text())["history"][0]["val_top1"] is not None
+    index.write_text("class0 name\n")
+    err = _refused(capsys, argv)
+    assert "not in the class index" in err
