@@ -145,3 +145,12 @@ def test_best_pixels_restart_at_each_stop(tiny_vit):
     pixels = last_phase_start * torch.tensor(info.std).view(1, 3, 1, 1) + torch.tensor(info.mean).view(1, 3, 1, 1)
     expected = (pixels.clamp(0, 1) * 255).round() / 255 * inversion._patch_mask(result.kept_patches, info)
     assert torch.allclose(result.images, expected, atol=1e-6)
+
+
+def test_inversion_leaves_the_models_weights_and_flags_alone(tiny_vit):
+    before = {n: p.detach().clone() for n, p in tiny_vit.named_parameters()}
+    tiny_vit.head.weight.requires_grad_(True)
+    flags = {n: p.requires_grad for n, p in tiny_vit.named_parameters()}
+    invert_batch(tiny_vit, torch.tensor([0, 1]), _config(), seed=0, progress=False)
+    assert {n: p.requires_grad for n, p in tiny_vit.named_parameters()} == flags
+    assert all(torch.equal(p, before[n]) for n, p in tiny_vit.named_parameters())

@@ -155,14 +155,37 @@ def invert_batch(
         desc: The bar's label.
     """
     info = vit_info(model)
+    generator = torch.Generator().manual_seed(seed)
+    # Drawn on the CPU so CPU and CUDA runs start from the same pixels.
+    x = torch.randn(labels.shape[0], *info.input_size, generator=generator).to(labels.device).requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=config.lr, betas=config.betas)
+    # Gradients flow to the pixels only; the caller's flags are restored afterwards.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for param in trainable:
+        param.requires_grad_(False)
+    try:
+        return _run_phases(model, labels, config, info, x, optimizer, generator, progress, desc)
+    finally:
+        for param in trainable:
+            param.requires_grad_(True)
+
+
+def _run_phases(
+    model: nn.Module,
+    labels: torch.Tensor,
+    config: InversionConfig,
+    info: ViTInfo,
+    x: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    progress: bool,
+    desc: str,
+) -> BatchResult:
+    """The body of :func:`invert_batch`, run with the model's weights frozen."""
     device = labels.device
     schedule = config.schedule
     batch = labels.shape[0]
     _, height, width = info.input_size
-    generator = torch.Generator().manual_seed(seed)
-    # Drawn on the CPU so CPU and CUDA runs start from the same pixels.
-    x = torch.randn(batch, *info.input_size, generator=generator).to(device).requires_grad_(True)
-    optimizer = torch.optim.Adam([x], lr=config.lr, betas=config.betas)
     mean = torch.tensor(info.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(info.std, device=device).view(1, 3, 1, 1)
     low, high = (0 - mean) / std, (1 - mean) / std
@@ -177,8 +200,6 @@ def invert_batch(
     max_dy, max_dx = int(height * config.jitter), int(width * config.jitter)
     seconds_per_phase: list[float] = []
 
-    for model_param in model.parameters():
-        model_param.requires_grad_(False)
     bar = tqdm(total=config.iterations, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for phase, (start, end) in enumerate(bounds):
         _sync(device)
