@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from sparseinv.errors import UsageError
 from sparseinv.models import timm
-from sparseinv.pool import read_image  # noqa: F401  (one PNG/JPEG reader for the project)
 from sparseinv.sparse_forward import sparse_forward
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}

@@ -186,8 +186,7 @@ def _run_phases(
     schedule = config.schedule
     batch = labels.shape[0]
     _, height, width = info.input_size
-    mean = torch.tensor(info.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(info.std, device=device).view(1, 3, 1, 1)
+    mean, std = info.norm_tensors(device)
     low, high = (0 - mean) / std, (1 - mean) / std
     best_loss = torch.full((batch,), float("inf"), device=device)
     best_x = x.detach().clone()

@@ -46,6 +46,12 @@ class ViTInfo:
     def num_patches(self) -> int:
         return self.grid_size[0] * self.grid_size[1]
 
+    def norm_tensors(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mean`` and ``std`` as (1, 3, 1, 1) tensors: ``(pixels - mean) / std`` is the model's input."""
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        return mean, std
+
 
 def vit_info(model: nn.Module) -> ViTInfo:
     """Read normalisation, geometry and prefix tokens from a timm ViT.

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparseinv.data import ImageFolder, eval_transform
+from sparseinv.data import ImageFolder, transform_folder
 from sparseinv.errors import UsageError
 from sparseinv.models import vit_info
 from sparseinv.pool import read_pool, read_run
@@ -28,10 +29,16 @@ Batch = tuple[torch.Tensor, torch.Tensor | None]
 
 
 def _normalise(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    info = vit_info(model)
-    mean = torch.tensor(info.mean).view(1, 3, 1, 1)
-    std = torch.tensor(info.std).view(1, 3, 1, 1)
+    mean, std = vit_info(model).norm_tensors()
     return (images - mean) / std
+
+
+def _split(images: torch.Tensor, keep: torch.Tensor | None, batch_size: int) -> list[Batch]:
+    """Consecutive batches of ``images`` and, if any, their kept patches."""
+    return [
+        (images[i : i + batch_size], None if keep is None else keep[i : i + batch_size])
+        for i in range(0, images.shape[0], batch_size)
+    ]
 
 
 def pool_batches(model: nn.Module, root: str | os.PathLike, model_name: str, num: int = 32, batch_size: int = 32) -> list[Batch]:
@@ -43,18 +50,14 @@ def pool_batches(model: nn.Module, root: str | os.PathLike, model_name: str, num
     pool = read_pool(root)
     pool.check_model(model_name, "model being quantized")
     images = _normalise(model, pool.images[:num])
-    keep = pool.kept_patches[:num] if pool.is_sparse else None
-    return [
-        (images[i : i + batch_size], None if keep is None else keep[i : i + batch_size])
-        for i in range(0, images.shape[0], batch_size)
-    ]
+    return _split(images, pool.kept_patches[:num] if pool.is_sparse else None, batch_size)
 
 
 def noise_batches(model: nn.Module, num: int = 32, batch_size: int = 32, seed: int = 0) -> list[Batch]:
     """Gaussian noise N(0, 1) in normalised space: the data-free floor."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(num, *vit_info(model).input_size, generator=generator)
-    return [(images[i : i + batch_size], None) for i in range(0, num, batch_size)]
+    return _split(images, None, batch_size)
 
 
 def folder_batches(model: nn.Module, root: str | os.PathLike, num: int = 32, batch_size: int = 32) -> list[Batch]:
@@ -66,20 +69,15 @@ def folder_batches(model: nn.Module, root: str | os.PathLike, num: int = 32, bat
     Raises:
         UsageError: the folder holds no images in class sub-folders.
     """
-    from PIL import Image
-
     folder = ImageFolder.scan(root)
-    by_class: dict[int, list[Path]] = {}
+    by_class: dict[int, list[tuple[Path, int]]] = {}
     for path, label in zip(folder.files, folder.labels):
-        by_class.setdefault(label, []).append(path)
-    order = [files[i] for i in range(max(map(len, by_class.values()))) for files in by_class.values() if i < len(files)]
-    transform = eval_transform(model)
-    images = []
-    for path in order[:num]:
-        with Image.open(path) as img:
-            images.append(transform(img.convert("RGB")))
-    images = torch.stack(images)
-    return [(images[i : i + batch_size], None) for i in range(0, images.shape[0], batch_size)]
+        by_class.setdefault(label, []).append((path, label))
+    rounds = max(map(len, by_class.values()))
+    order = [items[i] for i in range(rounds) for items in by_class.values() if i < len(items)][:num]
+    chosen = replace(folder, files=[p for p, _ in order], labels=[c for _, c in order])
+    images, _ = transform_folder(chosen, model, batch_size)
+    return _split(images, None, batch_size)
 
 
 def calibration_batches(model: nn.Module, source: str, model_name: str, num: int = 32, batch_size: int = 32, seed: int = 0) -> list[Batch]:
