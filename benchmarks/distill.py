@@ -49,8 +49,9 @@ ITERATIONS = 200
 SCHEDULE = PruneSchedule((25, 50, 100, 150), (0.3, 0.3, 0.3, 0.3))
 # lr 0.01, not the paper's 0.1: with T^2 scaling on DeiT-Tiny features (norm ~23) lr 0.1 diverged on the real
 # pool (training KD loss 6.9 -> 713); 0.01 reached the lowest training loss there (chosen by training loss, not val).
-LP = DistillConfig(mode="linear-probe", epochs=60, batch_size=10, temperature=20.0, lr=0.01)
-FULL = DistillConfig(mode="full", epochs=10, batch_size=10, temperature=20.0, lr=0.001)
+# 8 views per image (the image, then whole-patch rolls and mirrors, each labelled by the teacher: the default).
+LP = DistillConfig(mode="linear-probe", epochs=60, batch_size=10, temperature=20.0, lr=0.01, views=8)
+FULL = DistillConfig(mode="full", epochs=10, batch_size=10, temperature=20.0, lr=0.001, views=8)
 CLASSES = tuple(range(10))
 OUT = CACHE / "distill"
 
@@ -215,9 +216,10 @@ def report(teacher_meta: dict, inversion: dict, rows: list[dict], equal_time: di
             "metric": f"10-way top-1 on {teacher_meta['val_subset']} ({teacher_meta['val_images']} images)",
             "linear_probe": LP.record(),
             "full": FULL.record(),
-            "augmentation": "none; teacher logits and frozen-backbone features computed once per image",
+            "augmentation": f"{LP.views} views per image (itself, then whole-patch rolls up to 2 patches and mirrors), each labelled "
+                            "by the teacher; teacher logits and frozen-backbone features computed once per view",
             "headline": "val_top1_last (after the last epoch); val_top1_best picks the epoch on val and is optimistic",
-            "timing": "wall seconds on 2 CPU cores shared with other jobs (contention varied during the run)",
+            "timing": "inversion wall seconds on 2 CPU cores, one inversion at a time with nothing else running",
         },
         "scaled_down": {
             "images_per_pool": NUM_IMAGES,
@@ -249,7 +251,8 @@ def report(teacher_meta: dict, inversion: dict, rows: list[dict], equal_time: di
         f"# Distillation (data-free knowledge transfer), `python {' '.join(sys.argv)}`\n\n"
         f"Teacher: DeiT-Tiny fine-tuned on train100, {teacher_meta['val_top1']:.1f}% 10-way top-1. Student: ImageNet DeiT-Tiny. "
         f"Metric: {payload['protocol']['metric']}. Scaled down: {NUM_IMAGES} images per pool, {ITERATIONS} inversion steps, "
-        f"batch {NUM_IMAGES}, linear probe {LP.epochs} epochs at lr {LP.learning_rate}. Equal inversion time: {eq}.\n\n"
+        f"batch {NUM_IMAGES}, linear probe {LP.epochs} epochs at lr {LP.learning_rate}, {LP.views} views per image. "
+        f"Equal inversion time: {eq}.\n\n"
         + "\n".join(lines) + "\n"
     )
     (RESULTS / "distill.md").write_text(md)

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from sparseinv import InversionConfig, PruneSchedule, invert, load_model, read_pool
 from sparseinv.cli import main
-from sparseinv.distill import DistillConfig, distill, kd_loss
+from sparseinv.distill import MAX_VIEWS, DistillConfig, distill, distill_views, kd_loss
+from sparseinv.errors import UsageError
 from sparseinv.inversion import run_record
 from sparseinv.models import timm
 from sparseinv.pool import PoolWriter
@@ -95,6 +96,31 @@ def test_sparse_images_reach_both_models_as_kept_tokens_only(files, tmp_path, mo
     assert lengths["teacher"] and lengths["student"]
     assert set(lengths["teacher"]) == {1 + KEPT}  # CLS + kept patches, never the 100 of a dense image
     assert set(lengths["student"]) == {1 + KEPT}
+
+
+def test_views_are_the_image_then_distinct_whole_patch_rolls_and_mirrors():
+    views = distill_views(MAX_VIEWS, (16, 16), seed=3)
+    assert views[0].dy == views[0].dx == 0 and not views[0].flip
+    assert len(set(views)) == MAX_VIEWS  # every view distinct
+    assert all(v.dy % 16 == 0 and v.dx % 16 == 0 and abs(v.dy) <= 32 and abs(v.dx) <= 32 for v in views)
+    assert distill_views(5, (16, 16), seed=3) == views[:5]  # a larger count only adds views
+    assert distill_views(5, (16, 16), seed=4) != views[:5]
+
+
+def test_each_view_is_fed_as_its_kept_patches_and_labelled_by_the_teacher(files, tmp_path):
+    """Views multiply the training set; a sparse view still carries only the kept tokens, moved with its pixels."""
+    teacher, student = _models(files)
+    pool = read_pool(files["pool"])
+    fed = []
+    teacher.blocks[0].register_forward_hook(lambda m, i, o: fed.append(i[0].shape[1]))
+    config = DistillConfig(epochs=1, batch_size=4, views=3)
+    summary = distill(teacher, student, pool, config, tmp_path / "s.safetensors", progress=False)
+    assert summary["history"][0]["num_images"] == len(pool) and summary["history"][0]["num_views"] == 3 * len(pool)
+    assert set(fed) == {1 + KEPT}
+    with pytest.raises(UsageError, match="--views"):
+        DistillConfig(views=0).validate()
+    with pytest.raises(UsageError, match="--views"):
+        DistillConfig(views=MAX_VIEWS + 1).validate()
 
 
 def test_resume_after_interruption_gives_the_uninterrupted_weights(files, tmp_path):

@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--views", type=int, default=8, help="views per image: itself, then rolls by whole patches and mirrors, each labelled by the teacher (default 8; 1: no augmentation)")
     p.add_argument("--val", help="real labelled folder <class>/<images> to evaluate on after every epoch")
     p.add_argument("--val-class-index", help="file whose line i starts with class i's folder name, e.g. imagenet_synsets.txt (default: sorted folder order)")
     p.add_argument("--val-limit-per-class", type=int, help="evaluate on only the first N images of each class")
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         momentum=args.momentum,
         weight_decay=args.weight_decay,
         seed=args.seed,
+        views=args.views,
         invert_every=args.invert_every,
         images_per_round=args.images_per_round,
     )
