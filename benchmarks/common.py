@@ -38,6 +38,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 POOL_ITERATIONS = 400
 
 
+def scaled_schedule(iterations: int) -> PruneSchedule:
+    """The reference stop steps scaled by ``iterations / 4000``, so each phase keeps its share of the run."""
+    reference = PruneSchedule.reference()
+    steps = tuple(max(1, round(s * iterations / 4000)) for s in reference.steps)
+    for i in range(1, len(steps)):  # keep them strictly increasing at tiny lengths
+        steps = steps[:i] + (max(steps[i], steps[i - 1] + 1),) + steps[i + 1 :]
+    return PruneSchedule(steps, reference.ratios)
+
+
 def pool_config(sparse: bool, num_images: int = 32, batch_size: int = 32, iterations: int = POOL_ITERATIONS,
                 seed: int = 0, classes: tuple[int, ...] | None = None) -> InversionConfig:
     return InversionConfig(

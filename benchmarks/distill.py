@@ -10,7 +10,7 @@ Pools are inverted from the teacher. Metric: 10-way top-1 on a fixed balanced su
 Imagenette val (see ``make_teacher.VAL_PER_CLASS``).
 
 What is scaled down (recorded in the JSON): NUM_IMAGES images per pool (one per class),
-ITERATIONS inversion steps with the reference stops halved (25/50/100/150, 0.3 each),
+ITERATIONS inversion steps with the reference stops scaled to them (0.3 each),
 batch NUM_IMAGES, and the val subset. The linear probe uses lr 0.01 instead of the
 paper's 0.1 (see LP below). Linear-probe students are evaluated every epoch on
 cached val features: the frozen student backbone is the ImageNet DeiT-Tiny, whose
@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import make_teacher  # noqa: E402
-from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, RESULTS, TRAIN100, ensure_pool, write_results  # noqa: E402
+from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, RESULTS, TRAIN100, ensure_pool, scaled_schedule, write_results  # noqa: E402
 from sparseinv import InversionConfig, PruneSchedule, load_model, read_pool  # noqa: E402
 from sparseinv.data import ImageFolder, evaluate  # noqa: E402
 from sparseinv.distill import DistillConfig, distill  # noqa: E402
@@ -42,11 +42,11 @@ from sparseinv.models import timm, vit_info  # noqa: E402
 from sparseinv.pool import Pool, read_image  # noqa: E402
 
 NUM_IMAGES = int(os.environ.get("DISTILL_IMAGES", "10"))
-# 200 steps with the reference stops halved (25/50/100/150, ratio 0.3 each: 196 -> 46
-# patches): the machine was shared with two other CPU jobs, and a 400-step dense batch
-# measured ~8 s/step there, too slow for this session's budget.
+# 200 steps (a dense batch of 10 takes about 2 minutes on this 2-core CPU), with the
+# reference stops scaled to them (2/5/10/15, ratio 0.3 each: 196 -> 47 patches), so each
+# phase keeps its share of the reference 4000-step run, as in inversion_speed.py.
 ITERATIONS = 200
-SCHEDULE = PruneSchedule((25, 50, 100, 150), (0.3, 0.3, 0.3, 0.3))
+SCHEDULE = scaled_schedule(ITERATIONS)
 # lr 0.01, not the paper's 0.1: with T^2 scaling on DeiT-Tiny features (norm ~23) lr 0.1 diverged on the real
 # pool (training KD loss 6.9 -> 713); 0.01 reached the lowest training loss there (chosen by training loss, not val).
 # 8 views per image (the image, then whole-patch rolls and mirrors, each labelled by the teacher: the default).
@@ -129,6 +129,7 @@ def _measured() -> dict:
     old = json.loads(path.read_text())
     same = old.get("scaled_down", {}).get("images_per_pool") == NUM_IMAGES and \
         old.get("scaled_down", {}).get("inversion_iterations") == ITERATIONS and \
+        old.get("scaled_down", {}).get("schedule_steps") == list(SCHEDULE.steps) and \
         old.get("protocol", {}).get("linear_probe") == LP.record() and old.get("protocol", {}).get("full") == FULL.record()
     return {r["name"]: r for r in old.get("rows", [])} if same else {}
 
@@ -224,8 +225,9 @@ def report(teacher_meta: dict, inversion: dict, rows: list[dict], equal_time: di
         "scaled_down": {
             "images_per_pool": NUM_IMAGES,
             "inversion_iterations": ITERATIONS,
+            "schedule_steps": list(SCHEDULE.steps),
             "inversion_batch_size": NUM_IMAGES,
-            "schedule": "stops 25/50/100/150 (the reference halved), ratio 0.3 each (sparse); none (dense)",
+            "schedule": f"stops {'/'.join(map(str, SCHEDULE.steps))} (the reference scaled by {ITERATIONS}/4000), ratio 0.3 each (sparse); none (dense)",
             "paper": "4000 iterations, batch 100, full CIFAR test sets",
             "val": f"balanced subset, {make_teacher.VAL_PER_CLASS} images per class",
             "linear_probe_epochs": LP.epochs,

@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import DEIT_TINY, DEIT_TINY_CKPT, RESULTS, write_results
+from common import DEIT_TINY, DEIT_TINY_CKPT, RESULTS, scaled_schedule, write_results
 
 from sparseinv import InversionConfig, PruneSchedule, invert_batch, load_model, sparse_forward, vit_info
 
@@ -34,11 +34,6 @@ MODELS = {
 REFERENCE = PruneSchedule.reference()
 
 
-def scaled_schedule(iterations: int) -> PruneSchedule:
-    steps = tuple(max(1, round(s * iterations / 4000)) for s in REFERENCE.steps)
-    for i in range(1, len(steps)):  # keep them strictly increasing at tiny lengths
-        steps = steps[:i] + (max(steps[i], steps[i - 1] + 1),) + steps[i + 1 :]
-    return PruneSchedule(steps, REFERENCE.ratios)
 
 
 def time_steps(step, repeats: int) -> float:
