@@ -34,8 +34,6 @@ MODELS = {
 REFERENCE = PruneSchedule.reference()
 
 
-
-
 def time_steps(step, repeats: int) -> float:
     step()  # warm-up: allocator, kernels
     start = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 
@@ -46,3 +47,13 @@ def add_model(parser: argparse.ArgumentParser) -> None:
 def model_from_args(args: argparse.Namespace, device: torch.device):
     """The model :func:`add_model`'s arguments name, on ``device``."""
     return load_model(args.model, args.checkpoint, device=device, pretrained=not args.random_weights)
+
+
+def config_from_args(cls, args: argparse.Namespace, **converted):
+    """A dataclass config from the parsed arguments named like its fields.
+
+    Fields without an argument keep their defaults; ``converted`` gives the fields
+    whose argument needs converting first (lists to tuples, flags to objects).
+    """
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**given, **converted})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sparseinv.cli.common import add_device, resolve_device, split_model_spec
+from sparseinv.cli.common import add_device, config_from_args, resolve_device, split_model_spec
 from sparseinv.distill import MODES, DistillConfig, checkpoint_num_classes, distill, is_vit
 from sparseinv.errors import UsageError
 from sparseinv.models import load_model, timm
@@ -88,19 +88,7 @@ def _hub(name: str, device):
 
 
 def run(args: argparse.Namespace) -> int:
-    config = DistillConfig(
-        mode=args.mode,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        temperature=args.temperature,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        views=args.views,
-        invert_every=args.invert_every,
-        images_per_round=args.images_per_round,
-    )
+    config = config_from_args(DistillConfig, args)
     config.validate()  # cheap mistakes first, before any model loads
     pool = read_pool(args.pool)  # refuses a missing or empty pool
     teacher_name, _ = split_model_spec(args.teacher)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sparseinv.cli.common import add_device, add_model, model_from_args, resolve_device
+from sparseinv.cli.common import add_device, add_model, config_from_args, model_from_args, resolve_device
 from sparseinv.inversion import InversionConfig, invert, run_record
 from sparseinv.losses import InversionLoss
 from sparseinv.pool import PoolWriter
@@ -36,15 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = InversionConfig(
-        num_images=args.num_images,
-        batch_size=args.batch_size,
-        iterations=args.iterations,
-        lr=args.lr,
+    config = config_from_args(
+        InversionConfig,
+        args,
         schedule=PruneSchedule(tuple(args.prune_at), tuple(args.prune_ratio)),
         loss=InversionLoss(tv_l2=args.tv_l2, tv_l1=args.tv_l1, l2=args.l2),
         classes=None if args.classes is None else tuple(args.classes),
-        seed=args.seed,
     )
     config.validate()  # before the model loads: cheap mistakes first
     device = resolve_device(args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sparseinv.cli.common import add_device, add_model, model_from_args, resolve_device
+from sparseinv.cli.common import add_device, add_model, config_from_args, model_from_args, resolve_device
 from sparseinv.quant import CALIBRATORS, QuantConfig, calibrate, calibration_batches, fingerprint, quantize_, save_quantized
 
 
@@ -35,14 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = QuantConfig(
-        w_bits=args.w_bits,
-        a_bits=args.a_bits,
-        calibrator=args.calibrator,
-        percentile=args.percentile,
-        channelwise_ln=args.channelwise_ln,
-        weight_calibrator=args.weight_calibrator,
-    ).validate()  # before the model loads: cheap mistakes first
+    config = config_from_args(QuantConfig, args).validate()  # before the model loads: cheap mistakes first
     device = resolve_device(args)
     model = model_from_args(args, device)
     batches = calibration_batches(model, args.calib, args.model, args.num_calib, args.batch_size, args.seed)
