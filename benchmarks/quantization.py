@@ -1,12 +1,14 @@
-"""Data-free quantization of DeiT-Tiny: calibration sources x bit-widths x calibrators.
+"""Data-free quantization of DeiT-Tiny: methods x bit-widths x calibration sources.
 
-    python benchmarks/quantization.py [--per-class 50]
+    python benchmarks/make_pools.py && python benchmarks/quantization.py [--per-class 100]
 
 Top-1 (1000-way) on a fixed balanced subset of imagenette val (the first N images of
-each class, transformed once and cached), after fake-quantizing the real DeiT-Tiny
-calibrated on 32 images from: Gaussian noise, the dense and the sparse inversion
-pools of ``make_pools.py`` (400 iterations, not 4000), and real train100 images.
-Writes ``benchmarks/results/quantization.{json,md}``.
+each class, transformed once and cached), after quantizing the real DeiT-Tiny with
+each method from 32 images of: the sparse and the dense inversion pools of
+``make_pools.py`` (400 iterations, not 4000), Gaussian noise, and real train100 images
+(upper bound only). Cells run in order of importance and each is written to
+``benchmarks/results/quantization.json`` as soon as it is measured; a later run keeps
+them and measures only what is missing (a pool still inverting is skipped).
 """
 
 from __future__ import annotations
@@ -18,28 +20,29 @@ import time
 
 import torch
 from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, POOL_ITERATIONS, RESULTS, SYNSETS, TRAIN100, VAL, write_results
+from make_pools import POOLS
 
-from sparseinv import load_model
+from sparseinv import load_model, sparse_forward
 from sparseinv.data import ImageFolder, evaluate_tensors, read_class_index, transform_folder
 from sparseinv.pool import read_pool, read_run
-from sparseinv.quant import QuantConfig, calibrate, calibration_batches, quantize_
+from sparseinv.quant import QuantConfig, calibration_batches, pool_batches, quantize_
 
-ROWS = [(8, 8), (6, 6), (4, 8), (4, 4)]
-BASELINE = {"calibrator": "minmax"}
-# Min/max activation ranges with MSE-clipped weight ranges (per output channel, no data
-# needed): the best setting on synthetic calibration images in a sweep on 250 val
-# images (W4/A8 from the sparse pool: KL to full precision 0.28 vs 0.35 for min/max).
-# What did not help with synthetic pools (and is not in the table): GPTQ-style weight
-# rounding (KL 0.44 vs 0.35) and bias correction (0.44 vs 0.28), both of which fit the
-# weights to the pool's activations; GPTQ helped only with real images (0.29 -> 0.21).
-BEST = {"calibrator": "minmax", "weight_calibrator": "mse"}
-# The other calibrators, measured on the sparse pool only (CPU budget).
-ABLATION = {
-    "minmax + channelwise LN": {"calibrator": "minmax", "channelwise_ln": True},
-    "percentile": {"calibrator": "percentile"},
-    "mse": {"calibrator": "mse"},
-}
+METHODS = ("psaq", "calib", "repq", "recon")
+BITS = ((4, 4), (6, 6), (4, 8), (8, 8))
+SOURCES = ("sparse", "dense", "noise", "real")
 NUM_CALIB = 32
+
+
+def cells() -> list[tuple[str, int, int, str, int]]:
+    """(method, w_bits, a_bits, source, images), most important first."""
+    order = []
+    for w, a in BITS:
+        for method in ("repq", "recon", "psaq", "calib"):
+            for source in SOURCES:
+                order.append((method, w, a, source, NUM_CALIB))
+        if (w, a) == (4, 4):  # more sparse images: the 128-image row and accuracy against inversion time
+            order += [("recon", 4, 4, "sparse", 64), ("recon", 4, 4, "sparse", 128)]
+    return order
 
 
 def val_subset(model, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,122 +58,130 @@ def val_subset(model, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-def pool_paths() -> dict[str, str | None]:
-    """The pools of make_pools.py that are complete (``None`` for one still inverting).
+def pool_path(source: str, num: int = NUM_CALIB) -> str | None:
+    """The pool folder of ``source`` once make_pools.py has committed ``num`` images to it (never inverts)."""
+    name, _ = POOLS[source]
+    path = CACHE / "pools" / name
+    if read_run(path) is None:
+        return None
+    manifest = path / "manifest.jsonl"
+    done = len(manifest.read_text().splitlines()) if manifest.is_file() else 0
+    return str(path) if done >= num else None
 
-    Never starts an inversion: a pool still being made by make_pools.py is reported
-    as pending, and a later run of this script fills its column in.
-    """
-    paths = {}
-    for kind in ("dense", "sparse"):
-        path = CACHE / "pools" / f"imagenet_{kind}_32"
-        run = read_run(path)
-        paths[kind] = str(path) if run and run.get("complete") else None
-    if all(paths.values()):
-        from make_pools import quantization_pools  # reuses the complete pools, inverts nothing
 
-        return quantization_pools()
-    return paths
+def batches_for(model, source: str, num: int):
+    if source == "noise":
+        return calibration_batches(model, "noise", DEIT_TINY, num)
+    if source == "real":
+        return calibration_batches(model, str(TRAIN100), DEIT_TINY, num)
+    path = pool_path(source, num)
+    return None if path is None else pool_batches(model, path, DEIT_TINY, num, 32)
+
+
+def inversion_seconds(source: str, num: int) -> float | None:
+    """Wall time the pool spent inverting its first ``num`` images (whole batches of 32)."""
+    path = pool_path(source, num) if source in POOLS else None
+    if path is None:
+        return None
+    batches = read_pool(path).run["batches"]
+    return sum(b["wall_seconds"] for b in batches[: max(1, num // 32)])
+
+
+@torch.no_grad()
+def heldout_kl(qmodel, model, batches) -> float:
+    """KL(full precision || quantized) on held-out synthetic images: the data-free yardstick."""
+    total, count = 0.0, 0
+    for images, keep in batches:
+        fp = sparse_forward(model, images, keep).logits.log_softmax(-1)
+        q = sparse_forward(qmodel, images, keep).logits.log_softmax(-1)
+        total += float(torch.nn.functional.kl_div(q, fp, log_target=True, reduction="sum"))
+        count += images.shape[0]
+    return total / count
 
 
 def markdown(payload: dict) -> str:
-    sources = payload["sources"]  # columns; "-" where not measured (pool pending)
     fp = payload["full_precision"]["top1"]
     lines = [
-        f"DeiT-Tiny, top-1 (1000-way) on {payload['eval_images']} imagenette val images "
-        f"(first {payload['per_class']} per class; scaled down), {NUM_CALIB} calibration images; "
-        f"pools inverted with {POOL_ITERATIONS} iterations (not 4000).",
+        f"DeiT-Tiny, top-1 (1000-way) on {payload['eval_images']} imagenette val images (first {payload['per_class']} "
+        f"per class; scaled down from 3925), {NUM_CALIB} calibration images; pools inverted with {POOL_ITERATIONS} "
+        f"iterations (not 4000). Full precision {fp:.1f}. Cell: top-1 (fit seconds).",
         "",
-        "| bits | calibrator | full precision | " + " | ".join(sources) + " |",
-        "| --- | --- | --- | " + " | ".join("---" for _ in sources) + " |",
+        "| method | bits | " + " | ".join(SOURCES) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in SOURCES) + " |",
     ]
-    for row in payload["rows"]:
-        cells = [f"{row['top1'][s]:.2f}" if s in row["top1"] else "-" for s in sources]
-        lines.append(f"| W{row['w_bits']}/A{row['a_bits']} | {row['calibrator']} | {fp:.2f} | " + " | ".join(cells) + " |")
-    walls = ", ".join(f"{k} {v:.0f} s" if v is not None else f"{k} pending" for k, v in payload["pool_wall_seconds"].items())
-    lines += ["", f"Inversion wall time (32 images, {POOL_ITERATIONS} iterations): {walls}. "
-              "Not a speed comparison: the pools were made on a shared CPU under different loads; "
-              "benchmarks/inversion_speed.py measures the ratio cleanly."]
+    results = payload["cells"]
+    for method in METHODS:
+        for w, a in BITS:
+            row = []
+            for source in SOURCES:
+                cell = results.get(f"{method} W{w}/A{a} {source} {NUM_CALIB}")
+                row.append("-" if cell is None else f"{cell['top1']:.1f} ({cell['fit_seconds']:.0f} s)")
+            lines.append(f"| {method} | W{w}/A{a} | " + " | ".join(row) + " |")
+    extra = [(k, v) for k, v in results.items() if not k.endswith(f" {NUM_CALIB}")]
+    if extra:
+        lines += ["", "More sparse images (W4/A4, recon): accuracy against inversion wall time.", "",
+                  "| cell | top-1 | inversion s | fit s |", "| --- | --- | --- | --- |"]
+        for key, cell in sorted(extra + [(k, v) for k, v in results.items() if k.startswith("recon W4/A4 ") and k.endswith(f" {NUM_CALIB}")]):
+            inv = cell.get("inversion_seconds")
+            lines.append(f"| {key} | {cell['top1']:.1f} | {'-' if inv is None else f'{inv:.0f}'} | {cell['fit_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-class", type=int, default=50, help="val images per class (default 50: 500 images)")
+    parser.add_argument("--per-class", type=int, default=100, help="val images per class (default 100: 1000 images)")
+    parser.add_argument("--only", nargs="*", help="measure only cells whose key starts with one of these, e.g. 'recon W4/A4'")
     parser.add_argument("--table-only", action="store_true", help="only rewrite quantization.md from quantization.json")
     args = parser.parse_args()
-    if args.table_only:
-        finish(json.loads((RESULTS / "quantization.json").read_text()))
-        return
-    pools = pool_paths()
-    model = load_model(DEIT_TINY, DEIT_TINY_CKPT)
-    images, labels = val_subset(model, args.per_class)
-    sources = {"noise": calibration_batches(model, "noise", DEIT_TINY, NUM_CALIB)}
-    for kind in ("dense", "sparse"):
-        if pools[kind] is not None:
-            sources[f"{kind} inversion"] = calibration_batches(model, pools[kind], DEIT_TINY, NUM_CALIB)
-    sources["real (train100)"] = calibration_batches(model, str(TRAIN100), DEIT_TINY, NUM_CALIB)
-    columns = ["noise", "dense inversion", "sparse inversion", "real (train100)"]
-    # Cells measured by an earlier run on the same subset are kept, not re-measured:
-    # pools finish at different times, and the CPU budget is tight.
     previous = RESULTS / "quantization.json"
     old = json.loads(previous.read_text()) if previous.is_file() else {}
-    if old.get("per_class") != args.per_class:
-        old = {}
-    old_rows = {(r["w_bits"], r["a_bits"], r["calibrator"]): r for r in old.get("rows", [])}
-    start = time.perf_counter()
+    if args.table_only:
+        (RESULTS / "quantization.md").write_text(markdown(old))
+        return
+    model = load_model(DEIT_TINY, DEIT_TINY_CKPT)
+    images, labels = val_subset(model, args.per_class)
+    keep_old = old.get("per_class") == args.per_class and "cells" in old
     payload = {
         "scaled_down": True,
-        "note": (
-            f"scaled down: evaluated on the first {args.per_class} images per class of imagenette val "
-            f"({images.shape[0]} images, not 3925); pools use {POOL_ITERATIONS} inversion iterations, not 4000"
-        ),
+        "note": (f"scaled down: evaluated on the first {args.per_class} images per class of imagenette val "
+                 f"({images.shape[0]} images, not 3925); pools use {POOL_ITERATIONS} inversion iterations, not 4000; "
+                 "'heldout_kl' is KL(full precision || quantized) on sparse-pool images 96..127, never used for calibration"),
         "model": DEIT_TINY,
         "per_class": args.per_class,
         "eval_images": int(images.shape[0]),
         "num_calib": NUM_CALIB,
         "pool_iterations": POOL_ITERATIONS,
-        "pool_wall_seconds": {k: (float(read_pool(p).run["wall_seconds"]) if p else None) for k, p in pools.items()},
-        "pools": pools,
-        "sources": columns,
-        "full_precision": old.get("full_precision") or evaluate_tensors(model, images, labels, desc="full precision"),
-        "rows": [],
+        "full_precision": (old.get("full_precision") if keep_old else None) or evaluate_tensors(model, images, labels, desc="full precision"),
+        "cells": old.get("cells", {}) if keep_old else {},
     }
-    print(f"full precision top-1 {payload['full_precision']['top1']:.2f}", flush=True)
-
-    def measure(name: str, settings: dict, source_names: list[str]) -> None:
-        for w_bits, a_bits in ROWS:
-            config = QuantConfig(w_bits=w_bits, a_bits=a_bits, **settings)
-            row = old_rows.pop((w_bits, a_bits, name), None) or {
-                "w_bits": w_bits, "a_bits": a_bits, "calibrator": name, "config": config.record(), "top1": {}, "top5": {}
-            }
-            todo = list(dict.fromkeys(s for s in source_names if s in sources and s not in row["top1"]))
-            qmodel = quantize_(copy.deepcopy(model), config) if todo else None  # weight scales once per config
-            for source in todo:
-                calibrate(qmodel, sources[source])
-                result = evaluate_tensors(qmodel, images, labels, desc=f"{config.name} {source}")
-                row["top1"][source], row["top5"][source] = result["top1"], result["top5"]
-                print(f"{config.name:<22} {source:<17} top-1 {result['top1']:6.2f}", flush=True)
-            payload["rows"].append(row)
-            payload["benchmark_seconds"] = time.perf_counter() - start
-            # Partial results (and rows of earlier runs not reached yet) survive an interruption.
-            write_results("quantization", {**payload, "rows": payload["rows"] + list(old_rows.values())})
-
-    # Most important cells first: a run stopped for time still has the headline numbers.
-    measure("minmax (baseline)", BASELINE, ["sparse inversion", "real (train100)", *columns])
-    measure("minmax + mse weights", BEST, ["sparse inversion", "real (train100)", *columns])
-    for name, settings in ABLATION.items():
-        measure(name, settings, ["sparse inversion"])
-    payload["rows"] += list(old_rows.values())
+    sparse = pool_path("sparse", 128)
+    heldout = None if sparse is None else pool_batches(model, sparse, DEIT_TINY, 128, 32)[3:]
+    for method, w, a, source, num in cells():
+        key = f"{method} W{w}/A{a} {source} {num}"
+        if key in payload["cells"] or (args.only and not any(key.startswith(p) for p in args.only)):
+            continue
+        batches = batches_for(model, source, num)
+        if batches is None:
+            print(f"{key}: pool not ready, skipped", flush=True)
+            continue
+        config = QuantConfig.for_method(method, w, a)
+        start = time.perf_counter()
+        qmodel = quantize_(copy.deepcopy(model), config, batches)
+        fit_seconds = time.perf_counter() - start
+        result = evaluate_tensors(qmodel, images, labels, desc=key)
+        payload["cells"][key] = {
+            "method": method, "w_bits": w, "a_bits": a, "source": source, "num_calib": num, "config": config.record(),
+            "top1": result["top1"], "top5": result["top5"], "fit_seconds": fit_seconds,
+            "heldout_kl": None if heldout is None or num > 96 else heldout_kl(qmodel, model, heldout),
+            "inversion_seconds": inversion_seconds(source, num),
+            "recon_report": getattr(qmodel, "recon_report", None),
+        }
+        print(f"{key:<28} top-1 {result['top1']:6.2f}  fit {fit_seconds:6.1f} s", flush=True)
+        write_results("quantization", payload)
+        (RESULTS / "quantization.md").write_text(markdown(payload))
     write_results("quantization", payload)
-    finish(payload)
-
-
-def finish(payload: dict) -> None:
-    table = markdown(payload)
-    (RESULTS / "quantization.md").write_text(table)
-    print(table)
-    print(json.dumps({"benchmark_seconds": payload.get("benchmark_seconds")}))
+    (RESULTS / "quantization.md").write_text(markdown(payload))
+    print(markdown(payload))
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def test_w8a8_stays_close_on_random_vit_per_layer(vit):
     x = torch.randn(4, 3, 160, 160)
     with torch.no_grad():
         ref = vit(x)
-    quantize_(vit, QuantConfig(8, 8))
+    quantize_(vit, QuantConfig(8, 8, scheme="psaq"))
     calibrate(vit, [(x, None)], progress=False)
     with torch.no_grad():
         set_quant_mode(vit, "off")
@@ -181,7 +181,7 @@ def test_sparse_calibration_never_sees_dropped_patches(vit):
     black = torch.where(mask, torch.zeros_like(x), x)
 
     def scales(images, kept):
-        model = quantize_(copy.deepcopy(vit), QuantConfig(8, 8))
+        model = quantize_(copy.deepcopy(vit), QuantConfig(8, 8, scheme="psaq"))
         calibrate(model, [(images, kept)], progress=False)
         return {name: m.scale.clone() for name, m in model.named_modules() if isinstance(m, ActQuantizer)}
 
@@ -204,7 +204,7 @@ def test_pool_batches_feed_kept_patches(tmp_path, vit):
 def test_save_and_reload_give_identical_logits(tmp_path, vit):
     state = copy.deepcopy(vit.state_dict())
     fp = fingerprint(vit)
-    quantize_(vit, QuantConfig(4, 6, "mse", channelwise_ln=True))
+    quantize_(vit, QuantConfig(4, 6, scheme="psaq", calibrator="mse", channelwise_ln=True))
     calibrate(vit, noise_batches(vit, 2, 1), progress=False)
     x = torch.randn(3, 3, 160, 160)
     keep = torch.arange(0, 100, 2).expand(3, -1)
@@ -219,19 +219,23 @@ def test_save_and_reload_give_identical_logits(tmp_path, vit):
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
 
 
-def test_real_deit_tiny_w8a8_is_close_to_full_precision(deit_tiny):
-    folder = ImageFolder.scan(VAL, read_class_index(SYNSETS), limit_per_class=1)
+@pytest.mark.parametrize("method", ["psaq", "repq"])
+def test_real_deit_tiny_w8a8_is_close_to_full_precision(deit_tiny, method):
     batches = calibration_batches(deit_tiny, str(VAL), "deit_tiny_patch16_224", num=8)
     x = batches[0][0]
     with torch.no_grad():
         ref = sparse_forward(deit_tiny, x).logits
-    model = quantize_(copy.deepcopy(deit_tiny), QuantConfig(8, 8))
-    calibrate(model, batches, progress=False)
+    model = quantize_(copy.deepcopy(deit_tiny), QuantConfig.for_method(method, 8, 8), batches, progress=False)
     with torch.no_grad():
         out = sparse_forward(model, x).logits
-    assert torch.equal(out.argmax(1), ref.argmax(1))
+    # Which class wins a near-tie depends on the machine's kernels: compare top classes only
+    # where full precision is clearly decided, and bound the logit error everywhere.
+    top2 = ref.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1.0
+    assert clear.sum() >= 4
+    assert torch.equal(out.argmax(1)[clear], ref.argmax(1)[clear])
     assert torch.nn.functional.cosine_similarity(out, ref).min() > 0.95
-    assert len(folder) == 10
+    assert (out - ref).abs().max() < 0.25 * ref.abs().max()
 
 
 # ---------------------------------------------------------------- the CLI
@@ -270,15 +274,14 @@ def _one_line_error(capsys, *needles):
 def test_cli_quantize_then_evaluate_gives_the_in_memory_accuracy(cli_files, tmp_path, capsys):
     out, report = tmp_path / "q.safetensors", tmp_path / "eval.json"
     base = ["--model", "test_vit", "--checkpoint", cli_files["ckpt"]]
-    assert main(["quantize", *base, "--calib", cli_files["pool"], "--w-bits", "4", "--a-bits", "8",
+    assert main(["quantize", *base, "--calib", cli_files["pool"], "--w-bits", "4", "--a-bits", "8", "--method", "calib",
                  "--calibrator", "percentile", "--out", str(out), "--quiet"]) == 0
     assert "sparse calibration" in capsys.readouterr().out
     assert main(["evaluate", *base, "--quantized", str(out), "--data", cli_files["data"], "--json", str(report), "--quiet"]) == 0
     record = json.loads(report.read_text())
     assert record["num_images"] == 6 and record["quant_config"]["w_bits"] == 4
     model = load_model("test_vit", cli_files["ckpt"])
-    quantize_(model, QuantConfig(4, 8, "percentile"))
-    calibrate(model, calibration_batches(model, cli_files["pool"], "test_vit"), progress=False)
+    quantize_(model, QuantConfig.for_method("calib", 4, 8, calibrator="percentile"), calibration_batches(model, cli_files["pool"], "test_vit"), progress=False)
     expected = evaluate(model, ImageFolder.scan(cli_files["data"]), progress=False)
     assert record["top1"] == expected["top1"] and record["top5"] == expected["top5"]
 
@@ -309,7 +312,7 @@ def test_cli_refuses_a_calibration_folder_without_images(cli_files, tmp_path, ca
 def quantized_file(cli_files):
     out = cli_files["root"] / "noise.safetensors"
     assert main(["quantize", "--model", "test_vit", "--checkpoint", cli_files["ckpt"], "--calib", "noise", "--num-calib", "4",
-                 "--out", str(out), "--quiet"]) == 0
+                 "--recon-iters", "3", "--out", str(out), "--quiet"]) == 0
     return str(out)
 
 

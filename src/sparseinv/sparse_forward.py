@@ -74,6 +74,19 @@ def gather_tokens(tokens: torch.Tensor, keep: torch.Tensor, num_prefix_tokens: i
     return torch.cat([prefix, torch.gather(patches, 1, index)], dim=1)
 
 
+def input_tokens(model: nn.Module, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The token sequence entering the first block: prefix tokens, then the patches at ``keep`` (all if ``None``)."""
+    tokens = embed_tokens(model, x)
+    if keep is not None:
+        tokens = gather_tokens(tokens, keep, model.num_prefix_tokens)
+    return model.norm_pre(model.patch_drop(tokens))
+
+
+def head_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The classifier on the last block's output tokens: final norm, pooling, head."""
+    return model.forward_head(model.norm(tokens))
+
+
 def sparse_forward(
     model: nn.Module,
     x: torch.Tensor,
@@ -95,10 +108,7 @@ def sparse_forward(
         SparseOutput with logits and, if asked, the CLS attention over fed patches.
     """
     num_prefix = model.num_prefix_tokens
-    tokens = embed_tokens(model, x)
-    if keep is not None:
-        tokens = gather_tokens(tokens, keep, num_prefix)
-    tokens = model.norm_pre(model.patch_drop(tokens))
+    tokens = input_tokens(model, x, keep)
     recorder = None
     blocks = list(model.blocks)
     for block in blocks[:-1]:
@@ -108,7 +118,7 @@ def sparse_forward(
             tokens = blocks[-1](tokens)
     else:
         tokens = blocks[-1](tokens)
-    logits = model.forward_head(model.norm(tokens))
+    logits = head_logits(model, tokens)
     cls_attn = None
     if recorder is not None:
         cls_attn = recorder.weights[:, :, 0, num_prefix:].mean(dim=1)

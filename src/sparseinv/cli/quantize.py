@@ -1,49 +1,102 @@
-"""``sparseinv quantize``: fake-quantize a ViT, calibrate it, save its scales."""
+"""``sparseinv quantize``: quantize a ViT from calibration images, save everything it learned."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import time
 
-from sparseinv.cli.common import add_device, add_model, config_from_args, model_from_args, resolve_device
-from sparseinv.quant import CALIBRATORS, QuantConfig, calibrate, calibration_batches, fingerprint, quantize_, save_quantized
+from sparseinv.cli.common import add_device, add_model, model_from_args, resolve_device
+from sparseinv.errors import UsageError
+from sparseinv.quant import (
+    CALIBRATORS,
+    DEFAULT_METHOD,
+    METHODS,
+    SCHEMES,
+    QuantConfig,
+    ReconConfig,
+    calibration_batches,
+    fingerprint,
+    quantize_,
+    save_quantized,
+)
+
+METHOD_HELP = (
+    "psaq: PSAQ-ViT's baseline (scheme psaq, min/max ranges); "
+    "calib: every matrix-product input quantized (scheme int), min/max ranges, MSE-clipped weights; "
+    "repq: calib + RepQ-ViT-style quantizers (per-channel LayerNorm ranges folded into per-tensor, log2 softmax grid, "
+    "MSE-clipped post-GELU range); "
+    f"recon: repq + block-wise reconstruction (learned rounding and step sizes). Default {DEFAULT_METHOD}, our most accurate"
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quantize",
-        help="fake-quantize a ViT, calibrated on a pool, noise or real images",
+        help="quantize a ViT (default: W8/A8 reconstruction) from a pool, noise or real images",
         description=(
-            "Quantize a timm ViT (weights symmetric per output channel, activations asymmetric per tensor) and "
-            "calibrate its activation ranges. Sparse pools are fed as their kept patches only."
+            "Quantize a timm ViT and fit it to calibration images: ranges, LayerNorm folding and block-wise "
+            "reconstruction as --method says. Sparse pools are fed as their kept patches only. Writes every scale, "
+            "zero point, weight code and fold factor to one .safetensors file that 'sparseinv evaluate --quantized' reads."
         ),
     )
     add_model(p)
     p.add_argument("--calib", required=True, help="a pool folder, 'noise' (N(0,1) in normalised space) or a folder of real images in class sub-folders")
     p.add_argument("--w-bits", type=int, default=8, help="weight bit-width, 2..8 (default 8)")
     p.add_argument("--a-bits", type=int, default=8, help="activation bit-width, 2..8 (default 8)")
-    p.add_argument("--calibrator", choices=CALIBRATORS, default="minmax", help="how ranges are chosen (default minmax, the PSAQ-ViT baseline)")
-    p.add_argument("--percentile", type=float, default=99.99, help="upper percentile for --calibrator percentile (default 99.99)")
-    p.add_argument("--channelwise-ln", action="store_true", help="per-channel ranges for the inputs of qkv, fc1 and head (post-LayerNorm); helps with real calibration images, not synthetic ones")
-    p.add_argument("--weight-calibrator", choices=("minmax", "mse"), help="how weight ranges are chosen (default: as --calibrator); --calibrator minmax --weight-calibrator mse is our most accurate setting on synthetic pools")
+    p.add_argument("--method", choices=tuple(METHODS), default=DEFAULT_METHOD, help=METHOD_HELP)
+    g = p.add_argument_group("overrides of the method's settings (default: the method's)")
+    g.add_argument("--scheme", choices=SCHEMES, help="int: the inputs of every matrix product; psaq: PSAQ-ViT's tensors")
+    g.add_argument("--calibrator", choices=CALIBRATORS, help="how activation ranges are chosen")
+    g.add_argument("--weight-calibrator", choices=("minmax", "mse"), help="how weight ranges are chosen")
+    g.add_argument("--gelu-calibrator", choices=CALIBRATORS, help="range of the post-GELU activation (int scheme)")
+    g.add_argument("--softmax-quantizer", choices=("uniform", "log2"), help="grid of the softmax output (int scheme)")
+    g.add_argument("--ln-reparam", action=argparse.BooleanOptionalAction, default=None, help="fold per-channel post-LayerNorm ranges (int scheme)")
+    g.add_argument("--channelwise-ln", action=argparse.BooleanOptionalAction, default=None, help="per-channel post-LayerNorm ranges, unfolded (psaq scheme)")
+    g.add_argument("--percentile", type=float, help="upper percentile for --calibrator percentile (default 99.99)")
+    r = p.add_argument_group("block reconstruction (method recon)")
+    defaults = ReconConfig()
+    r.add_argument("--recon-iters", type=int, help=f"steps per block (default {defaults.iters})")
+    r.add_argument("--recon-batch-size", type=int, help=f"images per step (default {defaults.batch_size})")
+    r.add_argument("--recon-lr", type=float, help=f"learning rate of the rounding logits (default {defaults.lr_round})")
+    r.add_argument("--recon-drop", type=float, help=f"QDrop probability (default {defaults.drop_prob})")
     p.add_argument("--num-calib", type=int, default=32, help="calibration images (default 32)")
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --calib noise")
+    p.add_argument("--seed", type=int, default=0, help="seed for --calib noise and reconstruction")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device(p)
     p.set_defaults(func=run)
 
 
+RECON_ARGS = {"recon_iters": "iters", "recon_batch_size": "batch_size", "recon_lr": "lr_round", "recon_drop": "drop_prob"}
+CONFIG_ARGS = ("scheme", "calibrator", "weight_calibrator", "gelu_calibrator", "softmax_quantizer", "ln_reparam", "channelwise_ln", "percentile")
+
+
+def config_from_args(args: argparse.Namespace) -> QuantConfig:
+    """The method's settings with every given override on top."""
+    config = QuantConfig.for_method(args.method, args.w_bits, args.a_bits)
+    overrides = {name: getattr(args, name) for name in CONFIG_ARGS if getattr(args, name) is not None}
+    recon = {field: getattr(args, arg) for arg, field in RECON_ARGS.items() if getattr(args, arg) is not None}
+    if recon and config.recon is None:
+        raise UsageError(f"--{next(iter(recon))} and the other --recon-* options need --method recon.")
+    if config.recon is not None:
+        overrides["recon"] = dataclasses.replace(config.recon, seed=args.seed, **recon)
+    return dataclasses.replace(config, **overrides).validate()
+
+
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(QuantConfig, args).validate()  # before the model loads: cheap mistakes first
+    config = config_from_args(args)  # before the model loads: cheap mistakes first
     device = resolve_device(args)
     model = model_from_args(args, device)
     batches = calibration_batches(model, args.calib, args.model, args.num_calib, args.batch_size, args.seed)
     fp = fingerprint(model)
-    quantize_(model, config)
-    calibrate(model, batches, progress=not args.quiet)
+    start = time.perf_counter()
+    quantize_(model, config, batches, progress=not args.quiet)
+    seconds = time.perf_counter() - start
     path = save_quantized(model, args.out, args.model, fp)
     num = sum(images.shape[0] for images, _ in batches)
     sparse = any(keep is not None for _, keep in batches)
-    print(f"quantized {args.model} {config.name} on {num} {'sparse ' if sparse else ''}calibration images from {args.calib} -> {path}")
+    print(f"quantized {args.model} {config.name} on {num} {'sparse ' if sparse else ''}calibration images from {args.calib} "
+          f"in {seconds:.0f} s -> {path}")
     return 0

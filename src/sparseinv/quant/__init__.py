@@ -1,37 +1,59 @@
-"""Data-free fake quantization of timm ViTs (PSAQ-ViT's scheme plus better calibrators).
-
-One entry point per step::
+"""Data-free fake quantization of timm ViTs, in one call::
 
     model = load_model("deit_tiny_patch16_224", checkpoint)
-    fp = fingerprint(model)
-    quantize_(model, QuantConfig(w_bits=4, a_bits=8, calibrator="mse"))
-    calibrate(model, calibration_batches(model, "pool_dir", "deit_tiny_patch16_224"))
-    save_quantized(model, "q.safetensors", "deit_tiny_patch16_224", fp)
+    batches = calibration_batches(model, "pools/sparse", "deit_tiny_patch16_224")
+    quantize_(model, QuantConfig.for_method("recon", w_bits=4, a_bits=4), batches)
+    save_quantized(model, "q.safetensors", "deit_tiny_patch16_224")
+
+``quantize_`` prepares the model (the scheme's quantizers), calibrates its ranges,
+folds LayerNorms and reconstructs its blocks as the config says; ``load_quantized``
+rebuilds the same model from the file.
 """
 
-from sparseinv.quant.calibrate import calibrate, calibration_batches, folder_batches, noise_batches, pool_batches
-from sparseinv.quant.config import CALIBRATORS, QuantConfig
+from sparseinv.quant.calibrate import calibrate, calibration_batches, fit, folder_batches, noise_batches, pool_batches
+from sparseinv.quant.config import CALIBRATORS, DEFAULT_METHOD, METHODS, SCHEMES, QuantConfig, ReconConfig
 from sparseinv.quant.io import fingerprint, load_quantized, read_header, save_quantized
-from sparseinv.quant.model import QuantAttention, quantize_, set_quant_mode
-from sparseinv.quant.quantizers import ActQuantizer, QuantConv2d, QuantLinear, fake_quant_weight, weight_scale
+from sparseinv.quant.model import QuantAttention, default_filter, quantize_, set_quant_mode
+from sparseinv.quant.quantizers import (
+    ActQuantizer,
+    Log2Quantizer,
+    QuantConv2d,
+    QuantLinear,
+    fake_quant,
+    fake_quant_weight,
+    weight_scale,
+)
+from sparseinv.quant.reconstruct import reconstruct
+from sparseinv.quant.reparam import fold_layernorms, ln_linear_pairs
 
 __all__ = [
     "CALIBRATORS",
+    "DEFAULT_METHOD",
+    "METHODS",
+    "SCHEMES",
     "ActQuantizer",
+    "Log2Quantizer",
     "QuantAttention",
     "QuantConfig",
     "QuantConv2d",
     "QuantLinear",
+    "ReconConfig",
     "calibrate",
     "calibration_batches",
+    "default_filter",
+    "fake_quant",
     "fake_quant_weight",
     "fingerprint",
+    "fit",
+    "fold_layernorms",
     "folder_batches",
+    "ln_linear_pairs",
     "load_quantized",
     "noise_batches",
     "pool_batches",
     "quantize_",
     "read_header",
+    "reconstruct",
     "save_quantized",
     "set_quant_mode",
     "weight_scale",

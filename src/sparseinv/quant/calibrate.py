@@ -21,8 +21,10 @@ from sparseinv.data import ImageFolder, transform_folder
 from sparseinv.errors import UsageError
 from sparseinv.models import vit_info
 from sparseinv.pool import read_pool, read_run
-from sparseinv.quant.model import quant_modules, set_quant_mode
-from sparseinv.quant.quantizers import ActQuantizer
+from sparseinv.quant.model import act_quantizers, quant_modules, set_quant_mode, weight_modules
+from sparseinv.quant.quantizers import ActQuantizer, QuantLinear
+from sparseinv.quant.reconstruct import reconstruct
+from sparseinv.quant.reparam import fold_layernorms
 from sparseinv.sparse_forward import sparse_forward
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
@@ -94,38 +96,71 @@ def calibration_batches(model: nn.Module, source: str, model_name: str, num: int
     return folder_batches(model, path, num, batch_size)
 
 
+def _one_batch(batches: list[Batch]) -> list[Batch]:
+    """All batches as one, so a sequential calibration sees every image (they share a token count)."""
+    keeps = [keep for _, keep in batches]
+    counts = {None if k is None else k.shape[1] for k in keeps}
+    if len(counts) > 1:
+        raise UsageError("sequential calibration needs calibration images that all feed the same number of patches.")
+    images = torch.cat([images for images, _ in batches])
+    return [(images, None if keeps[0] is None else torch.cat(keeps))]
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[Batch], *, progress: bool = True) -> nn.Module:
     """Set every activation range of a :func:`quantize_`-d model from ``batches``.
 
     All batches are observed with the model in full precision, then each quantizer
-    turns what it saw into its scale and zero point, and the model is switched to
-    fake-quantized inference.
+    turns what it saw into its scale and zero point; with ``ln_reparam`` the
+    per-channel post-LayerNorm ranges are folded into per-tensor ones. Weights are
+    rounded to nearest, and the model is switched to fake-quantized inference.
 
     Args:
         model: A model prepared by :func:`sparseinv.quant.quantize_`.
         batches: ``(images, keep)`` pairs; ``keep`` (B, K) or ``None``.
         progress: Show a tqdm bar.
     """
+    if any(m.fold_r1.numel() for m in weight_modules(model) if isinstance(m, QuantLinear)):
+        raise RuntimeError("the model's LayerNorms are already folded: calibrate a freshly quantized copy")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    quantizers = [m for _, m in quant_modules(model) if isinstance(m, ActQuantizer)]
+    quantizers = act_quantizers(model)
     for q in quantizers:
         q.reset()
-    set_quant_mode(model, "observe")
+    sequential = model.quant_config.sequential
+    set_quant_mode(model, "init" if sequential else "observe")
     try:
-        batches = list(batches)
+        batches = _one_batch(list(batches)) if sequential else list(batches)
         for images, keep in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
             sparse_forward(model, images.to(device), None if keep is None else keep.to(device))
-        missed = [name for name, m in quant_modules(model) if isinstance(m, ActQuantizer) and m.min_val is None]
+        missed = [name for name, m in quant_modules(model) if isinstance(m, ActQuantizer) and m.min_val is None and not m.calibrated]
         if missed:
             raise RuntimeError(f"calibration never reached these quantizers: {', '.join(missed[:5])}")
-        for q in quantizers:
-            q.finalize()
+        if not sequential:
+            for q in quantizers:
+                q.finalize()
+        if model.quant_config.ln_reparam:
+            fold_layernorms(model)
+        for m in weight_modules(model):
+            m.freeze_weight()
     except BaseException:
         set_quant_mode(model, "off")
         raise
     set_quant_mode(model, "quant")
     model.train(was_training)
+    return model
+
+
+def fit(model: nn.Module, batches: Iterable[Batch], *, progress: bool = True) -> nn.Module:
+    """Everything the model's config asks for: :func:`calibrate`, then block reconstruction if any.
+
+    The reconstruction losses per unit are kept in ``model.recon_report``.
+    """
+    batches = list(batches)
+    calibrate(model, batches, progress=progress)
+    recon = model.quant_config.recon
+    if recon is not None:
+        model.recon_report = reconstruct(model, batches, recon, progress=progress)
+    set_quant_mode(model, "quant")
     return model

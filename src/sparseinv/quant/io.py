@@ -1,10 +1,12 @@
 """Saving and loading a quantized model's parameters (safetensors + JSON header).
 
-The file holds every weight scale, activation scale and zero point, keyed by module
-name; its metadata holds the format, the model name, the :class:`QuantConfig` and a
-fingerprint of the full-precision weights the scales were computed for. The float
-weights themselves come from the model (``--checkpoint``), as they did when it was
-quantized; the fingerprint refuses any other weights.
+The file holds, keyed by module name, every activation scale and zero point (learned
+ones included), every weight's per-channel scale and int8 codes (so learned rounding
+survives), and the factors of each LayerNorm folded into its Linear; its metadata
+holds the format, the model name, the :class:`QuantConfig` and a fingerprint of the
+full-precision weights it was made from. Those float weights come from the model
+(``--checkpoint``), as they did when it was quantized (LayerNorms and biases are
+re-folded from them); the fingerprint refuses any other weights.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from torch import nn
 from sparseinv.errors import UsageError
 from sparseinv.quant.config import QuantConfig
 from sparseinv.quant.model import is_quantized, quant_modules, quantize_, set_quant_mode
-from sparseinv.quant.quantizers import ActQuantizer
+from sparseinv.quant.quantizers import ActQuantizer, _QuantWeight
+from sparseinv.quant.reparam import refold_layernorms
 
-FORMAT = "sparseinv-quant/1"
-QUANT_BUFFERS = ("scale", "zero_point", "w_scale")
+FORMAT = "sparseinv-quant/2"
+REQUIRED = {ActQuantizer: ("scale", "zero_point"), _QuantWeight: ("w_scale", "w_int")}
+OPTIONAL = ("fold_r1", "fold_shift")
+QUANT_BUFFERS = ("scale", "zero_point", "w_scale", "w_int", *OPTIONAL)
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -41,13 +46,18 @@ def fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _required(module: nn.Module) -> tuple[str, ...]:
+    return next(names for kind, names in REQUIRED.items() if isinstance(module, kind))
+
+
 def quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every scale and zero point of a quantized model, keyed ``module.buffer``."""
+    """Every scale, zero point, weight code and fold factor of a quantized model, keyed ``module.buffer``."""
     state = {}
     for name, module in quant_modules(model):
-        for buffer in QUANT_BUFFERS:
-            if buffer in module._buffers:
-                state[f"{name}.{buffer}"] = module._buffers[buffer].detach().cpu().contiguous()
+        for buffer in (*_required(module), *OPTIONAL):
+            tensor = module._buffers.get(buffer)
+            if tensor is not None and tensor.numel():
+                state[f"{name}.{buffer}"] = tensor.detach().cpu().contiguous()
     return state
 
 
@@ -64,14 +74,14 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, model_name: str, f
     config: QuantConfig | None = getattr(model, "quant_config", None)
     if config is None:
         raise ValueError("the model is not quantized")
-    uncalibrated = [n for n, m in quant_modules(model) if isinstance(m, ActQuantizer) and not m.calibrated]
-    if uncalibrated:
-        raise ValueError(f"the model is not calibrated ({uncalibrated[0]} has no scale)")
+    missing = [f"{n}.{b}" for n, m in quant_modules(model) for b in _required(m) if not m._buffers[b].numel()]
+    if missing:
+        raise ValueError(f"the model is not calibrated ({missing[0]} is not set)")
     metadata = {
         "format": FORMAT,
         "model": model_name,
         "config": json.dumps(config.record()),
-        "fingerprint": fp_fingerprint or fingerprint(model),
+        "fingerprint": fp_fingerprint or getattr(model, "_fp_fingerprint", None) or fingerprint(model),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +103,8 @@ def read_header(path: str | os.PathLike) -> dict:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise UsageError(f"'{path}' is not a safetensors file ({type(err).__name__}).") from None
+    if str(metadata.get("format", "")).startswith("sparseinv-quant/") and metadata["format"] != FORMAT:
+        raise UsageError(f"'{path}' was written in the older format {metadata['format']}: quantize the model again.")
     if metadata.get("format") != FORMAT:
         raise UsageError(f"'{path}' is not a sparseinv quantized model (no {FORMAT} header).")
     return {**metadata, "config": json.loads(metadata["config"])}
@@ -110,14 +122,20 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, model_name: str) -
         raise UsageError(f"quantized file '{path}' was made for {header['model']}, not for {model_name}.")
     if header["fingerprint"] != fingerprint(model):
         raise UsageError(f"quantized file '{path}' does not match the weights of {model_name} (another checkpoint?).")
-    config = QuantConfig(**header["config"]).validate()
-    state = load_file(str(path))
+    try:
+        config = QuantConfig.from_record(header["config"]).validate()
+        state = load_file(str(path))
+    except (TypeError, KeyError, SafetensorError, OSError) as err:
+        raise UsageError(f"quantized file '{path}' is damaged ({type(err).__name__}).") from None
     quantize_(model, config)
-    if set(state) != set(quant_state(model)):
+    required = {f"{n}.{b}" for n, m in quant_modules(model) for b in _required(m)}
+    optional = {f"{n}.{b}" for n, m in quant_modules(model) for b in OPTIONAL}
+    if not required <= set(state) <= required | optional:
         raise UsageError(f"quantized file '{path}' does not match the modules of {model_name}.")
     device = next(model.parameters()).device
     for key, tensor in state.items():
         module_name, _, buffer = key.rpartition(".")
         model.get_submodule(module_name).register_buffer(buffer, tensor.to(device))
+    refold_layernorms(model)
     set_quant_mode(model, "quant")
     return model

@@ -1,15 +1,16 @@
 """``quantize_``: turn a timm ViT into a fake-quantized one, in place.
 
-Nothing of timm is rewritten: Linears and the patch-embedding conv are wrapped,
-each block's timm ``Attention`` is swapped for :class:`QuantAttention` (which reuses
-its submodules and materialises q.k^T so it can be quantized), and forward hooks
-quantize the embeddings (the token sequence entering the first block, after any
-sparse gathering) and every block output (the residual stream).
+Nothing of timm is rewritten: Linears (chosen by a filter) and the patch-embedding
+conv are wrapped, each attention module of a known kind is swapped for a wrapper that
+reuses its submodules and materialises q.k^T so its inputs can be quantized, and, for
+the ``psaq`` scheme, forward hooks quantize the embeddings and every block output.
+Anything that stays in full precision is named in a warning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -17,33 +18,43 @@ from torch import nn
 from sparseinv.errors import UsageError
 from sparseinv.models import timm
 from sparseinv.quant.config import QuantConfig
-from sparseinv.quant.quantizers import MODES, ActQuantizer, QuantConv2d, QuantLinear
+from sparseinv.quant.quantizers import MODES, ActQuantizer, Log2Quantizer, QuantConv2d, QuantLinear, _QuantWeight
 
 # Linears whose input is a LayerNorm output (attention qkv, MLP fc1, the classifier).
 POST_NORM_LINEARS = ("attn.qkv", "mlp.fc1", "head")
+# The Linear whose input is the post-GELU activation.
+POST_GELU_LINEARS = ("mlp.fc2",)
 
 
 class QuantAttention(nn.Module):
-    """timm ``Attention`` with the pre-softmax scores and attn @ v fake-quantized.
+    """timm ``Attention`` with the inputs of its two matrix products fake-quantized.
 
-    Reuses the original module's qkv, q_norm, k_norm, attn_drop, norm, proj,
-    proj_drop (and gate), so the weights are shared, not copied. The softmax weights
-    pass through ``attn_drop`` as in timm, so :class:`AttentionRecorder` still works.
+    Scheme ``int``: q and k before ``q @ k^T``, the softmax output and v before
+    ``attn @ v`` (the Linears quantize their own inputs). Scheme ``psaq``: the
+    pre-softmax scores and the ``attn @ v`` product. Reuses the original module's
+    qkv, q_norm, k_norm, attn_drop, norm, proj, proj_drop (and gate), so the weights
+    are shared, not copied. The softmax weights pass through ``attn_drop`` as in timm,
+    so :class:`AttentionRecorder` still works.
     """
 
     fused_attn = False  # the scores must exist to be quantized
 
     def __init__(self, attn: nn.Module, config: QuantConfig) -> None:
         super().__init__()
+        self.scheme = config.scheme
         self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
         self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
         for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
             setattr(self, name, getattr(attn, name))
         self.gate = getattr(attn, "gate", None)
-        # The pre-softmax scores keep min/max: softmax is decided by the largest scores,
-        # exactly what a clipping calibrator would cut.
-        self.score_quant = _act(config, calibrator="minmax")
-        self.av_quant = _act(config)
+        if self.scheme == "int":
+            self.q_quant, self.k_quant, self.v_quant = _act(config), _act(config), _act(config)
+            self.attn_quant = Log2Quantizer(config.a_bits) if config.softmax_quantizer == "log2" else _act(config)
+        else:
+            # The pre-softmax scores keep min/max: softmax is decided by the largest
+            # scores, exactly what a clipping calibrator would cut.
+            self.score_quant = _act(config, calibrator="minmax")
+            self.av_quant = _act(config)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if is_causal:
@@ -53,16 +64,27 @@ class QuantAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
+        int_scheme = self.scheme == "int"
+        if int_scheme:
+            q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
         attn = (q * self.scale) @ k.transpose(-2, -1)
         if attn_mask is not None:
             attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
-        attn = self.score_quant(attn)
+        if not int_scheme:
+            attn = self.score_quant(attn)
         attn = self.attn_drop(attn.softmax(dim=-1))
-        x = self.av_quant(attn @ v)
+        if int_scheme:
+            x = self.attn_quant(attn) @ v
+        else:
+            x = self.av_quant(attn @ v)
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:
             x = x * gate
         return self.proj_drop(self.proj(x))
+
+
+# One wrapper per attention kind we know; any other attention stays in float, with a warning.
+ATTENTION_WRAPPERS: dict[type, type] = {timm.models.vision_transformer.Attention: QuantAttention}
 
 
 def _act(config: QuantConfig, per_channel: bool = False, calibrator: str | None = None) -> ActQuantizer:
@@ -76,49 +98,86 @@ def _output_hook(quantizer: ActQuantizer):
     return hook
 
 
+def default_filter(module: nn.Module, name: str) -> bool:
+    """Which modules :func:`quantize_` wraps: every ``nn.Linear`` (subclasses included)."""
+    return isinstance(module, nn.Linear)
+
+
 def is_quantized(model: nn.Module) -> bool:
     return getattr(model, "quant_config", None) is not None
 
 
-def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
+def quantize_(
+    model: nn.Module,
+    config: QuantConfig,
+    calibration: Iterable | None = None,
+    *,
+    filter_fn: Callable[[nn.Module, str], bool] = default_filter,
+    progress: bool = True,
+) -> nn.Module:
     """Make ``model`` fake-quantized in place; returns it for chaining.
 
-    Weight scales are set here (they need no data); activation quantizers stay off
-    until :func:`sparseinv.quant.calibrate` (or :func:`load_quantized`) sets them.
+    Without ``calibration`` this only prepares the model (weight scales need no data;
+    activation quantizers stay off until :func:`sparseinv.quant.calibrate.fit` or
+    :func:`load_quantized`). With it, the model comes back ready to run: ranges
+    calibrated, LayerNorms folded and blocks reconstructed as ``config`` says::
+
+        model = load_model("deit_tiny_patch16_224", checkpoint)
+        batches = calibration_batches(model, "pools/sparse", "deit_tiny_patch16_224")
+        quantize_(model, QuantConfig.for_method("recon", w_bits=4, a_bits=4), batches)
 
     Args:
-        model: A timm ViT (blocks with timm ``Attention``, a ``patch_embed.proj`` conv).
-        config: Bit-widths and calibrator.
+        model: A timm ViT.
+        config: Scheme, bit-widths, quantizers, reconstruction.
+        calibration: ``(images, keep)`` batches (see :mod:`sparseinv.quant.calibrate`).
+        filter_fn: ``(module, name) -> bool``: which Linear-like modules to wrap.
+        progress: Show progress bars while fitting.
     """
     config.validate()
     if is_quantized(model):
         raise UsageError("the model is already quantized.")
-    # Wrap every Linear (blocks, head, attention-pool heads) first, so the attention
-    # swap below picks up the wrapped qkv and proj.
-    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    from sparseinv.quant.io import fingerprint
+
+    model._fp_fingerprint = fingerprint(model)
+    # Wrap every chosen Linear first, so the attention swap below picks up the wrapped qkv and proj.
+    linears = [(n, m) for n, m in model.named_modules() if n and filter_fn(m, n)]
     for name, linear in linears:
-        per_channel = config.channelwise_ln and name.endswith(POST_NORM_LINEARS)
-        wrapped = QuantLinear(linear, config.w_bits, _act(config, per_channel), config.weight_calibrator_name)
+        if type(linear) is not nn.Linear:
+            warnings.warn(f"quantizing {name} ({type(linear).__name__}) as a plain nn.Linear", stacklevel=2)
+        per_channel = name.endswith(POST_NORM_LINEARS) and (config.channelwise_ln or config.ln_reparam)
+        calibrator = config.gelu_calibrator if name.endswith(POST_GELU_LINEARS) and config.gelu_calibrator else None
+        wrapped = QuantLinear(linear, config.w_bits, _act(config, per_channel, calibrator), config.weight_calibrator_name)
         _set_submodule(model, name, wrapped)
     proj = getattr(model.patch_embed, "proj", None)
     if isinstance(proj, nn.Conv2d):
         model.patch_embed.proj = QuantConv2d(proj, config.w_bits, config.weight_calibrator_name)
+    left = []
+    for name, module in list(model.named_modules()):
+        wrapper = ATTENTION_WRAPPERS.get(type(module))
+        if wrapper is not None:
+            _set_submodule(model, name, wrapper(module, config))
+        elif "attention" in type(module).__name__.lower() and not isinstance(module, QuantAttention):
+            left.append(f"{name} ({type(module).__name__})")
+    if left:
+        warnings.warn("these attention modules are of a kind sparseinv cannot quantize inside and stay in full "
+                      f"precision between their Linears: {', '.join(left)}", stacklevel=2)
     handles = []
-    for block in model.blocks:
-        if type(getattr(block, "attn", None)) is timm.models.vision_transformer.Attention:
-            block.attn = QuantAttention(block.attn, config)
-        # The residual stream keeps its full min/max range whatever the calibrator: a
-        # few of its channels carry activations tens of times larger than the rest,
-        # the model depends on them, and a clipping calibrator (percentile, MSE) cut
-        # them off (W8/A8 MSE everywhere: 65.6% vs 66.8% for min/max on one pool).
-        block.out_quant = _act(config, calibrator="minmax")
-        handles.append(block.register_forward_hook(_output_hook(block.out_quant)))
-    # norm_pre runs after positional embedding and after sparse gathering, so only
-    # the fed tokens reach this observer.
-    model.embed_quant = _act(config, calibrator="minmax")
-    handles.append(model.norm_pre.register_forward_hook(_output_hook(model.embed_quant)))
+    if config.scheme == "psaq":
+        for block in model.blocks:
+            # The residual stream keeps its full min/max range whatever the calibrator:
+            # a few of its channels carry activations tens of times larger than the rest.
+            block.out_quant = _act(config, calibrator="minmax")
+            handles.append(block.register_forward_hook(_output_hook(block.out_quant)))
+        # norm_pre runs after positional embedding and after sparse gathering, so
+        # only the fed tokens reach this observer.
+        model.embed_quant = _act(config, calibrator="minmax")
+        handles.append(model.norm_pre.register_forward_hook(_output_hook(model.embed_quant)))
     model.quant_config = config
     model._quant_hooks = handles
+    if calibration is not None:
+        from sparseinv.quant.calibrate import fit
+
+        fit(model, calibration, progress=progress)
     return model
 
 
@@ -130,8 +189,16 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def quant_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Every quantizer-carrying module of ``model`` with its name."""
     for name, module in model.named_modules():
-        if isinstance(module, (ActQuantizer, QuantLinear, QuantConv2d)):
+        if isinstance(module, (ActQuantizer, _QuantWeight)):
             yield name, module
+
+
+def act_quantizers(model: nn.Module) -> list[ActQuantizer]:
+    return [m for _, m in quant_modules(model) if isinstance(m, ActQuantizer)]
+
+
+def weight_modules(model: nn.Module) -> list[_QuantWeight]:
+    return [m for _, m in quant_modules(model) if isinstance(m, _QuantWeight)]
 
 
 def set_quant_mode(model: nn.Module, mode: str) -> None:

@@ -1,11 +1,20 @@
-"""Fake-quantizers: the arithmetic (torch's fake-quantize ops) and range calibrators.
+"""Fake-quantizers: the arithmetic, the range calibrators, and the quantized layers.
 
 Weights are symmetric per output channel; activations asymmetric, per tensor (or per
-last-dim channel for post-LayerNorm inputs). Every module here has a ``mode``:
+last-dim channel). Every module here has a ``mode``:
 
 * ``"off"``: identity (full precision),
 * ``"observe"``: identity, but activation quantizers record what passes through,
+* ``"init"``: sequential calibration: an activation quantizer sets its range from
+  the first tensor it meets, then quantizes it and everything after (``"quant"``),
+  so each range is fitted to the already quantized layers before it,
 * ``"quant"``: fake-quantize with the calibrated scales and zero points.
+
+The quantize-dequantize arithmetic is written out (``round(x / s) + z``, clamped,
+minus ``z``, times ``s``), rounding half to even as ONNX ``QuantizeLinear`` does, with
+a straight-through gradient for the rounding: the same expression serves inference,
+learned step sizes (LSQ, whose gradient it gives) and learned weight rounding
+(AdaRound) during block reconstruction.
 """
 
 from __future__ import annotations
@@ -14,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODES = ("off", "observe", "quant")
+MODES = ("off", "observe", "init", "quant")
+# Clippings the ``pmse`` calibrator chooses from (RepQ-ViT's): the min/max range and
+# these upper percentiles with their mirror lower ones, whichever errs least.
+PMSE_PERCENTILES = (1.0, 0.99999, 0.9999, 0.999)
 # Clipping candidates searched by the MSE calibrator, as fractions of the min/max
 # range. Activations (softmax scores, post-GELU tails) can want heavy clipping;
 # weights rarely below a third of their abs-max even at 2 bits.
@@ -25,6 +37,8 @@ WEIGHT_MSE_GRID = torch.linspace(0.3, 1.0, 36)
 SAMPLE_ROWS_PER_TENSOR = 1 << 14
 SAMPLE_ROWS_PER_CHANNEL = 512
 SAMPLE_BATCHES = 4
+# AdaRound's rectified sigmoid stretch (Nagel et al. 2020).
+ZETA, GAMMA = 1.1, -0.1
 
 
 def weight_qrange(bits: int) -> tuple[int, int]:
@@ -38,11 +52,21 @@ def act_qrange(bits: int) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even, with the identity as its gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | int, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize and dequantize ``x``; ``scale``/``zero_point`` broadcast against it."""
+    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
 def fake_quant_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Fake-quantize ``w`` symmetric per output channel (dim 0) with ``scale`` (out,)."""
     qmin, qmax = weight_qrange(bits)
-    zero = torch.zeros_like(scale, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, qmin, qmax)
+    return fake_quant(w, scale.view(-1, *([1] * (w.dim() - 1))), 0, qmin, qmax)
 
 
 def weight_scale(w: torch.Tensor, bits: int, calibrator: str = "minmax") -> torch.Tensor:
@@ -80,20 +104,33 @@ def act_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Te
     return scale.float(), zero_point
 
 
+def _drop(x: torch.Tensor, xq: torch.Tensor, drop_prob: float) -> torch.Tensor:
+    """QDrop: keep each element's full-precision value with probability ``drop_prob``."""
+    if drop_prob <= 0:
+        return xq
+    return torch.where(torch.rand_like(x) < drop_prob, x, xq)
+
+
 class ActQuantizer(nn.Module):
-    """Asymmetric activation fake-quantizer with its own observer.
+    """Asymmetric uniform activation fake-quantizer with its own observer.
 
     Args:
         bits: Bit-width.
         calibrator: ``minmax``, ``percentile`` or ``mse`` (see :class:`QuantConfig`).
         percentile: Upper percentile for the ``percentile`` calibrator.
         per_channel: One range per channel of the last dimension instead of per tensor.
+
+    During block reconstruction ``scale`` is made a leaf that requires grad (LSQ) and
+    ``drop_prob`` is set (QDrop); both are reset afterwards.
     """
+
+    kind = "uniform"
 
     def __init__(self, bits: int, calibrator: str = "minmax", percentile: float = 99.99, per_channel: bool = False) -> None:
         super().__init__()
         self.bits, self.calibrator, self.percentile, self.per_channel = bits, calibrator, percentile, per_channel
         self.mode = "off"
+        self.drop_prob = 0.0
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32))
         self.reset()
@@ -149,6 +186,8 @@ class ActQuantizer(nn.Module):
             lo, hi = torch.quantile(data, q, dim=0)
         elif self.calibrator == "mse":
             lo, hi = self._mse_range(self._sample(), lo, hi)
+        elif self.calibrator == "pmse":
+            lo, hi = self._pmse_range(self._sample(), lo, hi)
         scale, zero_point = act_qparams(lo, hi, self.bits)
         device = self.scale.device
         self.scale, self.zero_point = scale.to(device), zero_point.to(device)
@@ -165,8 +204,7 @@ class ActQuantizer(nn.Module):
 
         def error(lo_c: torch.Tensor, hi_c: torch.Tensor) -> torch.Tensor:
             scale, zero_point = act_qparams(lo_c, hi_c, self.bits)
-            fq = torch.fake_quantize_per_channel_affine(data, scale, zero_point, 1, qmin, qmax)
-            return (fq - data).pow(2).sum(dim=0)
+            return (fake_quant(data, scale, zero_point, qmin, qmax) - data).pow(2).sum(dim=0)
 
         best_err = error(lo, hi)
         for end in ("hi", "lo"):
@@ -178,40 +216,175 @@ class ActQuantizer(nn.Module):
                 lo, hi = torch.where(better, cand_lo, lo), torch.where(better, cand_hi, hi)
         return lo, hi
 
+    def _pmse_range(self, data: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The min/max range or a mild percentile clipping of it, whichever errs least (per channel)."""
+        qmin, qmax = act_qrange(self.bits)
+        best_err = best_lo = best_hi = None
+        for p in PMSE_PERCENTILES:
+            if p < 1.0:
+                lo_c, hi_c = torch.quantile(data, torch.tensor([1.0 - p, p]), dim=0)
+            else:
+                lo_c, hi_c = lo, hi
+            scale, zero_point = act_qparams(lo_c, hi_c, self.bits)
+            err = (fake_quant(data, scale, zero_point, qmin, qmax) - data).pow(2).sum(dim=0)
+            if best_err is None:
+                best_err, best_lo, best_hi = err, lo_c, hi_c
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_lo, best_hi = torch.where(better, lo_c, best_lo), torch.where(better, hi_c, best_hi)
+        return best_lo, best_hi
+
+    def _init_from(self, x: torch.Tensor) -> None:
+        """Sequential calibration: fit the range to ``x`` and quantize from now on."""
+        self.reset()
+        self.observe(x)
+        self.finalize()
+        self.mode = "quant"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "observe":
             self.observe(x)
             return x
         if self.mode == "off":
             return x
+        if self.mode == "init":
+            self._init_from(x)
         qmin, qmax = act_qrange(self.bits)
-        if self.per_channel:
-            return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, x.dim() - 1, qmin, qmax)
-        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, qmin, qmax)
+        return _drop(x, fake_quant(x, self.scale, self.zero_point, qmin, qmax), self.drop_prob)
 
 
-class QuantLinear(nn.Module):
+class Log2Quantizer(ActQuantizer):
+    """Post-softmax probabilities on a power-of-sqrt(2) grid (RepQ-ViT's log-sqrt2 quantizer).
+
+    ``x`` in [0, delta] becomes ``delta * 2^(-q/2)`` with ``q = round(-2 log2(x / delta))``
+    in ``0 .. 2^bits - 1``; anything smaller is 0. Softmax outputs are mostly tiny with a
+    few large ones: a uniform 4-bit grid rounds almost every weight to 0, this grid keeps
+    them to within a factor sqrt(2) down to ``2^-7.5`` at 4 bits. ``delta`` (stored as
+    ``scale``) is the largest value seen; ``zero_point`` is unused and 0.
+    """
+
+    kind = "log2"
+
+    def __init__(self, bits: int) -> None:
+        super().__init__(bits, "minmax")
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        if self.min_val is None:
+            raise RuntimeError("activation quantizer finalised before it observed anything")
+        device = self.scale.device
+        self.scale = self.max_val.cpu().clamp_min(1e-8).float().to(device)
+        self.zero_point = torch.zeros(1, dtype=torch.int32, device=device)
+        self.reset()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "init":
+            self._init_from(x)
+        if self.mode != "quant":
+            return super().forward(x)
+        levels = 2**self.bits
+        with torch.no_grad():
+            code = torch.round(-2.0 * torch.log2((x / self.scale).clamp_min(1e-30)))
+            value = self.scale * torch.exp2(-code.clamp(0, levels - 1) / 2)
+            xq = torch.where(code >= levels, torch.zeros_like(x), value)
+        return _drop(x, x + (xq - x).detach(), self.drop_prob)
+
+
+class _QuantWeight(nn.Module):
+    """Per-output-channel weight quantization shared by :class:`QuantLinear` and :class:`QuantConv2d`.
+
+    ``w_scale`` is set from the float weight; ``w_int`` (int8 codes) fixes the rounding
+    once chosen (nearest, or learned by AdaRound in block reconstruction) and is what a
+    quantized file stores. While ``round_logits`` exists (reconstruction), the rounding
+    of each weight is soft: ``floor(w / s) + h(round_logits)``.
+    """
+
+    def _init_weight_quant(self, weight: torch.Tensor, w_bits: int, calibrator: str) -> None:
+        self.w_bits, self.weight_calibrator = w_bits, calibrator
+        self.mode = "off"
+        self.round_logits: nn.Parameter | None = None
+        self.register_buffer("w_scale", weight_scale(weight, w_bits, calibrator))
+        self.register_buffer("w_int", torch.empty(0, dtype=torch.int8))
+
+    @property
+    def float_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _scale_view(self) -> torch.Tensor:
+        return self.w_scale.view(-1, *([1] * (self.float_weight.dim() - 1)))
+
+    def reset_weight_scale(self) -> None:
+        """Recompute ``w_scale`` from the current float weight (after folding) and forget the rounding."""
+        self.w_scale = weight_scale(self.float_weight, self.w_bits, self.weight_calibrator).to(self.w_scale.device)
+        self.w_int = torch.empty(0, dtype=torch.int8, device=self.w_scale.device)
+
+    def rounding_h(self) -> torch.Tensor:
+        """AdaRound's rectified sigmoid of the rounding logits, in [0, 1]."""
+        return torch.clamp(torch.sigmoid(self.round_logits) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def start_learned_rounding(self) -> nn.Parameter:
+        """Begin AdaRound: logits initialised so the soft rounding equals the float weight."""
+        w = self.float_weight.detach() / self._scale_view()
+        frac = (w - torch.floor(w)).clamp(1e-4, 1 - 1e-4)
+        logits = -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)
+        self.round_logits = nn.Parameter(logits)
+        return self.round_logits
+
+    @torch.no_grad()
+    def freeze_weight(self) -> None:
+        """Fix the integer codes: learned rounding where there was some, else round to nearest."""
+        qmin, qmax = weight_qrange(self.w_bits)
+        w = self.float_weight.detach() / self._scale_view()
+        if self.round_logits is not None:
+            codes = torch.floor(w) + (self.rounding_h() >= 0.5).float()
+        else:
+            codes = torch.round(w)
+        self.w_int = codes.clamp(qmin, qmax).to(torch.int8)
+        self.round_logits = None
+
+    def quant_weight(self) -> torch.Tensor:
+        """The weight this module computes with in ``quant`` mode."""
+        qmin, qmax = weight_qrange(self.w_bits)
+        if self.round_logits is not None:
+            w = torch.floor(self.float_weight.detach() / self._scale_view()) + self.rounding_h()
+            return torch.clamp(w, qmin, qmax) * self._scale_view()
+        if self.w_int.numel():
+            return self.w_int.float() * self._scale_view()
+        return fake_quant_weight(self.float_weight, self.w_scale, self.w_bits)
+
+    def round_penalty(self, beta: float) -> torch.Tensor:
+        """AdaRound's regulariser: pushes every soft rounding to 0 or 1 as ``beta`` falls."""
+        return (1 - (2 * self.rounding_h() - 1).abs().pow(beta)).sum()
+
+
+class QuantLinear(_QuantWeight):
     """A Linear with fake-quantized weights and a fake-quantized input.
 
     Wraps (does not copy) the original module, so its parameters stay the model's own.
+    ``fold_r1``/``fold_shift`` record a LayerNorm reparameterisation folded into this
+    Linear (see :mod:`sparseinv.quant.reparam`); empty when there is none.
     """
 
     def __init__(self, linear: nn.Linear, w_bits: int, input_quant: ActQuantizer, calibrator: str = "minmax") -> None:
         super().__init__()
-        self.linear, self.w_bits = linear, w_bits
+        self.linear = linear
         self.input_quant = input_quant
-        self.mode = "off"
-        self.register_buffer("w_scale", weight_scale(linear.weight, w_bits, calibrator))
+        self._init_weight_quant(linear.weight, w_bits, calibrator)
+        self.register_buffer("fold_r1", torch.empty(0))
+        self.register_buffer("fold_shift", torch.empty(0))
+
+    @property
+    def float_weight(self) -> torch.Tensor:
+        return self.linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_quant(x)
-        w = self.linear.weight
-        if self.mode == "quant":
-            w = fake_quant_weight(w, self.w_scale, self.w_bits)
+        w = self.quant_weight() if self.mode in ("quant", "init") else self.linear.weight
         return F.linear(x, w, self.linear.bias)
 
 
-class QuantConv2d(nn.Module):
+class QuantConv2d(_QuantWeight):
     """The patch-embedding conv with fake-quantized weights.
 
     Its input (the image) is not quantized: pixels already are 8-bit, and in a sparse
@@ -221,12 +394,19 @@ class QuantConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, w_bits: int, calibrator: str = "minmax") -> None:
         super().__init__()
-        self.conv, self.w_bits = conv, w_bits
-        self.mode = "off"
-        self.register_buffer("w_scale", weight_scale(conv.weight, w_bits, calibrator))
+        self.conv = conv
+        self._init_weight_quant(conv.weight, w_bits, calibrator)
+
+    @property
+    def float_weight(self) -> torch.Tensor:
+        return self.conv.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.conv.weight
-        if self.mode == "quant":
-            w = fake_quant_weight(w, self.w_scale, self.w_bits)
+        w = self.quant_weight() if self.mode in ("quant", "init") else self.conv.weight
         return self.conv._conv_forward(x, w, self.conv.bias)
+
+
+def log2_levels(bits: int) -> torch.Tensor:
+    """The non-zero values of :class:`Log2Quantizer` with ``delta = 1``, largest first."""
+    return torch.tensor([2.0 ** (-q / 2) for q in range(2**bits)])
+

@@ -1,0 +1,268 @@
+"""The int scheme, RepQ-style quantizers, LayerNorm folding and block reconstruction."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+from sparseinv import load_model, sparse_forward, vit_info
+from sparseinv.cli import main
+from sparseinv.models import timm
+from sparseinv.quant import (
+    ActQuantizer,
+    Log2Quantizer,
+    QuantAttention,
+    QuantConfig,
+    QuantLinear,
+    ReconConfig,
+    calibrate,
+    fingerprint,
+    load_quantized,
+    noise_batches,
+    quantize_,
+    save_quantized,
+    set_quant_mode,
+)
+from test_sparse_forward import MODELS
+
+calibrate_module = sys.modules["sparseinv.quant.calibrate"]
+FAST_RECON = ReconConfig(iters=30, batch_size=2)
+
+
+@pytest.fixture()
+def vit():
+    torch.manual_seed(0)
+    return load_model("test_vit", pretrained=False)
+
+
+# ---------------------------------------------------------------- quantizers
+
+
+def test_log2_quantizer_matches_hand_rounding():
+    q = Log2Quantizer(bits=3)  # codes 0..7: 1, 2^-0.5, ..., 2^-3.5, then 0
+    q.mode = "observe"
+    q(torch.tensor([0.2, 1.0]))
+    q.finalize()
+    assert float(q.scale) == 1.0
+    q.mode = "quant"
+    x = torch.tensor([1.0, 0.5, 0.6, 0.3, 0.09, 0.07, 0.0])
+    # -2 log2(x): 0, 2, 1.47, 3.47, 6.95, 7.67 (code 8: below the grid), inf
+    expected = torch.tensor([1.0, 0.5, 2**-0.5, 2**-1.5, 2**-3.5, 0.0, 0.0])
+    assert torch.allclose(q(x), expected)
+
+
+def test_log2_quantizer_keeps_small_probabilities_a_uniform_grid_loses():
+    torch.manual_seed(0)
+    probs = torch.randn(64, 197).mul(2).softmax(dim=-1)
+    errors = {}
+    for quantizer in (Log2Quantizer(4), ActQuantizer(4)):
+        quantizer.mode = "observe"
+        quantizer(probs)
+        quantizer.finalize()
+        quantizer.mode = "quant"
+        covered = probs >= 2**-7  # what a 4-bit sqrt(2) grid spans
+        errors[quantizer.kind] = float(((quantizer(probs) - probs).abs() / probs)[covered].max())
+    assert errors["log2"] < 0.2 and errors["uniform"] > 0.5
+
+
+def test_pmse_clips_a_lone_outlier_and_keeps_a_clean_range():
+    torch.manual_seed(0)
+    clean = torch.rand(20000, 1) * 4 - 1
+    dirty = clean.clone()
+    dirty[0] = 40.0  # far enough to cost resolution, not so far that clipping it costs more
+    ranges = {}
+    for name, x in (("clean", clean), ("dirty", dirty)):
+        q = ActQuantizer(bits=4, calibrator="pmse")
+        q.mode = "observe"
+        q(x)
+        q.finalize()
+        ranges[name] = float(q.scale) * 15
+    assert ranges["clean"] > 0.99 * float(clean.max() - clean.min())  # at most a mild percentile clipping
+    assert ranges["dirty"] < 10  # the outlier is clipped, not served
+
+
+# ---------------------------------------------------------------- the int scheme
+
+
+def test_int_scheme_quantizes_every_matrix_product_input(vit):
+    quantize_(vit, QuantConfig(4, 4))
+    for block in vit.blocks:
+        attn = block.attn
+        assert isinstance(attn, QuantAttention)
+        assert all(isinstance(getattr(attn, n), ActQuantizer) for n in ("q_quant", "k_quant", "v_quant", "attn_quant"))
+        assert all(isinstance(m, QuantLinear) for m in (attn.qkv, attn.proj, block.mlp.fc1, block.mlp.fc2))
+        assert not hasattr(block, "out_quant")  # the residual stream stays float
+    assert isinstance(vit.head, QuantLinear)
+    calibrate(vit, noise_batches(vit, 2, 2), progress=False)
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: seen.append(mod)) for m in vit.modules() if isinstance(m, ActQuantizer)]
+    with torch.no_grad():
+        sparse_forward(vit, torch.randn(1, 3, 160, 160))
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 6 * 8 + 1  # 4 Linear inputs and q, k, softmax, v per block; the head's input
+
+
+@pytest.mark.parametrize("name, kwargs", MODELS, ids=[f"{n}{k or ''}" for n, k in MODELS])
+@pytest.mark.parametrize("method", ["calib", "repq"])
+def test_quantized_model_off_equals_timm_and_folding_keeps_it(name, kwargs, method):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    x = torch.randn(2, *vit_info(model).input_size)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.warns(UserWarning, match="AttentionPoolLatent") if kwargs.get("global_pool") == "map" else _no_warning():
+        quantize_(model, QuantConfig.for_method(method, 4, 4))
+    set_quant_mode(model, "off")
+    with torch.no_grad():
+        assert torch.allclose(sparse_forward(model, x).logits, expected, atol=1e-5)
+    calibrate(model, [(x, None)], progress=False)  # repq folds its LayerNorms here
+    set_quant_mode(model, "off")
+    with torch.no_grad():
+        assert torch.allclose(sparse_forward(model, x).logits, expected, atol=1e-5 * max(1.0, float(expected.abs().max())))
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_folding_gives_per_tensor_scales_and_the_per_channel_result(vit, monkeypatch):
+    x = torch.randn(4, 3, 160, 160)
+    config = QuantConfig(4, 4, ln_reparam=True, weight_calibrator="mse")
+    unfolded, folded = (quantize_(copy.deepcopy(vit), config) for _ in range(2))
+    monkeypatch.setattr(calibrate_module, "fold_layernorms", lambda model: 0)
+    calibrate(unfolded, [(x, None)], progress=False)
+    monkeypatch.undo()
+    calibrate(folded, [(x, None)], progress=False)
+    for name in ("blocks.0.attn.qkv", "blocks.3.mlp.fc1", "head"):
+        before, after = unfolded.get_submodule(name).input_quant, folded.get_submodule(name).input_quant
+        assert before.per_channel and before.scale.numel() == 64
+        assert not after.per_channel and after.scale.numel() == 1
+    # Weights in float: the folded per-tensor activations are the per-channel ones, re-expressed.
+    for model in (unfolded, folded):
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.mode = "off"
+    with torch.no_grad():
+        a, b = sparse_forward(unfolded, x).logits, sparse_forward(folded, x).logits
+        ref = sparse_forward(vit, x).logits
+    assert (a - b).abs().max() < 1e-3 * ref.abs().max()
+    assert (a - ref).abs().max() > 100 * (a - b).abs().max()  # and quantization did something
+
+
+def test_sequential_calibration_fits_ranges_to_quantized_inputs(vit):
+    x = torch.randn(4, 3, 160, 160)
+    ranges = {}
+    for sequential in (False, True):
+        model = quantize_(copy.deepcopy(vit), QuantConfig(3, 3, sequential=sequential))
+        calibrate(model, [(x[:2], None), (x[2:], None)], progress=False)
+        ranges[sequential] = torch.cat([m.scale.flatten() for m in model.modules() if isinstance(m, ActQuantizer)])
+    assert not torch.equal(ranges[False], ranges[True])
+
+
+# ---------------------------------------------------------------- reconstruction
+
+
+def test_reconstruction_lowers_every_block_error(vit):
+    config = QuantConfig.for_method("recon", 4, 4, recon=ReconConfig(iters=60, batch_size=4))
+    model = quantize_(copy.deepcopy(vit), config, noise_batches(vit, 8, 8), progress=False)
+    report = model.recon_report
+    assert [r["unit"] for r in report] == [f"block {i}" for i in range(6)] + ["head"]
+    assert all(r["loss_after"] < r["loss_before"] for r in report)
+    # Every weight ends with fixed integer codes; some differ from rounding to nearest.
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            assert m.round_logits is None and m.w_int.dtype == torch.int8
+            nearest = torch.round(m.linear.weight / m.w_scale[:, None]).clamp(-7, 7)
+            changed += int((m.w_int != nearest).sum())
+    assert changed > 0
+
+
+def test_reconstruction_feeds_kept_tokens_only(vit):
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 160, 160)
+    keep = torch.stack([torch.randperm(100)[:30].sort().values for _ in range(2)])
+    dropped = torch.ones(2, 100, dtype=torch.bool)
+    dropped[torch.arange(2)[:, None], keep] = False
+    mask = dropped.view(2, 1, 10, 1, 10, 1).expand(2, 3, 10, 16, 10, 16).reshape(2, 3, 160, 160)
+    config = QuantConfig.for_method("recon", 4, 4, recon=ReconConfig(iters=5, batch_size=2))
+    token_counts = []
+    results = []
+    for fill in (1e4, 0.0):
+        images = torch.where(mask, torch.full_like(x, fill), x)
+        model = copy.deepcopy(vit)
+        model.blocks[0].register_forward_pre_hook(lambda m, args: token_counts.append(args[0].shape[1]))
+        quantize_(model, config, [(images, keep)], progress=False)
+        results.append({n: b.clone() for n, b in model.named_buffers() if n.endswith(("w_int", "scale"))})
+    assert set(token_counts) == {1 + 30}
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+
+
+def test_save_and_reload_a_reconstructed_model(tmp_path, vit):
+    state = copy.deepcopy(vit.state_dict())
+    fp = fingerprint(vit)
+    quantize_(vit, QuantConfig.for_method("recon", 4, 4, recon=FAST_RECON), noise_batches(vit, 4, 4), progress=False)
+    x = torch.randn(3, 3, 160, 160)
+    keep = torch.arange(0, 100, 3).expand(3, -1)
+    with torch.no_grad():
+        before = [sparse_forward(vit, x).logits, sparse_forward(vit, x, keep).logits]
+    save_quantized(vit, tmp_path / "q.safetensors", "test_vit", fp)
+    fresh = load_model("test_vit", pretrained=False)
+    fresh.load_state_dict(state)
+    load_quantized(fresh, tmp_path / "q.safetensors", "test_vit")
+    assert fresh.quant_config == vit.quant_config
+    with torch.no_grad():
+        after = [sparse_forward(fresh, x).logits, sparse_forward(fresh, x, keep).logits]
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    set_quant_mode(fresh, "off")  # the re-applied folds leave full precision intact
+    with torch.no_grad():
+        fresh_fp = load_model("test_vit", pretrained=False)
+        fresh_fp.load_state_dict(state)
+        assert torch.allclose(sparse_forward(fresh, x).logits, sparse_forward(fresh_fp, x).logits, atol=1e-5)
+
+
+# ---------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--method", "repq", "--recon-iters", "5"], "need --method recon"),
+    (["--method", "psaq", "--ln-reparam"], "need --scheme int"),
+    (["--method", "psaq", "--softmax-quantizer", "log2"], "need --scheme int"),
+    (["--method", "calib", "--channelwise-ln"], "psaq scheme"),
+    (["--recon-iters", "0"], "at least 1"),
+    (["--recon-drop", "1.5"], "[0, 1)"),
+])
+def test_cli_refuses_settings_a_method_cannot_honour(tmp_path, capsys, args, needle):
+    out = tmp_path / "q.safetensors"
+    code = main(["quantize", "--model", "test_vit", "--random-weights", "--calib", "noise", *args, "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not out.exists()
+
+
+def test_cli_refuses_a_quantized_file_of_an_older_format(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    old = tmp_path / "old.safetensors"
+    save_file({"x": torch.zeros(1)}, str(old), metadata={"format": "sparseinv-quant/1"})
+    data = tmp_path / "data" / "a"
+    data.mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (170, 170)).save(data / "0.png")
+    code = main(["evaluate", "--model", "test_vit", "--random-weights", "--quantized", str(old), "--data", str(tmp_path / "data")])
+    assert code == 2
+    assert "older format" in capsys.readouterr().err
