@@ -59,20 +59,36 @@ def test_seeded_runs_reproduce(tiny_vit):
     assert not torch.equal(a.images, c.images)
 
 
-def test_returns_best_pixels_not_last(tiny_vit, monkeypatch):
-    """With the loss rising after step 0, the output must be the step-0 pixels."""
-    seen = []
+class _RisingLoss(inversion.InversionLoss):
+    """A loss whose value rises every step while its gradient moves every pixel.
 
-    class RisingLoss(inversion.InversionLoss):
-        def __call__(self, inputs):
-            seen.append(inputs.images.detach().clone())
-            return inputs.images.sum((1, 2, 3)) * 0 + len(seen) + inputs.logits.sum(1) * 0
+    The pixel term (``1e-3 * sum``) gives Adam a real gradient, so the images change
+    each step; the step count dominates the value, so the lowest loss is the first one
+    seen (of a run, or of a phase once the best restarts).
+    """
 
-    config = _config(schedule=PruneSchedule(), loss=RisingLoss())
-    result = invert_batch(tiny_vit, torch.tensor([0, 1]), config, seed=0, progress=False)
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def __call__(self, inputs):
+        self.seen.append(inputs.images.detach().clone())
+        return 1e-3 * inputs.images.sum((1, 2, 3)) + 1000.0 * len(self.seen) + 0 * inputs.logits.sum(1)
+
+
+def _as_png(x: torch.Tensor, info) -> torch.Tensor:
+    pixels = x * torch.tensor(info.std).view(1, 3, 1, 1) + torch.tensor(info.mean).view(1, 3, 1, 1)
+    return (pixels.clamp(0, 1) * 255).round() / 255
+
+
+def test_returns_best_pixels_not_last(tiny_vit):
+    """With the loss rising every step, the output must be the step-0 pixels, not the moved last ones."""
+    loss = _RisingLoss()
+    result = invert_batch(tiny_vit, torch.tensor([0, 1]), _config(schedule=PruneSchedule(), loss=loss), seed=0, progress=False)
     info = vit_info(tiny_vit)
-    first = seen[0] * torch.tensor(info.std).view(1, 3, 1, 1) + torch.tensor(info.mean).view(1, 3, 1, 1)
-    assert torch.allclose(result.images, (first.clamp(0, 1) * 255).round() / 255, atol=1e-6)
+    first, last = _as_png(loss.seen[0], info), _as_png(loss.seen[-1], info)
+    assert (first - last).abs().max() > 0.05  # the pixels really moved
+    assert torch.allclose(result.images, first, atol=1e-6)
 
 
 def test_labels_are_balanced_and_follow_given_classes():
@@ -132,19 +148,26 @@ def test_interrupted_run_continues_to_the_same_pool(tiny_vit, tmp_path, monkeypa
 
 def test_best_pixels_restart_at_each_stop(tiny_vit):
     """Losses over fewer tokens are not comparable: the output is the best of the last phase."""
-    seen = []
-
-    class RisingLoss(inversion.InversionLoss):
-        def __call__(self, inputs):
-            seen.append(inputs.images.detach().clone())
-            return inputs.logits.sum(1) * 0 + len(seen)
-
-    result = invert_batch(tiny_vit, torch.tensor([0, 1]), _config(loss=RisingLoss()), seed=0, progress=False)
+    loss = _RisingLoss()
+    result = invert_batch(tiny_vit, torch.tensor([0, 1]), _config(loss=loss), seed=0, progress=False)
     info = vit_info(tiny_vit)
-    last_phase_start = seen[SPARSE.steps[-1]]  # the first step after the last stop
-    pixels = last_phase_start * torch.tensor(info.std).view(1, 3, 1, 1) + torch.tensor(info.mean).view(1, 3, 1, 1)
-    expected = (pixels.clamp(0, 1) * 255).round() / 255 * inversion._patch_mask(result.kept_patches, info)
-    assert torch.allclose(result.images, expected, atol=1e-6)
+    mask = inversion._patch_mask(result.kept_patches, info)
+    last_phase_start = _as_png(loss.seen[SPARSE.steps[-1]], info) * mask  # the first step after the last stop
+    run_start = _as_png(loss.seen[0], info) * mask
+    assert (last_phase_start - run_start).abs().max() > 0.05  # the kept pixels moved in between
+    assert torch.allclose(result.images, last_phase_start, atol=1e-6)
+
+
+def test_stopped_pixels_stay_frozen_while_kept_ones_move(tiny_vit):
+    """Every pixel has a gradient (the loss sums them all), yet only the kept patches change after a stop."""
+    loss = _RisingLoss()
+    config = _config(loss=loss, iterations=8, schedule=PruneSchedule((2, 5), (0.5, 0.5)))
+    invert_batch(tiny_vit, torch.tensor([0, 1]), config, seed=0, progress=False)
+    counts = config.schedule.keep_counts(100)
+    for (start, end), count in zip(config.schedule.phase_bounds(config.iterations), counts):
+        moved = (loss.seen[end - 1] - loss.seen[start]).abs()
+        per_patch = moved.sum(1).unflatten(1, (10, 16)).unflatten(3, (10, 16)).sum((2, 4)).flatten(1)
+        assert ((per_patch > 0).sum(1) == count).all(), (start, count)
 
 
 def test_inversion_leaves_the_models_weights_and_flags_alone(tiny_vit):
