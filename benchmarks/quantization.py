@@ -34,14 +34,22 @@ NUM_CALIB = 32
 
 
 def cells() -> list[tuple[str, int, int, str, int]]:
-    """(method, w_bits, a_bits, source, images), most important first."""
-    order = []
-    for w, a in BITS:
-        for method in ("repq", "recon", "psaq", "calib"):
+    """(method, w_bits, a_bits, source, images): the cells the targets need first, then the rest of the grid."""
+    first = [
+        ("recon", 4, 4, "sparse"), ("recon", 4, 4, "noise"), ("recon", 4, 4, "dense"),
+        ("recon", 6, 6, "sparse"), ("recon", 6, 6, "noise"),
+        ("psaq", 4, 4, "sparse"), ("psaq", 6, 6, "sparse"), ("repq", 6, 6, "sparse"),
+        ("recon", 4, 8, "sparse"), ("recon", 8, 8, "sparse"),
+    ]
+    order = [(*cell, NUM_CALIB) for cell in first]
+    order += [("recon", 4, 4, "sparse", 128), ("recon", 4, 4, "sparse", 64)]
+    order += [(m, w, a, "sparse", NUM_CALIB) for m in ("psaq", "repq") for w, a in BITS]
+    order += [("recon", 4, 4, "real", NUM_CALIB)]
+    for method in ("repq", "psaq", "calib"):
+        for w, a in BITS:
             for source in SOURCES:
-                order.append((method, w, a, source, NUM_CALIB))
-        if (w, a) == (4, 4):  # more sparse images: the 128-image row and accuracy against inversion time
-            order += [("recon", 4, 4, "sparse", 64), ("recon", 4, 4, "sparse", 128)]
+                if (method, w, a, source, NUM_CALIB) not in order and not (method == "recon" and source != "sparse"):
+                    order.append((method, w, a, source, NUM_CALIB))
     return order
 
 
@@ -127,6 +135,30 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(payload: dict) -> None:
+    """``quantization.png``: top-1 per method and source at each bit-width, full precision dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(BITS), figsize=(4 * len(BITS), 3.6), sharey=True)
+    width = 0.8 / len(SOURCES)
+    for ax, (w, a) in zip(axes, BITS):
+        for i, source in enumerate(SOURCES):
+            values = [payload["cells"].get(f"{m} W{w}/A{a} {source} {NUM_CALIB}", {}).get("top1", 0) for m in METHODS]
+            ax.bar([j + i * width for j in range(len(METHODS))], values, width, label=source)
+        ax.axhline(payload["full_precision"]["top1"], color="k", ls="--", lw=1)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(METHODS))], METHODS)
+        ax.set_title(f"W{w}/A{a}")
+    axes[0].set_ylabel("top-1 (%), 1000 imagenette val images")
+    axes[-1].legend(title="32 calibration images", fontsize=8)
+    fig.suptitle("DeiT-Tiny data-free quantization (0 = not measured)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "quantization.png", dpi=90)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=100, help="val images per class (default 100: 1000 images)")
@@ -137,6 +169,7 @@ def main() -> None:
     old = json.loads(previous.read_text()) if previous.is_file() else {}
     if args.table_only:
         (RESULTS / "quantization.md").write_text(markdown(old))
+        plot(old)
         return
     model = load_model(DEIT_TINY, DEIT_TINY_CKPT)
     images, labels = val_subset(model, args.per_class)
@@ -181,6 +214,7 @@ def main() -> None:
         (RESULTS / "quantization.md").write_text(markdown(payload))
     write_results("quantization", payload)
     (RESULTS / "quantization.md").write_text(markdown(payload))
+    plot(payload)
     print(markdown(payload))
 
 

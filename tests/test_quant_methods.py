@@ -22,17 +22,13 @@ from sparseinv.quant import (
     QuantLinear,
     ReconConfig,
     calibrate,
-    fingerprint,
-    load_quantized,
     noise_batches,
     quantize_,
-    save_quantized,
     set_quant_mode,
 )
 from test_sparse_forward import MODELS
 
 calibrate_module = sys.modules["sparseinv.quant.calibrate"]
-FAST_RECON = ReconConfig(iters=30, batch_size=2)
 
 
 @pytest.fixture()
@@ -210,29 +206,6 @@ def test_reconstruction_feeds_kept_tokens_only(vit):
     assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
 
 
-def test_save_and_reload_a_reconstructed_model(tmp_path, vit):
-    state = copy.deepcopy(vit.state_dict())
-    fp = fingerprint(vit)
-    quantize_(vit, QuantConfig.for_method("recon", 4, 4, recon=FAST_RECON), noise_batches(vit, 4, 4), progress=False)
-    x = torch.randn(3, 3, 160, 160)
-    keep = torch.arange(0, 100, 3).expand(3, -1)
-    with torch.no_grad():
-        before = [sparse_forward(vit, x).logits, sparse_forward(vit, x, keep).logits]
-    save_quantized(vit, tmp_path / "q.safetensors", "test_vit", fp)
-    fresh = load_model("test_vit", pretrained=False)
-    fresh.load_state_dict(state)
-    load_quantized(fresh, tmp_path / "q.safetensors", "test_vit")
-    assert fresh.quant_config == vit.quant_config
-    with torch.no_grad():
-        after = [sparse_forward(fresh, x).logits, sparse_forward(fresh, x, keep).logits]
-    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
-    set_quant_mode(fresh, "off")  # the re-applied folds leave full precision intact
-    with torch.no_grad():
-        fresh_fp = load_model("test_vit", pretrained=False)
-        fresh_fp.load_state_dict(state)
-        assert torch.allclose(sparse_forward(fresh, x).logits, sparse_forward(fresh_fp, x).logits, atol=1e-5)
-
-
 # ---------------------------------------------------------------- refusals
 
 
@@ -266,3 +239,24 @@ def test_cli_refuses_a_quantized_file_of_an_older_format(tmp_path, capsys):
     code = main(["evaluate", "--model", "test_vit", "--random-weights", "--quantized", str(old), "--data", str(tmp_path / "data")])
     assert code == 2
     assert "older format" in capsys.readouterr().err
+
+
+def test_reconstruction_views_feed_remapped_kept_tokens(vit, monkeypatch):
+    reconstruct_module = sys.modules["sparseinv.quant.reconstruct"]
+    fed = []
+    real_input_tokens = reconstruct_module.input_tokens
+
+    def spy(model, x, keep=None):
+        fed.append((x.clone(), keep.clone()))
+        return real_input_tokens(model, x, keep)
+
+    monkeypatch.setattr(reconstruct_module, "input_tokens", spy)
+    x = torch.randn(2, 3, 160, 160)
+    keep = torch.tensor([[0, 1, 2, 55], [10, 20, 30, 99]])
+    config = QuantConfig.for_method("recon", 4, 4, recon=ReconConfig(iters=2, batch_size=2, views=3))
+    quantize_(vit, config, [(x, keep)], progress=False)
+    images = [f[0] for f in fed[: len(fed) // 2]]  # full-precision pass; the quantized pass repeats them
+    assert len(images) == 3 and torch.equal(images[0], x)
+    view = reconstruct_module.whole_patch_views(3, (16, 16), config.recon.seed)[1]
+    assert torch.equal(images[1], view.apply(x))
+    assert torch.equal(fed[1][1], view.remap(keep, (10, 10), (16, 16)))

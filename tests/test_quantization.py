@@ -25,6 +25,7 @@ from sparseinv.quant import (
     QuantConfig,
     QuantConv2d,
     QuantLinear,
+    ReconConfig,
     calibrate,
     calibration_batches,
     fake_quant_weight,
@@ -201,11 +202,14 @@ def test_pool_batches_feed_kept_patches(tmp_path, vit):
     assert batches[0][0].min() < -0.5
 
 
-def test_save_and_reload_give_identical_logits(tmp_path, vit):
+@pytest.mark.parametrize("config", [
+    QuantConfig(4, 6, scheme="psaq", calibrator="mse", channelwise_ln=True),
+    QuantConfig.for_method("recon", 4, 4, recon=ReconConfig(iters=30, batch_size=2)),  # learned codes, scales and folds
+], ids=["psaq-channelwise", "recon"])
+def test_save_and_reload_give_identical_logits(tmp_path, vit, config):
     state = copy.deepcopy(vit.state_dict())
     fp = fingerprint(vit)
-    quantize_(vit, QuantConfig(4, 6, scheme="psaq", calibrator="mse", channelwise_ln=True))
-    calibrate(vit, noise_batches(vit, 2, 1), progress=False)
+    quantize_(vit, config, noise_batches(vit, 4, 2), progress=False)
     x = torch.randn(3, 3, 160, 160)
     keep = torch.arange(0, 100, 2).expand(3, -1)
     with torch.no_grad():
@@ -214,9 +218,14 @@ def test_save_and_reload_give_identical_logits(tmp_path, vit):
     fresh = load_model("test_vit", pretrained=False)
     fresh.load_state_dict(state)
     load_quantized(fresh, tmp_path / "q.safetensors", "test_vit")
+    assert fresh.quant_config == vit.quant_config
     with torch.no_grad():
         after = [sparse_forward(fresh, x).logits, sparse_forward(fresh, x, keep).logits]
-    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+        assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+        set_quant_mode(fresh, "off")  # re-applied LayerNorm folds leave full precision intact
+        original = load_model("test_vit", pretrained=False)
+        original.load_state_dict(state)
+        assert torch.allclose(sparse_forward(fresh, x).logits, sparse_forward(original, x).logits, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["psaq", "repq"])

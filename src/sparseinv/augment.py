@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+# Views of a finished image: rolls by up to this many whole patches each way, with or without a mirror.
+MAX_SHIFT_PATCHES = 2
+MAX_VIEWS = 2 * (2 * MAX_SHIFT_PATCHES + 1) ** 2
+
 
 @dataclass(frozen=True)
 class RollFlip:
@@ -46,3 +50,18 @@ class RollFlip:
         if self.flip:
             c = cols - 1 - c
         return r * cols + c
+
+
+def whole_patch_views(num_views: int, patch_size: tuple[int, int], seed: int = 0) -> list[RollFlip]:
+    """The image itself, then ``num_views - 1`` distinct whole-patch rolls and mirrors, in a seeded order.
+
+    The shifts are whole patches, so a sparse image's kept patches follow its pixels
+    exactly (:meth:`RollFlip.remap`). Distillation and block reconstruction use them
+    to get more samples out of few synthetic images.
+    """
+    shifts = range(-MAX_SHIFT_PATCHES, MAX_SHIFT_PATCHES + 1)
+    identity = RollFlip(0, 0, False)
+    others = [RollFlip(dy * patch_size[0], dx * patch_size[1], flip) for dy in shifts for dx in shifts for flip in (False, True)]
+    others.remove(identity)
+    order = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [identity] + [others[i] for i in order[: num_views - 1]]

@@ -57,7 +57,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparseinv.augment import RollFlip
+from sparseinv.augment import MAX_VIEWS, RollFlip, whole_patch_views
+from sparseinv.augment import whole_patch_views as distill_views  # noqa: F401  (its name here before it moved)
 from sparseinv.errors import UsageError
 from sparseinv.models import vit_info
 from sparseinv.pool import Pool
@@ -70,8 +71,6 @@ MODES = ("linear-probe", "full")
 # gentler rate still, since it moves a whole pretrained backbone.
 DEFAULT_LR = {"linear-probe": 0.01, "full": 0.001}
 # Views are rolls by up to this many whole patches each way, with or without a mirror.
-MAX_SHIFT_PATCHES = 2
-MAX_VIEWS = 2 * (2 * MAX_SHIFT_PATCHES + 1) ** 2
 
 
 @dataclass
@@ -154,16 +153,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 # ---------------------------------------------------------------- models and inputs
-
-
-def distill_views(num_views: int, patch_size: tuple[int, int], seed: int = 0) -> list[RollFlip]:
-    """The image itself, then ``num_views - 1`` distinct whole-patch rolls and mirrors, in a seeded order."""
-    shifts = range(-MAX_SHIFT_PATCHES, MAX_SHIFT_PATCHES + 1)
-    identity = RollFlip(0, 0, False)
-    others = [RollFlip(dy * patch_size[0], dx * patch_size[1], flip) for dy in shifts for dx in shifts for flip in (False, True)]
-    others.remove(identity)
-    order = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [identity] + [others[i] for i in order[: num_views - 1]]
 
 
 def checkpoint_num_classes(path: str | os.PathLike, classifier: str = "head") -> int | None:
@@ -441,7 +430,7 @@ def distill(
     linear = config.mode == "linear-probe"
     num_patches = int(pool.run["num_patches"])
     patch_size = tuple(int(p) for p in pool.run["patch_size"])
-    views = distill_views(config.views, patch_size, config.seed)
+    views = whole_patch_views(config.views, patch_size, config.seed)
 
     # The data, per view of each image: pixels, kept tokens, the teacher's logits and
     # (linear probe) the frozen student's features, each computed once.

@@ -35,9 +35,15 @@ class ReconConfig:
         warmup: Fraction of ``iters`` before the regulariser starts.
         beta: AdaRound's annealing exponent, from the first to the second value.
         drop_prob: QDrop's probability of keeping an activation in full precision.
+        views: Each calibration image is reconstructed on as this many whole-patch
+            rolls and mirrors of itself (1: the image alone).
         seed: Seeds the minibatch draws and QDrop's masks.
     """
 
+    # Learning rates chosen without real images: on DeiT-Tiny W4/A4 from 32 sparse-pool
+    # images, KL(full precision || quantized) on 32 other sparse-pool images was 1.39
+    # with these, 1.53 with lr_round 1e-2 and fixed step sizes, and 2.61 before
+    # reconstruction. 300 steps of 8 images keep DeiT-Tiny within minutes on 2 cores.
     iters: int = 300
     batch_size: int = 8
     lr_round: float = 3e-3
@@ -46,6 +52,7 @@ class ReconConfig:
     warmup: float = 0.2
     beta: tuple[float, float] = (20.0, 2.0)
     drop_prob: float = 0.5
+    views: int = 1
     seed: int = 0
 
     def validate(self) -> "ReconConfig":
@@ -53,6 +60,10 @@ class ReconConfig:
             raise UsageError(f"reconstruction needs --recon-iters and --recon-batch-size of at least 1, got {self.iters} and {self.batch_size}.")
         if not (self.lr_round > 0 and self.lr_scale >= 0 and self.round_weight >= 0):
             raise UsageError("reconstruction learning rates must be positive and the rounding weight non-negative.")
+        from sparseinv.augment import MAX_VIEWS
+
+        if not 1 <= self.views <= MAX_VIEWS:
+            raise UsageError(f"--recon-views {self.views} is out of range: use 1 to {MAX_VIEWS}.")
         if not 0.0 <= self.drop_prob < 1.0 or not 0.0 <= self.warmup < 1.0:
             raise UsageError(f"--recon-drop {self.drop_prob} and the warm-up must lie in [0, 1).")
         return self

@@ -8,6 +8,8 @@ full-precision unit's output on the full-precision tokens. As in QDrop, each inp
 element is the full-precision one with probability ``drop_prob`` and each activation
 quantizer inside keeps an element in full precision with the same probability, which
 makes the learned parameters hold up when the real (fully quantized) inputs arrive.
+With ``views > 1`` every calibration image is also shown as whole-patch rolls and
+mirrors (kept patches follow their pixels), more samples for the same images.
 
 Tokens are what :func:`sparseinv.sparse_forward.input_tokens` feeds: a sparse pool's
 images enter as their kept tokens only, so reconstructing on them is cheaper too.
@@ -21,6 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparseinv.augment import whole_patch_views
+from sparseinv.models import vit_info
 from sparseinv.quant.config import ReconConfig
 from sparseinv.quant.model import set_quant_mode
 from sparseinv.quant.quantizers import ActQuantizer, Log2Quantizer, _QuantWeight
@@ -82,6 +86,11 @@ def reconstruct(model: nn.Module, batches: Sequence[Batch], config: ReconConfig,
     requires_grad = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
+    if config.views > 1:
+        info = vit_info(model)
+        views = whole_patch_views(config.views, info.patch_size, config.seed)
+        batches = [(view.apply(x), None if k is None else view.remap(k, info.grid_size, info.patch_size))
+                   for view in views for x, k in batches]
     with torch.no_grad():
         set_quant_mode(model, "off")
         fp = [input_tokens(model, x.to(device), None if k is None else k.to(device)) for x, k in batches]
