@@ -7,6 +7,7 @@ nothing here feeds a synthetic pool.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,17 @@ def read_class_index(path: str | os.PathLike) -> dict[str, int]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"class index '{path}' does not exist.")
-    return {line.split()[0]: i for i, line in enumerate(path.read_text().splitlines()) if line.strip()}
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"class index '{path}' cannot be read as text ({type(err).__name__}).") from None
+    names = [line.split()[0] for line in lines if line.strip()]
+    if not names:
+        raise UsageError(f"class index '{path}' is empty.")
+    repeated = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if repeated is not None:
+        raise UsageError(f"class index '{path}' names '{repeated}' twice.")
+    return {name: i for i, name in enumerate(names)}
 
 
 @dataclass
@@ -58,14 +69,18 @@ class ImageFolder:
         missing = [c for c in classes if c not in class_index]
         if missing:
             raise UsageError(f"class folder '{missing[0]}' of '{root}' is not in the class index.")
-        files, labels = [], []
+        files, labels, skipped = [], [], 0
         for name in classes:
-            found = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            entries = [p for p in (root / name).iterdir() if p.is_file() and not p.name.startswith(".")]
+            found = sorted(p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES)
+            skipped += len(entries) - len(found)
             found = found[:limit_per_class] if limit_per_class else found
             files += found
             labels += [class_index[name]] * len(found)
         if not files:
             raise UsageError(f"image folder '{root}' holds no images in class sub-folders.")
+        if skipped:
+            warnings.warn(f"skipped {skipped} file(s) in '{root}' that are not images ({', '.join(sorted(IMAGE_SUFFIXES))}).", stacklevel=2)
         return cls(root=root, files=files, labels=labels, classes=classes)
 
     def __len__(self) -> int:
@@ -88,8 +103,12 @@ class _TransformedFolder(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         from PIL import Image
 
-        with Image.open(self.folder.files[i]) as img:
-            return self.transform(img.convert("RGB")), self.folder.labels[i]
+        path = self.folder.files[i]
+        try:
+            with Image.open(path) as img:
+                return self.transform(img.convert("RGB")), self.folder.labels[i]
+        except (OSError, ValueError, SyntaxError) as err:  # PIL reports damage as any of these
+            raise UsageError(f"image '{path}' cannot be read ({str(err).strip() or type(err).__name__}).") from None
 
 
 def load_images(folder: ImageFolder, model: nn.Module, batch_size: int = 64, workers: int = 0):

@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 from sparseinv.augment import MAX_VIEWS, RollFlip, whole_patch_views
 from sparseinv.augment import whole_patch_views as distill_views  # noqa: F401  (its name here before it moved)
 from sparseinv.errors import UsageError
+from sparseinv.files import atomic_save, atomic_write_json
 from sparseinv.models import vit_info
 from sparseinv.pool import Pool
 from sparseinv.sparse_forward import sparse_forward
@@ -165,19 +166,11 @@ def checkpoint_num_classes(path: str | os.PathLike, classifier: str = "head") ->
     Returns:
         Rows of ``<classifier>.weight``, or ``None`` if the checkpoint has no such key.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"checkpoint '{path}' does not exist.")
+    from sparseinv.models import read_state_dict
+
     key = f"{classifier}.weight"
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return int(f.get_slice(key).get_shape()[0]) if key in f.keys() else None
-    from sparseinv.models import _load_state_dict
-
-    state = _load_state_dict(path)
-    return int(state[key].shape[0]) if key in state else None
+    state = read_state_dict(path)
+    return int(state[key].shape[0]) if key in state and state[key].dim() >= 1 else None
 
 
 def is_vit(model: nn.Module) -> bool:
@@ -329,16 +322,12 @@ def sibling(out: str | os.PathLike, suffix: str) -> Path:
 def _save_student(student: nn.Module, path: Path, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
-    save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
-    os.replace(tmp, path)
+    atomic_save(path, lambda tmp: save_file(state, tmp, metadata={k: json.dumps(v) for k, v in meta.items()}))
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_save(path, lambda tmp: torch.save(obj, tmp))
 
 
 # ---------------------------------------------------------------- the loop
@@ -468,14 +457,20 @@ def distill(
     start_epoch = 0
     inversion_seconds = 0.0
     if last_path.is_file():
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
-        saved = dict(state["settings"])
+        try:
+            state = torch.load(last_path, map_location="cpu", weights_only=False)
+            saved = dict(state["settings"])
+        except Exception as err:  # a damaged pickle fails in many ways
+            raise UsageError(f"resume checkpoint '{last_path}' is damaged ({type(err).__name__}); delete it to start afresh.") from None
         # More epochs may be asked for when resuming; everything else must match.
         if {**saved, "config": {**saved["config"], "epochs": None}} != {**settings, "config": {**settings["config"], "epochs": None}}:
             raise UsageError(f"'{last_path}' belongs to a run with other settings; delete it or choose another --out.")
-        student.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history, best = state["epoch"], state["history"], state["best"]
+        try:
+            student.load_state_dict(state["student"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch, history, best = state["epoch"], state["history"], state["best"]
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise UsageError(f"resume checkpoint '{last_path}' is damaged ({type(err).__name__}); delete it to start afresh.") from None
         inversion_seconds = state.get("inversion_seconds", 0.0)
 
     def invert_round(r: int) -> float:
@@ -558,5 +553,5 @@ def distill(
         "settings": settings,
         "history": history,
     }
-    sibling(out, ".json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(sibling(out, ".json"), summary)
     return summary

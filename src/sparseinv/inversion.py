@@ -216,7 +216,7 @@ def _run_phases(
             # output would be an image optimised for patches it no longer has. The best
             # pixels are therefore the best of the current phase.
             best_loss.fill_(float("inf"))
-        for _ in range(start, end):
+        for step in range(start, end):
             aug = RollFlip.sample(generator, max_dy, max_dx, config.flip)
             fed = None if keep is None else aug.remap(keep, info.grid_size, info.patch_size)
             logits = sparse_forward(model, aug.apply(x), fed).logits
@@ -233,6 +233,8 @@ def _run_phases(
                     # or a straddling shifted patch did to it.
                     torch.where(pixel_mask, x, frozen, out=x.data)
                 torch.maximum(torch.minimum(x, high, out=x.data), low, out=x.data)
+            if (step + 1) % 10 == 0 or step + 1 == end:
+                _check_finite(per_image, step + 1, config)
             bar.update(1)
             if bar.n % 10 == 0 or bar.n == config.iterations:
                 bar.set_postfix(loss=f"{per_image.mean().item():.3f}", tokens=counts[phase])
@@ -266,6 +268,15 @@ def _run_phases(
         tokens_per_phase=counts,
         final_seconds=time.perf_counter() - final_start,
     )
+
+
+def _check_finite(per_image: torch.Tensor, step: int, config: InversionConfig) -> None:
+    """Stop a batch whose loss diverged before it writes meaningless images."""
+    if not bool(torch.isfinite(per_image.detach()).all()):
+        raise UsageError(
+            f"inversion diverged: the loss is not finite at step {step}; lower --lr (now {config.lr}) or the loss weights. "
+            "Batches finished before this one are kept."
+        )
 
 
 @dataclass
@@ -337,38 +348,42 @@ def invert(
     if out is not None:
         writer = PoolWriter(out, run_record(model, config, model_name, checkpoint))
         done = writer.open()
-    batches: list[BatchResult] = []
-    batch_stats: list[dict] = []
-    num_batches = -(-config.num_images // config.batch_size)
-    for b in range(done // config.batch_size, num_batches):
-        chunk = labels[b * config.batch_size : (b + 1) * config.batch_size]
-        result = invert_batch(
-            model,
-            torch.tensor(chunk, device=device),
-            config,
-            seed=config.seed * 1_000_003 + b,
-            progress=progress,
-            desc=f"batch {b + 1}/{num_batches}",
-        )
-        stats = {
-            "index": b,
-            "size": len(chunk),
-            "wall_seconds": result.wall_seconds,
-            "seconds_per_phase": result.seconds_per_phase,
-            "tokens_per_phase": result.tokens_per_phase,
-            "final_seconds": result.final_seconds,
-            "num_correct": int(result.correct.sum()),
-        }
+    try:
+        batches: list[BatchResult] = []
+        batch_stats: list[dict] = []
+        num_batches = -(-config.num_images // config.batch_size)
+        for b in range(done // config.batch_size, num_batches):
+            chunk = labels[b * config.batch_size : (b + 1) * config.batch_size]
+            result = invert_batch(
+                model,
+                torch.tensor(chunk, device=device),
+                config,
+                seed=config.seed * 1_000_003 + b,
+                progress=progress,
+                desc=f"batch {b + 1}/{num_batches}",
+            )
+            stats = {
+                "index": b,
+                "size": len(chunk),
+                "wall_seconds": result.wall_seconds,
+                "seconds_per_phase": result.seconds_per_phase,
+                "tokens_per_phase": result.tokens_per_phase,
+                "final_seconds": result.final_seconds,
+                "num_correct": int(result.correct.sum()),
+            }
+            if writer is not None:
+                writer.add_batch(result.images, result.labels, result.kept_patches, result.target_prob, stats)
+            else:
+                batches.append(result)
+                batch_stats.append(stats)
         if writer is not None:
-            writer.add_batch(result.images, result.labels, result.kept_patches, result.target_prob, stats)
-        else:
-            batches.append(result)
-            batch_stats.append(stats)
-    if writer is not None:
-        pool = read_pool(out)
-        name = class_namer(model)
-        writer.finish(image_grid_png(pool.images, [name(c) for c in pool.labels]))
-        return InversionResult(pool.images, pool.labels, pool.kept_patches, pool.target_prob, writer.run)
+            pool = read_pool(out)
+            name = class_namer(model)
+            writer.finish(image_grid_png(pool.images, [name(c) for c in pool.labels]))
+            return InversionResult(pool.images, pool.labels, pool.kept_patches, pool.target_prob, writer.run)
+    finally:
+        if writer is not None:
+            writer.close()
     run = run_record(model, config, model_name, checkpoint)
     run.update(summarise_batches(batch_stats))
     return InversionResult(

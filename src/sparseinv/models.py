@@ -67,6 +67,11 @@ def vit_info(model: nn.Module) -> ViTInfo:
         raise UsageError(f"{name} has no class token, so its patches cannot be scored by class-token attention.")
     if not hasattr(model.blocks[-1], "attn") or not hasattr(model.blocks[-1].attn, "attn_drop"):
         raise UsageError(f"{name}'s last block has no standard attention module, so its class-token attention cannot be read.")
+    if not getattr(model, "num_classes", 0):
+        raise UsageError(f"{name} has no classifier (num_classes is 0): inversion needs class logits; use a model with a head.")
+    if hasattr(model, "rope"):  # timm's EVA family
+        why = "uses rotary position embeddings" if model.rope is not None else "returns its positional embeddings with the tokens"
+        raise UsageError(f"{name} (EVA family) {why}, which the sparse forward cannot give each kept token yet; it is not supported.")
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean = tuple(float(v) for v in cfg.get("mean", timm.data.IMAGENET_DEFAULT_MEAN))
     std = tuple(float(v) for v in cfg.get("std", timm.data.IMAGENET_DEFAULT_STD))
@@ -86,6 +91,11 @@ def vit_info(model: nn.Module) -> ViTInfo:
     )
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -95,6 +105,24 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model", "model_ema"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             return state[key]
+    return state
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights in a ``.safetensors`` or ``.pth`` file (a ``state_dict``/``model`` entry is unwrapped).
+
+    Raises:
+        UsageError: the file is missing, unreadable, or holds no dictionary of tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint '{path}' does not exist.")
+    try:
+        state = _load_state_dict(path)
+    except Exception as err:  # safetensors, pickle and zip readers each fail in their own way
+        raise UsageError(f"checkpoint '{path}' is not a weights file ({_first_line(err)}).") from None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"checkpoint '{path}' holds no dictionary of weight tensors.")
     return state
 
 
@@ -131,13 +159,10 @@ def load_model(
         raise
     if checkpoint is not None:
         path = Path(checkpoint)
-        if not path.is_file():
-            raise UsageError(f"checkpoint '{path}' does not exist.")
+        state = read_state_dict(path)
         try:
-            state = _load_state_dict(path)
             model.load_state_dict(state, strict=True)
-        except (RuntimeError, KeyError, ValueError, OSError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UsageError(f"checkpoint '{path}' does not match model '{name}': {first}") from None
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise UsageError(f"checkpoint '{path}' does not match model '{name}': {_first_line(err)}") from None
     vit_info(model)  # refuse models we cannot invert before anyone spends time on them
     return model.to(device).eval()

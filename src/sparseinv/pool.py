@@ -24,21 +24,9 @@ import torch
 from PIL import Image
 
 from sparseinv.errors import UsageError
+from sparseinv.files import FolderLock, atomic_save, atomic_write, atomic_write_json, check_writable
 
 FORMAT = "sparseinv-pool/1"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: Path, obj) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -47,10 +35,24 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """An RGB image file as a (3, H, W) float tensor in [0, 1]."""
-    with Image.open(path) as img:
-        array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    """An RGB image file as a (3, H, W) float tensor in [0, 1].
+
+    Raises:
+        UsageError: the file is missing, unreadable, truncated or not an image.
+    """
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise UsageError(f"image '{path}' does not exist.") from None
+    except (OSError, ValueError, SyntaxError) as err:  # PIL reports damage as any of these
+        raise UsageError(f"image '{path}' cannot be read ({_first_line(err)}).") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 @dataclass
@@ -92,39 +94,134 @@ class Pool:
             )
 
 
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{what} '{path}' is damaged: not valid JSON ({_first_line(err)}).") from None
+    except OSError as err:
+        raise UsageError(f"{what} '{path}' cannot be read ({_first_line(err)}).") from None
+
+
+# A manifest line's fields and the types each must have.
+_ENTRY_FIELDS = {"file": (str,), "label": (int,), "kept_patches": (list,), "target_prob": (int, float)}
+
+
 def read_manifest(root: Path) -> list[dict]:
+    """The manifest's entries, each checked for its fields and their types; [] if there is none.
+
+    Raises:
+        UsageError: a line that is not JSON, or lacks a field, or has one of the wrong type.
+    """
     path = Path(root) / "manifest.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"pool manifest '{path}' cannot be read ({_first_line(err)}).") from None
+    entries = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            raise UsageError(f"pool manifest '{path}' line {number} is damaged: not valid JSON.") from None
+        if not isinstance(entry, dict):
+            raise UsageError(f"pool manifest '{path}' line {number} is damaged: not a JSON object.")
+        for field, types in _ENTRY_FIELDS.items():
+            value = entry.get(field)
+            if not isinstance(value, types) or isinstance(value, bool):
+                problem = "lacks" if field not in entry else "has a wrong"
+                raise UsageError(f"pool manifest '{path}' line {number} is damaged: it {problem} '{field}' field.")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in entry["kept_patches"]):
+            raise UsageError(f"pool manifest '{path}' line {number} is damaged: 'kept_patches' must be patch indices.")
+        entries.append(entry)
+    return entries
 
 
 def read_run(root: Path) -> dict | None:
+    """The pool's run record, or ``None`` if the folder has no ``run.json``.
+
+    Raises:
+        UsageError: ``run.json`` exists but is not a JSON object.
+    """
     path = Path(root) / "run.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    run = _read_json(path, "pool record")
+    if not isinstance(run, dict):
+        raise UsageError(f"pool record '{path}' is damaged: not a JSON object.")
+    return run
+
+
+def _check_run(root: Path, run: dict | None) -> None:
+    if run is None:
+        raise UsageError(f"'{root}' is not a sparseinv pool (no run.json).")
+    fmt = run.get("format")
+    if isinstance(fmt, str) and fmt.startswith("sparseinv-pool/") and fmt != FORMAT:
+        raise UsageError(f"pool '{root}' was written in format {fmt}, which this sparseinv ({FORMAT}) cannot read; upgrade sparseinv.")
+    if fmt != FORMAT:
+        raise UsageError(f"'{root}' is not a sparseinv pool (its run.json is not of format {FORMAT}).")
+    for key, kind in (("model", str), ("num_patches", int), ("num_classes", int), ("input_size", list)):
+        if not isinstance(run.get(key), kind):
+            raise UsageError(f"pool record '{root / 'run.json'}' is damaged: it lacks a valid '{key}'.")
+
+
+def _check_entry(root: Path, run: dict, number: int, entry: dict) -> None:
+    """Refuse an entry that names a file outside the pool, a label or patch the model lacks."""
+    where = f"pool manifest '{root / 'manifest.jsonl'}' line {number}"
+    file = Path(entry["file"])
+    if file.is_absolute() or ".." in file.parts:
+        raise UsageError(f"{where} names '{file}', which is outside the pool.")
+    if not 0 <= entry["label"] < run["num_classes"]:
+        raise UsageError(f"{where} has label {entry['label']}, but {run['model']} has classes 0..{run['num_classes'] - 1}.")
+    kept = entry["kept_patches"]
+    if not kept or min(kept) < 0 or max(kept) >= run["num_patches"]:
+        raise UsageError(f"{where} has kept patches outside 0..{run['num_patches'] - 1}.")
+    if len(set(kept)) != len(kept):
+        raise UsageError(f"{where} repeats a kept patch.")
 
 
 def read_pool(root: str | os.PathLike) -> Pool:
-    """Load a pool folder written by :class:`PoolWriter`.
+    """Load a pool folder written by :class:`PoolWriter`, checking every part of it.
 
     Raises:
-        UsageError: not a pool, or a pool with no images.
+        UsageError: not a pool, a pool with no images, or a damaged one (a record or
+            manifest line that does not parse, a missing or unreadable image, a label or
+            patch index the model does not have, images of different sizes).
     """
     root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"pool '{root}' does not exist.")
     run = read_run(root)
-    if run is None or run.get("format") != FORMAT:
-        raise UsageError(f"'{root}' is not a sparseinv pool (no run.json of format {FORMAT}).")
+    _check_run(root, run)
     entries = read_manifest(root)
     if not entries:
         raise UsageError(f"pool '{root}' holds no images yet.")
-    images = torch.stack([read_image(root / e["file"]) for e in entries])
+    for number, entry in enumerate(entries, 1):
+        _check_entry(root, run, number, entry)
+    if len({len(e["kept_patches"]) for e in entries}) > 1:
+        raise UsageError(f"pool manifest '{root / 'manifest.jsonl'}' is damaged: its images keep different numbers of patches.")
+    images = [read_image(root / e["file"]) for e in entries]
+    size = tuple(run["input_size"][1:])
+    wrong = next((e["file"] for e, img in zip(entries, images) if tuple(img.shape[1:]) != size), None)
+    if wrong is not None:
+        raise UsageError(f"image '{root / wrong}' is not {size[0]}x{size[1]} pixels, the size {run['model']} was inverted at.")
     return Pool(
         root=root,
-        images=images,
+        images=torch.stack(images),
         labels=torch.tensor([e["label"] for e in entries]),
         kept_patches=torch.tensor([e["kept_patches"] for e in entries]),
-        target_prob=torch.tensor([e["target_prob"] for e in entries]),
+        target_prob=torch.tensor([float(e["target_prob"]) for e in entries]),
         run=run,
+    )
+
+
+def _valid_batches(batches) -> bool:
+    return isinstance(batches, list) and all(
+        isinstance(b, dict) and isinstance(b.get("size"), int) and b["size"] >= 0 for b in batches
     )
 
 
@@ -154,44 +251,63 @@ class PoolWriter:
         self.root = Path(root)
         self.run = {"format": FORMAT, **run, "batches": [], "complete": False}
         self.entries: list[dict] = []
+        self._lock = FolderLock(self.root)
 
     def check(self) -> None:
         """Raise :class:`UsageError` if ``root`` holds something this run must not touch."""
-        if self.root.exists() and not self.root.is_dir():
-            raise UsageError(f"--out '{self.root}' exists and is not a folder.")
+        check_writable(self.root, folder=True)
         existing = read_run(self.root) if self.root.is_dir() else None
         if existing is None:
-            if self.root.is_dir() and any(self.root.iterdir()):
+            # A lock file alone is what a run killed before its first record leaves.
+            if self.root.is_dir() and any(p.name != ".lock" for p in self.root.iterdir()):
                 raise UsageError(f"--out '{self.root}' is a non-empty folder that is not a sparseinv pool.")
             return
-        if existing.get("model") != self.run["model"] or existing.get("settings") != self.run["settings"]:
-            diff = sorted(
-                k for k in set(existing.get("settings", {})) | set(self.run["settings"])
-                if existing.get("settings", {}).get(k) != self.run["settings"].get(k)
-            )
+        _check_run(self.root, existing)
+        settings = existing.get("settings")
+        if not isinstance(settings, dict) or not _valid_batches(existing.get("batches")):
+            raise UsageError(f"pool record '{self.root / 'run.json'}' is damaged; choose another folder.")
+        if existing.get("model") != self.run["model"] or settings != self.run["settings"]:
+            diff = sorted(k for k in set(settings) | set(self.run["settings"]) if settings.get(k) != self.run["settings"].get(k))
             what = "model" if existing.get("model") != self.run["model"] else ", ".join(diff)
             raise UsageError(f"--out '{self.root}' holds a pool made with different settings ({what}); choose another folder.")
 
     def open(self) -> int:
-        """Create or reopen the folder; return how many images are already done."""
+        """Lock the folder, create or reopen it; return how many images are already done.
+
+        Raises:
+            UsageError: the folder is not this run's to write, is damaged, or another
+                process is writing it.
+        """
         self.check()
-        (self.root / "images").mkdir(parents=True, exist_ok=True)
-        existing = read_run(self.root)
-        if existing is not None:
-            self.run["batches"] = existing.get("batches", [])
-            self.entries = read_manifest(self.root)[: sum(b["size"] for b in self.run["batches"])]
-            self.run.update(summarise_batches(self.run["batches"]))
-        _atomic_write_json(self.root / "run.json", self.run)
+        self._lock.acquire()
+        try:
+            existing = read_run(self.root)
+            if existing is not None:
+                self.run["batches"] = existing["batches"]
+                committed = sum(b["size"] for b in self.run["batches"])
+                entries = read_manifest(self.root)
+                if len(entries) < committed:
+                    raise UsageError(f"pool manifest '{self.root / 'manifest.jsonl'}' lists {len(entries)} images, but run.json records {committed}; "
+                                     "the pool is damaged, choose another folder.")
+                self.entries = entries[:committed]
+                self.run.update(summarise_batches(self.run["batches"]))
+            atomic_write_json(self.root / "run.json", self.run)
+            (self.root / "images").mkdir(exist_ok=True)
+        except BaseException:
+            self.close()
+            raise
         return len(self.entries)
+
+    def close(self) -> None:
+        """Release the folder (without marking the pool complete)."""
+        self._lock.release()
 
     def add_batch(self, images: torch.Tensor, labels, kept_patches, target_prob, stats: dict) -> None:
         """Commit one batch: its PNGs, then its manifest lines and statistics."""
         start = len(self.entries)
         for offset, array in enumerate(to_uint8(images)):
             name = f"images/{start + offset:06d}.png"
-            tmp = self.root / (name + ".tmp")
-            Image.fromarray(array).save(tmp, format="PNG")
-            os.replace(tmp, self.root / name)
+            atomic_save(self.root / name, lambda tmp, array=array: Image.fromarray(array).save(tmp, format="PNG"))
             self.entries.append(
                 {
                     "file": name,
@@ -201,15 +317,16 @@ class PoolWriter:
                 }
             )
         lines = "".join(json.dumps(e) + "\n" for e in self.entries)
-        _atomic_write_bytes(self.root / "manifest.jsonl", lines.encode())
+        atomic_write(self.root / "manifest.jsonl", lines.encode())
         self.run["batches"].append(stats)
         self.run.update(summarise_batches(self.run["batches"]))
-        _atomic_write_json(self.root / "run.json", self.run)
+        atomic_write_json(self.root / "run.json", self.run)
 
     def finish(self, grid_png: bytes | None = None) -> dict:
         """Mark the pool complete and write its picture; return the run record."""
         self.run["complete"] = True
         if grid_png is not None:
-            _atomic_write_bytes(self.root / "grid.png", grid_png)
-        _atomic_write_json(self.root / "run.json", self.run)
+            atomic_write(self.root / "grid.png", grid_png)
+        atomic_write_json(self.root / "run.json", self.run)
+        self.close()
         return self.run

@@ -7,6 +7,7 @@ import argparse
 from sparseinv.cli.common import add_device, config_from_args, resolve_device, split_model_spec
 from sparseinv.distill import MODES, DistillConfig, checkpoint_num_classes, distill, is_vit
 from sparseinv.errors import UsageError
+from sparseinv.files import check_writable
 from sparseinv.models import load_model, timm
 from sparseinv.pool import read_pool
 
@@ -69,12 +70,13 @@ def load_student(spec: str, device, random_weights: bool):
         if random_weights:
             return skeleton.to(device).eval(), name
         return _hub(name, device), name
-    from sparseinv.models import _load_state_dict
+    from sparseinv.models import read_state_dict
 
     model = timm.create_model(name, pretrained=False, **({"num_classes": num_classes} if num_classes else {}))
+    state = read_state_dict(checkpoint)
     try:
-        model.load_state_dict(_load_state_dict(checkpoint), strict=True)
-    except (RuntimeError, KeyError, ValueError, OSError) as err:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, KeyError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"checkpoint '{checkpoint}' does not match model '{name}': {first}") from None
     return model.to(device).eval(), name
@@ -90,6 +92,7 @@ def _hub(name: str, device):
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(DistillConfig, args)
     config.validate()  # cheap mistakes first, before any model loads
+    check_writable(args.out)
     pool = read_pool(args.pool)  # refuses a missing or empty pool
     teacher_name, _ = split_model_spec(args.teacher)
     pool.check_model(teacher_name, "teacher")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from sparseinv.cli.common import add_device, add_model, model_from_args, resolve_device
 from sparseinv.data import ImageFolder, evaluate, read_class_index
 from sparseinv.errors import UsageError
+from sparseinv.files import atomic_write_json, check_writable
 from sparseinv.quant import load_quantized, read_header
 
 
@@ -33,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.limit_per_class is not None and args.limit_per_class < 1:
         raise UsageError(f"--limit-per-class {args.limit_per_class} must be at least 1.")
+    if args.json:
+        check_writable(args.json, "--json")
     class_index = read_class_index(args.class_index) if args.class_index else None
     folder = ImageFolder.scan(args.data, class_index, args.limit_per_class)
     if args.quantized:
@@ -55,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
         **result,
     }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_json(args.json, record)
     label = "full precision" if config is None else config.name
     print(f"{args.model} ({label}) on {result['num_images']} images: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}")
     return 0

@@ -8,6 +8,7 @@ import time
 
 from sparseinv.cli.common import add_device, add_model, model_from_args, resolve_device
 from sparseinv.errors import UsageError
+from sparseinv.files import check_writable
 from sparseinv.quant import (
     CALIBRATORS,
     DEFAULT_METHOD,
@@ -91,6 +92,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # before the model loads: cheap mistakes first
+    check_writable(args.out)
     device = resolve_device(args)
     model = model_from_args(args, device)
     batches = calibration_batches(model, args.calib, args.model, args.num_calib, args.batch_size, args.seed)

@@ -91,7 +91,8 @@ def calibration_batches(model: nn.Module, source: str, model_name: str, num: int
     path = Path(source)
     if not path.is_dir():
         raise UsageError(f"--calib '{source}' is neither 'noise' nor a folder.")
-    if read_run(path) is not None:
+    # A manifest without a run record is a damaged pool, not a folder of real images.
+    if read_run(path) is not None or (path / "manifest.jsonl").exists():
         return pool_batches(model, path, model_name, num, batch_size)
     return folder_batches(model, path, num, batch_size)
 

@@ -22,9 +22,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparseinv.errors import UsageError
+from sparseinv.files import atomic_save
 from sparseinv.quant.config import QuantConfig
 from sparseinv.quant.model import is_quantized, quant_modules, quantize_, set_quant_mode
-from sparseinv.quant.quantizers import ActQuantizer, _QuantWeight
+from sparseinv.quant.quantizers import ActQuantizer, _QuantWeight, weight_qrange
 from sparseinv.quant.reparam import refold_layernorms
 
 FORMAT = "sparseinv-quant/2"
@@ -83,12 +84,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, model_name: str, f
         "config": json.dumps(config.record()),
         "fingerprint": fp_fingerprint or getattr(model, "_fp_fingerprint", None) or fingerprint(model),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(quant_state(model), str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    state = quant_state(model)
+    return atomic_save(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -107,7 +104,13 @@ def read_header(path: str | os.PathLike) -> dict:
         raise UsageError(f"'{path}' was written in the older format {metadata['format']}: quantize the model again.")
     if metadata.get("format") != FORMAT:
         raise UsageError(f"'{path}' is not a sparseinv quantized model (no {FORMAT} header).")
-    return {**metadata, "config": json.loads(metadata["config"])}
+    try:
+        config = json.loads(metadata["config"])
+        if not isinstance(config, dict) or not metadata["model"] or not metadata["fingerprint"]:
+            raise ValueError
+    except (KeyError, ValueError):
+        raise UsageError(f"quantized file '{path}' is damaged: its header lacks a valid model, config or fingerprint.") from None
+    return {**metadata, "config": config}
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike, model_name: str) -> nn.Module:
@@ -125,7 +128,9 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, model_name: str) -
     try:
         config = QuantConfig.from_record(header["config"]).validate()
         state = load_file(str(path))
-    except (TypeError, KeyError, SafetensorError, OSError) as err:
+    except UsageError as err:
+        raise UsageError(f"quantized file '{path}' records settings that cannot be used: {err}") from None
+    except (TypeError, KeyError, ValueError, SafetensorError, OSError) as err:
         raise UsageError(f"quantized file '{path}' is damaged ({type(err).__name__}).") from None
     quantize_(model, config)
     required = {f"{n}.{b}" for n, m in quant_modules(model) for b in _required(m)}
@@ -135,7 +140,47 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, model_name: str) -
     device = next(model.parameters()).device
     for key, tensor in state.items():
         module_name, _, buffer = key.rpartition(".")
-        model.get_submodule(module_name).register_buffer(buffer, tensor.to(device))
-    refold_layernorms(model)
-    set_quant_mode(model, "quant")
+        module = model.get_submodule(module_name)
+        _check_buffer(path, key, module, buffer, tensor)
+        module.register_buffer(buffer, tensor.to(device))
+    _finish_loading(model, path)
     return model
+
+
+def _check_buffer(path, key: str, module: nn.Module, buffer: str, tensor: torch.Tensor) -> None:
+    """Refuse values no quantizer could have written: a damaged file must not run silently."""
+    integer = buffer in ("zero_point", "w_int")
+    problem = None
+    if tensor.is_floating_point() == integer:
+        problem = f"has dtype {tensor.dtype}, not {'an integer' if integer else 'a float'} type"
+    elif not integer and not bool(torch.isfinite(tensor).all()):
+        problem = "holds values that are not finite"
+    elif buffer in ("scale", "w_scale") and not bool((tensor > 0).all()):
+        problem = "holds step sizes that are not positive"
+    elif buffer == "w_int":
+        qmin, qmax = weight_qrange(module.w_bits)
+        shape = tuple(module.float_weight.shape)
+        if tuple(tensor.shape) != shape:
+            problem = f"has shape {tuple(tensor.shape)}, not the weight's {shape}"
+        elif int(tensor.min()) < qmin or int(tensor.max()) > qmax:
+            problem = f"holds codes outside the {module.w_bits}-bit range"
+    elif buffer == "w_scale" and tensor.numel() != module.float_weight.shape[0]:
+        problem = f"has {tensor.numel()} scales for {module.float_weight.shape[0]} output channels"
+    if problem:
+        raise UsageError(f"quantized file '{path}' is damaged: '{key}' {problem}.")
+
+
+def _finish_loading(model: nn.Module, path) -> None:
+    """Refold the LayerNorms, switch quantization on and run one blank image, so that
+    parameters that do not fit one another fail here, not later."""
+    from sparseinv.models import vit_info
+
+    device = next(model.parameters()).device
+    try:
+        refold_layernorms(model)
+        set_quant_mode(model, "quant")
+        with torch.no_grad():
+            model(torch.zeros(1, *vit_info(model).input_size, device=device))
+    except (RuntimeError, IndexError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"quantized file '{path}' is damaged: its parameters do not fit the model ({first}).") from None
