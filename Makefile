@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	SHARED=$(SHARED) BIN=$(BIN) bash scripts/demo.sh
+	$(BIN)/sparseinv demo --shared $(SHARED) --out demo-output
 
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) demo-output

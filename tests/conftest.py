@@ -38,3 +38,15 @@ def tiny_vit():
     """timm's test_vit: 160 px, 16 px patches (10 x 10 grid), 6 blocks, random weights."""
     torch.manual_seed(0)
     return load_model("test_vit", pretrained=False)
+
+
+def random_kept_patches(num_keep: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For test_vit (10 x 10 patches of 16 px): random images, ``num_keep`` kept patches per
+    image, and the pixel mask of the dropped ones, for 2 images."""
+    torch.manual_seed(seed)
+    x = torch.randn(2, 3, 160, 160)
+    keep = torch.stack([torch.randperm(100)[:num_keep].sort().values for _ in range(2)])
+    dropped = torch.ones(2, 100, dtype=torch.bool)
+    dropped[torch.arange(2)[:, None], keep] = False
+    mask = dropped.view(2, 1, 10, 1, 10, 1).expand(2, 3, 10, 16, 10, 16).reshape(2, 3, 160, 160)
+    return x, keep, mask

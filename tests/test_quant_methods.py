@@ -11,6 +11,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
+from conftest import random_kept_patches
 from sparseinv import load_model, sparse_forward, vit_info
 from sparseinv.cli import main
 from sparseinv.models import timm
@@ -186,12 +187,7 @@ def test_reconstruction_lowers_every_block_error(vit):
 
 
 def test_reconstruction_feeds_kept_tokens_only(vit):
-    torch.manual_seed(1)
-    x = torch.randn(2, 3, 160, 160)
-    keep = torch.stack([torch.randperm(100)[:30].sort().values for _ in range(2)])
-    dropped = torch.ones(2, 100, dtype=torch.bool)
-    dropped[torch.arange(2)[:, None], keep] = False
-    mask = dropped.view(2, 1, 10, 1, 10, 1).expand(2, 3, 10, 16, 10, 16).reshape(2, 3, 160, 160)
+    x, keep, mask = random_kept_patches(30)
     config = QuantConfig.for_method("recon", 4, 4, recon=ReconConfig(iters=5, batch_size=2))
     token_counts = []
     results = []

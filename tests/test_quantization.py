@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import DEIT_TINY_CKPT, SYNSETS, VAL
+from conftest import DEIT_TINY_CKPT, SYNSETS, VAL, random_kept_patches
 from sparseinv import InversionConfig, PruneSchedule, invert, load_model, sparse_forward
 from sparseinv.cli import main
 from sparseinv.data import ImageFolder, evaluate, read_class_index
@@ -172,12 +172,7 @@ def test_w8a8_stays_close_on_random_vit_per_layer(vit):
 
 
 def test_sparse_calibration_never_sees_dropped_patches(vit):
-    torch.manual_seed(1)
-    x = torch.randn(2, 3, 160, 160)
-    keep = torch.stack([torch.randperm(100)[:40].sort().values for _ in range(2)])
-    dropped = torch.ones(2, 100, dtype=torch.bool)
-    dropped[torch.arange(2)[:, None], keep] = False
-    mask = dropped.view(2, 1, 10, 1, 10, 1).expand(2, 3, 10, 16, 10, 16).reshape(2, 3, 160, 160)
+    x, keep, mask = random_kept_patches(40)
     huge = torch.where(mask, torch.full_like(x, 1e4), x)
     black = torch.where(mask, torch.zeros_like(x), x)
 

@@ -77,6 +77,18 @@ def _refused(capsys, argv, message: str | None = None) -> str:
     return err
 
 
+def _refused_or_harmless(capsys, argv, output: Path) -> None:
+    """Random damage: either refused (exit 2, one line, ``output`` not written) or harmless (``output`` written)."""
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code in (0, 2), err
+    if code == 2:
+        assert len(err.splitlines()) == 1, err
+        assert not output.exists()
+    else:
+        assert output.is_file()
+
+
 def _manifest(pool: Path) -> list[dict]:
     return [json.loads(line) for line in (pool / "manifest.jsonl").read_text().splitlines()]
 
@@ -179,14 +191,7 @@ def test_random_damage_to_a_manifest_is_refused_or_harmless(capsys, tmp_path_fac
     junk = data.draw(st.binary(min_size=0, max_size=12), label="replacement")
     (pool / "manifest.jsonl").write_bytes(text[:start] + junk + text[start + length :])
     out = tmp_path / "q.safetensors"
-    code = main(_quantize(fixtures, pool, out))
-    err = capsys.readouterr().err.strip()
-    assert code in (0, 2), err
-    if code == 2:
-        assert len(err.splitlines()) == 1, err
-        assert not out.exists()
-    else:
-        assert out.is_file()
+    _refused_or_harmless(capsys, _quantize(fixtures, pool, out), out)
 
 
 # ---------------------------------------------------------------- quantized files
@@ -255,14 +260,7 @@ def test_random_damage_to_a_quantized_file_is_refused_or_harmless(capsys, tmp_pa
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(raw[:start] + junk + raw[start + length :])
     report = tmp_path / "report.json"
-    code = main(_evaluate(fixtures, bad, extra=["--json", str(report)]))
-    err = capsys.readouterr().err.strip()
-    assert code in (0, 2), err
-    if code == 2:
-        assert len(err.splitlines()) == 1, err
-        assert not report.exists()
-    else:
-        assert report.is_file()
+    _refused_or_harmless(capsys, _evaluate(fixtures, bad, extra=["--json", str(report)]), report)
 
 
 # ---------------------------------------------------------------- checkpoints, folders, class indices

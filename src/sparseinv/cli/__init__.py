@@ -14,17 +14,31 @@ import warnings
 from sparseinv.errors import UsageError
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and "default" not in text and action.default not in (None, False, argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
         self.exit(2, f"sparseinv: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sparseinv.cli import distill, evaluate, invert, quantize
+    from sparseinv.cli import demo, distill, evaluate, invert, quantize
 
     parser = _Parser(prog="sparseinv", description="Invert timm ViTs into synthetic training data, sparsely.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module in (invert, quantize, evaluate, distill):
+    for module in (invert, quantize, evaluate, distill, demo):
         module.register(sub)
     return parser
 
