@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet torchvision==0.28.0
 	$(BIN)/pip install --quiet timm==1.0.31
+	# ONNX export and its runtime (sparseinv export, evaluate --onnx), pinned as well.
+	$(BIN)/pip install --quiet onnx==1.23.2 onnxruntime==1.32.0
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 

@@ -43,7 +43,7 @@ VARIANTS = {
 def main() -> None:
     model = load_model(DEIT_TINY, DEIT_TINY_CKPT)
     start = time.perf_counter()
-    pool = ensure_pool("exp_sparse_64", DEIT_TINY, DEIT_TINY_CKPT, pool_config(sparse=True, num_images=64), model)
+    pool = ensure_pool("imagenet_sparse_64", DEIT_TINY, DEIT_TINY_CKPT, pool_config(sparse=True, num_images=64), model)
     pool_seconds = time.perf_counter() - start
     batches = pool_batches(model, pool, DEIT_TINY, 64, 32)
     calib, heldout = batches[:1], batches[1:]

@@ -34,11 +34,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sparseinv.cli import demo, distill, evaluate, invert, quantize
+    from sparseinv.cli import demo, distill, evaluate, export, invert, quantize
 
     parser = _Parser(prog="sparseinv", description="Invert timm ViTs into synthetic training data, sparsely.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module in (invert, quantize, evaluate, distill, demo):
+    for module in (invert, quantize, evaluate, export, distill, demo):
         module.register(sub)
     return parser
 

@@ -67,7 +67,11 @@ class QuantAttention(nn.Module):
         int_scheme = self.scheme == "int"
         if int_scheme:
             q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if int_scheme and self.q_quant.exporting:
+            # Scaling after the product lets an integer engine take q and k straight from their quantizers.
+            attn = (q @ k.transpose(-2, -1)) * self.scale
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
         if attn_mask is not None:
             attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
         if not int_scheme:

@@ -125,6 +125,9 @@ class ActQuantizer(nn.Module):
     """
 
     kind = "uniform"
+    # Set by :func:`sparseinv.export.export_onnx` while it traces: quantize with the torch
+    # ops that become ONNX QuantizeLinear/DequantizeLinear pairs.
+    exporting = False
 
     def __init__(self, bits: int, calibrator: str = "minmax", percentile: float = 99.99, per_channel: bool = False) -> None:
         super().__init__()
@@ -251,6 +254,8 @@ class ActQuantizer(nn.Module):
         if self.mode == "init":
             self._init_from(x)
         qmin, qmax = act_qrange(self.bits)
+        if self.exporting:  # the same arithmetic as an op torch.onnx writes as QuantizeLinear/DequantizeLinear
+            return torch.fake_quantize_per_tensor_affine(x, self.scale.reshape(1).float(), self.zero_point.reshape(1).int(), qmin, qmax)
         return _drop(x, fake_quant(x, self.scale, self.zero_point, qmin, qmax), self.drop_prob)
 
 
@@ -283,6 +288,8 @@ class Log2Quantizer(ActQuantizer):
             self._init_from(x)
         if self.mode != "quant":
             return super().forward(x)
+        if self.exporting:  # no power-of-two grid in standard QDQ: the uniform 8-bit grid over [0, delta]
+            return torch.fake_quantize_per_tensor_affine(x, (self.scale.reshape(1) / 255).float(), torch.zeros(1, dtype=torch.int32), 0, 255)
         levels = 2**self.bits
         with torch.no_grad():
             code = torch.round(-2.0 * torch.log2((x / self.scale).clamp_min(1e-30)))
@@ -299,6 +306,8 @@ class _QuantWeight(nn.Module):
     quantized file stores. While ``round_logits`` exists (reconstruction), the rounding
     of each weight is soft: ``floor(w / s) + h(round_logits)``.
     """
+
+    exporting = False  # see ActQuantizer.exporting
 
     def _init_weight_quant(self, weight: torch.Tensor, w_bits: int, calibrator: str) -> None:
         self.w_bits, self.weight_calibrator = w_bits, calibrator
@@ -350,7 +359,11 @@ class _QuantWeight(nn.Module):
             w = torch.floor(self.float_weight.detach() / self._scale_view()) + self.rounding_h()
             return torch.clamp(w, qmin, qmax) * self._scale_view()
         if self.w_int.numel():
-            return self.w_int.float() * self._scale_view()
+            w = self.w_int.float() * self._scale_view()
+            if self.exporting:  # written as int8 codes + a per-channel DequantizeLinear after export
+                zero = torch.zeros(self.w_scale.numel(), dtype=torch.int32)
+                return torch.fake_quantize_per_channel_affine(w, self.w_scale.reshape(-1).float(), zero, 0, -128, 127)
+            return w
         return fake_quant_weight(self.float_weight, self.w_scale, self.w_bits)
 
     def round_penalty(self, beta: float) -> torch.Tensor:

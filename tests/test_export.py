@@ -1,0 +1,184 @@
+"""Integer ONNX export: ONNX Runtime agrees with our fake-quantized model; bad input is refused."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from safetensors.torch import save_file
+
+from conftest import DEIT_TINY_CKPT, SYNSETS, VAL
+from sparseinv import load_model, sparse_forward
+from sparseinv.cli import main
+from sparseinv.data import ImageFolder, read_class_index, transform_folder
+from sparseinv.export import export_onnx, integer_ops, onnx_logits, onnx_session
+from sparseinv.models import timm
+from sparseinv.quant import QuantConfig, noise_batches, quantize_, save_quantized
+
+# ONNX Runtime rounds at a few ties differently and sums in another order; a wrong scale
+# or zero point moves the logits by far more (checked below by corrupting one scale).
+TOLERANCE = 0.05
+
+
+def _agreement(reference: torch.Tensor, got: torch.Tensor) -> float:
+    return float((got - reference).abs().max() / reference.abs().max())
+
+
+@pytest.fixture(scope="module")
+def quantized_vit():
+    torch.manual_seed(0)
+    model = load_model("test_vit", pretrained=False)
+    qmodel = quantize_(copy.deepcopy(model), QuantConfig.for_method("calib", 8, 8), noise_batches(model, 8, 8), progress=False)
+    return model, qmodel
+
+
+def test_integer_export_agrees_with_fake_quantization(tmp_path, quantized_vit):
+    _, qmodel = quantized_vit
+    path = tmp_path / "q.onnx"
+    assert export_onnx(qmodel, path) == []
+    torch.manual_seed(1)
+    x = torch.randn(6, 3, 160, 160)
+    with torch.no_grad():
+        reference = sparse_forward(qmodel, x).logits
+    session = onnx_session(path)
+    got = onnx_logits(session, x, batch_size=4)  # dynamic batch: 4, then 2
+    assert _agreement(reference, got) < TOLERANCE
+    assert torch.equal(got.argmax(1), reference.argmax(1))
+
+    graph = onnx.load(str(path)).graph
+    int8 = [init for init in graph.initializer if init.data_type == onnx.TensorProto.INT8]
+    # Every quantized weight (6 blocks x qkv, proj, fc1, fc2, the head and the patch conv) is stored as int8 codes.
+    assert len(int8) == 6 * 4 + 2
+    ops = integer_ops(path)
+    assert sum(ops.get(op, 0) for op in ("QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger")) >= 6 * 5
+
+    # The tolerance is tight enough to catch a wrong scale: double one activation scale.
+    model = onnx.load(str(path))
+    scales = [init for init in model.graph.initializer if init.data_type == onnx.TensorProto.FLOAT and "scale" in init.name.lower()]
+    if not scales:  # the exporter keeps scales as Constant nodes
+        scales = [n.attribute[0].t for n in model.graph.node if n.op_type == "Constant" and n.attribute[0].t.dims == []]
+    target = scales[len(scales) // 2]
+    doubled = numpy_helper.to_array(target) * 2
+    target.CopyFrom(numpy_helper.from_array(doubled.astype(np.float32), target.name))
+    onnx.save(model, str(tmp_path / "wrong.onnx"))
+    assert _agreement(reference, onnx_logits(onnx_session(tmp_path / "wrong.onnx"), x)) > TOLERANCE
+
+
+def test_full_precision_export_equals_the_model(tmp_path, quantized_vit):
+    model, _ = quantized_vit
+    path = tmp_path / "fp.onnx"
+    export_onnx(model, path, batch_size=3)
+    x = torch.randn(5, 3, 160, 160)
+    session = onnx_session(path)
+    assert session.get_inputs()[0].shape[0] == 3
+    with torch.no_grad():
+        assert torch.allclose(onnx_logits(session, x), model(x), atol=1e-4)  # 5 images through a batch of 3: padded
+
+
+def test_real_deit_tiny_export_agrees_on_real_images(tmp_path, deit_tiny):
+    folder = ImageFolder.scan(VAL, read_class_index(SYNSETS), limit_per_class=1)
+    images, _ = transform_folder(folder, deit_tiny)
+    qmodel = quantize_(copy.deepcopy(deit_tiny), QuantConfig.for_method("calib", 8, 8), noise_batches(deit_tiny, 8, 8), progress=False)
+    path = tmp_path / "deit.onnx"
+    export_onnx(qmodel, path)
+    with torch.no_grad():
+        reference = sparse_forward(qmodel, images).logits
+    got = onnx_logits(onnx_session(path), images)
+    assert _agreement(reference, got) < TOLERANCE
+    top2 = reference.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1.0  # agreement is promised where the top class is not a near-tie
+    assert clear.sum() >= 5
+    assert torch.equal(got.argmax(1)[clear], reference.argmax(1)[clear])
+
+
+# ---------------------------------------------------------------- the CLI and bad input
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, quantized_vit):
+    model, _ = quantized_vit
+    root = tmp_path_factory.mktemp("export")
+    ckpt = root / "test_vit.safetensors"
+    save_file(model.state_dict(), str(ckpt))
+    made = {"ckpt": ckpt}
+    for name, config in (("w8a8", QuantConfig.for_method("calib", 8, 8)), ("psaq", QuantConfig.for_method("psaq", 8, 8)),
+                         ("w8a4", QuantConfig.for_method("calib", 8, 4))):
+        fresh = load_model("test_vit", ckpt)
+        quantize_(fresh, config, noise_batches(fresh, 4, 4), progress=False)
+        made[name] = save_quantized(fresh, root / f"{name}.safetensors", "test_vit")
+    return made
+
+
+def _export(files, out, quantized=None, extra=()):
+    argv = ["export", "--model", "test_vit", "--checkpoint", str(files["ckpt"]), "--out", str(out), *extra]
+    return argv + (["--quantized", str(files[quantized])] if quantized else [])
+
+
+def test_cli_export_and_evaluate_onnx(tmp_path, capsys, files):
+    out = tmp_path / "q.onnx"
+    assert main(_export(files, out, "w8a8")) == 0
+    printed = capsys.readouterr().out
+    assert "integer kernels" in printed and out.is_file()
+    data = tmp_path / "images"
+    from PIL import Image
+
+    for i, name in enumerate(("a", "b")):
+        (data / name).mkdir(parents=True)
+        Image.new("RGB", (160, 160), (60 * i, 90, 200)).save(data / name / "0.png")
+    common = ["--model", "test_vit", "--checkpoint", str(files["ckpt"]), "--data", str(data), "--quiet"]
+    assert main(["evaluate", *common, "--onnx", str(out)]) == 0
+    assert "ONNX" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "quantized, extra, message",
+    [
+        ("psaq", (), "needs the 'int' scheme"),
+        ("w8a4", (), "needs 8-bit activations"),
+        ("w8a8", ("--batch-size", "zero"), "--batch-size must be"),
+    ],
+)
+def test_cli_export_refuses(tmp_path, capsys, files, quantized, extra, message):
+    out = tmp_path / "q.onnx"
+    assert main(_export(files, out, quantized, extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_refuses_another_models_file_and_unwritable_out(tmp_path, capsys, files):
+    argv = ["export", "--model", "deit_tiny_patch16_224", "--checkpoint", str(DEIT_TINY_CKPT), "--quantized", str(files["w8a8"]),
+            "--out", str(tmp_path / "q.onnx")]
+    assert main(argv) == 2
+    assert "made for test_vit" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(_export(files, tmp_path / "file" / "q.onnx", "w8a8")) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_evaluate_refuses_a_damaged_onnx_file(tmp_path, capsys, files):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx model")
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (160, 160)).save(tmp_path / "images" / "a" / "0.png")
+    argv = ["evaluate", "--model", "test_vit", "--checkpoint", str(files["ckpt"]), "--data", str(tmp_path / "images"), "--onnx", str(bad)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot be loaded by ONNX Runtime" in err, err
+
+
+def test_models_other_than_test_vit_export_too(tmp_path):
+    """A distilled DeiT (two heads) exports and runs: the exporter follows timm's own forward."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_distilled_patch16_224", depth=2).eval()
+    export_onnx(model, tmp_path / "d.onnx")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(onnx_logits(onnx_session(tmp_path / "d.onnx"), x), model(x), atol=1e-4)
