@@ -118,19 +118,29 @@ def load_images(folder: ImageFolder, model: nn.Module, batch_size: int = 64, wor
 
 
 @torch.no_grad()
-def _topk_accuracy(model: nn.Module, batches, *, total: int, progress: bool, desc: str) -> dict:
-    """Top-1 and top-5 accuracy (percent) over (images, labels) batches, fed densely."""
-    device = next(model.parameters()).device
-    model.eval()
+def topk_accuracy(logits_of, batches, *, total: int, progress: bool = True, desc: str = "evaluate") -> dict:
+    """Top-1 and top-5 accuracy (percent) over (images, labels) batches.
+
+    Args:
+        logits_of: ``images -> logits`` (a model fed densely, an ONNX session, ...).
+        batches: (images, labels) pairs.
+        total: Number of batches, for the progress bar.
+    """
     correct1 = correct5 = seen = 0
     for images, labels in tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
-        logits = sparse_forward(model, images.to(device)).logits
-        labels = labels.to(device)
+        logits = logits_of(images)
+        labels = labels.to(logits.device)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += int((top5[:, 0] == labels).sum())
         correct5 += int((top5 == labels[:, None]).any(dim=1).sum())
         seen += labels.shape[0]
     return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "num_images": seen}
+
+
+def _model_logits(model: nn.Module):
+    device = next(model.parameters()).device
+    model.eval()
+    return lambda images: sparse_forward(model, images.to(device)).logits
 
 
 def evaluate(
@@ -143,7 +153,7 @@ def evaluate(
 ) -> dict:
     """Top-1 and top-5 accuracy (percent) of ``model`` on ``folder``."""
     loader = load_images(folder, model, batch_size)
-    return _topk_accuracy(model, loader, total=len(loader), progress=progress, desc=desc)
+    return topk_accuracy(_model_logits(model), loader, total=len(loader), progress=progress, desc=desc)
 
 
 def transform_folder(folder: ImageFolder, model: nn.Module, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,4 +176,4 @@ def evaluate_tensors(
 ) -> dict:
     """Top-1 and top-5 accuracy (percent) of ``model`` on already transformed ``images``."""
     batches = [(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]
-    return _topk_accuracy(model, batches, total=len(batches), progress=progress, desc=desc)
+    return topk_accuracy(_model_logits(model), batches, total=len(batches), progress=progress, desc=desc)

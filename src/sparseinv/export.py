@@ -186,17 +186,9 @@ def onnx_logits(session, images: torch.Tensor, batch_size: int = 32) -> torch.Te
 
 def evaluate_onnx(path: str | os.PathLike, folder, model: nn.Module, *, batch_size: int = 64, progress: bool = True) -> dict:
     """Top-1/top-5 of an ONNX model on an image folder, with ``model``'s (timm's) eval transform."""
-    from tqdm.auto import tqdm
-
-    from sparseinv.data import load_images
+    from sparseinv.data import load_images, topk_accuracy
 
     session = onnx_session(path)
-    correct1 = correct5 = seen = 0
     loader = load_images(folder, model, batch_size)
-    for images, labels in tqdm(loader, total=len(loader), desc="evaluate onnx", disable=not progress, leave=False):
-        logits = onnx_logits(session, images, batch_size)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += int((top5[:, 0] == labels).sum())
-        correct5 += int((top5 == labels[:, None]).any(dim=1).sum())
-        seen += labels.shape[0]
-    return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "num_images": seen}
+    return topk_accuracy(lambda images: onnx_logits(session, images, batch_size), loader, total=len(loader), progress=progress,
+                         desc="evaluate onnx")
