@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from sparseinv.augment import RollFlip
 from sparseinv.errors import UsageError
+from sparseinv.precision import PRECISIONS, Precision, resolve_precision
 from sparseinv.losses import InversionLoss, LossInputs
 from sparseinv.models import ViTInfo, vit_info
 from sparseinv.schedule import PruneSchedule
@@ -43,6 +44,7 @@ class InversionConfig:
     seed: int = 0
     jitter: float = 0.125
     flip: bool = True
+    precision: str = "fp32"
 
     def validate(self, num_classes: int | None = None) -> None:
         """Raise :class:`UsageError` for settings no run could use."""
@@ -52,6 +54,8 @@ class InversionConfig:
         if not self.lr > 0:
             raise UsageError(f"the learning rate must be positive, got {self.lr}.")
         self.schedule.validate(self.iterations)
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"unknown precision '{self.precision}': use one of {', '.join(PRECISIONS)}.")
         if self.classes is not None:
             if not self.classes:
                 raise UsageError("--classes needs at least one class index.")
@@ -67,6 +71,8 @@ class InversionConfig:
         out["schedule"] = {"steps": list(self.schedule.steps), "ratios": list(self.schedule.ratios)}
         out["loss"] = self.loss.describe()
         out["classes"] = None if self.classes is None else list(self.classes)
+        if self.precision == "fp32":  # the default is left out, so pools made before the option still continue
+            del out["precision"]
         return out
 
 
@@ -155,6 +161,7 @@ def invert_batch(
         desc: The bar's label.
     """
     info = vit_info(model)
+    precision = resolve_precision(config.precision, labels.device)
     generator = torch.Generator().manual_seed(seed)
     # Drawn on the CPU so CPU and CUDA runs start from the same pixels.
     x = torch.randn(labels.shape[0], *info.input_size, generator=generator).to(labels.device).requires_grad_(True)
@@ -164,7 +171,7 @@ def invert_batch(
     for param in trainable:
         param.requires_grad_(False)
     try:
-        return _run_phases(model, labels, config, info, x, optimizer, generator, progress, desc)
+        return _run_phases(model, labels, config, info, x, optimizer, generator, progress, desc, precision)
     finally:
         for param in trainable:
             param.requires_grad_(True)
@@ -180,6 +187,7 @@ def _run_phases(
     generator: torch.Generator,
     progress: bool,
     desc: str,
+    precision: Precision,
 ) -> BatchResult:
     """The body of :func:`invert_batch`, run with the model's weights frozen."""
     device = labels.device
@@ -205,7 +213,7 @@ def _run_phases(
         phase_start = time.perf_counter()
         if phase > 0:
             # Score on the un-augmented current image, then stop the low-attention patches.
-            with torch.no_grad():
+            with torch.no_grad(), precision.autocast(device):
                 scored = sparse_forward(model, x, keep, return_cls_attn=True)
                 current = keep if keep is not None else torch.arange(info.num_patches, device=device).expand(batch, -1)
                 keep = _top_patches(scored.cls_attn, current, counts[phase])
@@ -219,8 +227,9 @@ def _run_phases(
         for step in range(start, end):
             aug = RollFlip.sample(generator, max_dy, max_dx, config.flip)
             fed = None if keep is None else aug.remap(keep, info.grid_size, info.patch_size)
-            logits = sparse_forward(model, aug.apply(x), fed).logits
-            per_image = config.loss(LossInputs(images=x, logits=logits, targets=labels))
+            with precision.autocast(device):
+                logits = sparse_forward(model, aug.apply(x), fed).logits
+            per_image = config.loss(LossInputs(images=x, logits=logits.float(), targets=labels))
             optimizer.zero_grad(set_to_none=True)
             per_image.mean().backward()
             with torch.no_grad():
@@ -314,6 +323,7 @@ def run_record(model: nn.Module, config: InversionConfig, model_name: str | None
         "torch": torch.__version__,
         "device": str(next(model.parameters()).device),
         "threads": torch.get_num_threads(),
+        "precision": resolve_precision(config.precision, next(model.parameters()).device).record(),
     }
 
 
