@@ -177,3 +177,19 @@ def test_inversion_leaves_the_models_weights_and_flags_alone(tiny_vit):
     invert_batch(tiny_vit, torch.tensor([0, 1]), _config(), seed=0, progress=False)
     assert {n: p.requires_grad for n, p in tiny_vit.named_parameters()} == flags
     assert all(torch.equal(p, before[n]) for n, p in tiny_vit.named_parameters())
+
+
+def test_last_phase_mask_keeps_exactly_the_patches_the_last_phase_fed(tiny_vit, monkeypatch):
+    chosen = []  # (patches scored among, patches kept) at each choice
+    real = inversion._top_patches
+
+    def recording(cls_attn, current, count):
+        out = real(cls_attn, current, count)
+        chosen.append((current.shape[1], out.clone()))
+        return out
+
+    monkeypatch.setattr(inversion, "_top_patches", recording)
+    result = invert_batch(tiny_vit, torch.tensor([1, 2]), _config(final_mask="last-phase"), seed=0, progress=False)
+    last_stop = [out for among, out in chosen if among < 100][-1]  # the last stop chose among the 50 still kept
+    assert torch.equal(result.kept_patches, last_stop)
+    assert "final_mask" not in _config().record() and _config(final_mask="last-phase").record()["final_mask"] == "last-phase"

@@ -25,6 +25,12 @@ from sparseinv.schedule import PruneSchedule
 from sparseinv.sparse_forward import sparse_forward
 
 
+# How the output mask of a sparse image is chosen after the last step: "rescore" (the
+# published rule: one dense pass scores the best image, the top int(N * prod(1 - r))
+# patches of all N are kept) or "last-phase" (exactly the patches the last phase fed).
+FINAL_MASKS = ("rescore", "last-phase")
+
+
 @dataclass
 class InversionConfig:
     """Everything that decides what an inversion run produces.
@@ -45,6 +51,7 @@ class InversionConfig:
     jitter: float = 0.125
     flip: bool = True
     precision: str = "fp32"
+    final_mask: str = "rescore"
 
     def validate(self, num_classes: int | None = None) -> None:
         """Raise :class:`UsageError` for settings no run could use."""
@@ -54,6 +61,8 @@ class InversionConfig:
         if not self.lr > 0:
             raise UsageError(f"the learning rate must be positive, got {self.lr}.")
         self.schedule.validate(self.iterations)
+        if self.final_mask not in FINAL_MASKS:
+            raise UsageError(f"unknown final mask '{self.final_mask}': use one of {', '.join(FINAL_MASKS)}.")
         if self.precision not in PRECISIONS:
             raise UsageError(f"unknown precision '{self.precision}': use one of {', '.join(PRECISIONS)}.")
         if self.classes is not None:
@@ -71,8 +80,10 @@ class InversionConfig:
         out["schedule"] = {"steps": list(self.schedule.steps), "ratios": list(self.schedule.ratios)}
         out["loss"] = self.loss.describe()
         out["classes"] = None if self.classes is None else list(self.classes)
-        if self.precision == "fp32":  # the default is left out, so pools made before the option still continue
-            del out["precision"]
+        # Defaults of options added later are left out, so pools made before them still continue.
+        for name, default in (("precision", "fp32"), ("final_mask", "rescore")):
+            if out[name] == default:
+                del out[name]
         return out
 
 
@@ -257,6 +268,8 @@ def _run_phases(
         everything = torch.arange(info.num_patches, device=device).expand(batch, -1)
         if final_count == info.num_patches:
             kept = everything.clone()
+        elif config.final_mask == "last-phase":
+            kept = keep.clone()
         else:
             scored = sparse_forward(model, best_x, None, return_cls_attn=True)
             kept = _top_patches(scored.cls_attn, everything, final_count)
