@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparseinv.errors import UsageError
+from sparseinv.errors import UsageError, first_line
 from sparseinv.models import timm
 from sparseinv.sparse_forward import sparse_forward
 
@@ -108,7 +108,7 @@ class _TransformedFolder(torch.utils.data.Dataset):
             with Image.open(path) as img:
                 return self.transform(img.convert("RGB")), self.folder.labels[i]
         except (OSError, ValueError, SyntaxError) as err:  # PIL reports damage as any of these
-            raise UsageError(f"image '{path}' cannot be read ({str(err).strip() or type(err).__name__}).") from None
+            raise UsageError(f"image '{path}' cannot be read ({first_line(err)}).") from None
 
 
 def load_images(folder: ImageFolder, model: nn.Module, batch_size: int = 64, workers: int = 0):

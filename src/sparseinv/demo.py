@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparseinv.data import ImageFolder, evaluate_tensors, read_class_index, transform_folder
+from sparseinv.data import ImageFolder, evaluate_tensors, read_class_index, topk_accuracy, transform_folder
 from sparseinv.distill import DistillConfig, distill
 from sparseinv.errors import UsageError
 from sparseinv.files import atomic_write, atomic_write_json, check_writable
@@ -189,7 +189,6 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True, log=
     return report
 
 
-@torch.no_grad()
 def ten_way_top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 50) -> float:
     """Top-1 (percent) among the ten Imagenette classes' logits only.
 
@@ -201,12 +200,12 @@ def ten_way_top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, b
 
     device = next(model.parameters()).device
     classes = torch.tensor(IMAGENETTE, device=device)
-    correct = 0
-    for start in range(0, images.shape[0], batch_size):
-        logits = sparse_forward(model.eval(), images[start : start + batch_size].to(device)).logits
-        predicted = classes[logits[:, classes].argmax(dim=1)]
-        correct += int((predicted.cpu() == labels[start : start + batch_size]).sum())
-    return 100.0 * correct / images.shape[0]
+    position = {c: i for i, c in enumerate(IMAGENETTE)}
+    ten_way = torch.tensor([position[int(c)] for c in labels])
+    batches = [(images[i : i + batch_size], ten_way[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+    model.eval()
+    logits_of = lambda x: sparse_forward(model, x.to(device)).logits[:, classes]  # noqa: E731
+    return topk_accuracy(logits_of, batches, total=len(batches), progress=False)["top1"]
 
 
 def table(report: dict) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparseinv.errors import UsageError
+from sparseinv.errors import UsageError, first_line
 from sparseinv.files import atomic_path
 from sparseinv.models import vit_info
 from sparseinv.quant.model import quant_modules
@@ -151,7 +151,7 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None, optimized_
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types for bad files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UsageError(f"'{path}' cannot be loaded by ONNX Runtime ({first[:200]}).") from None
 
 

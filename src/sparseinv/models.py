@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sparseinv._torchvision_compat import ensure_torchvision_importable
-from sparseinv.errors import UsageError
+from sparseinv.errors import UsageError, first_line
 
 ensure_torchvision_importable()
 import timm  # noqa: E402  (needs the torchvision shim above)
@@ -91,11 +91,6 @@ def vit_info(model: nn.Module) -> ViTInfo:
     )
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -120,7 +115,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = _load_state_dict(path)
     except Exception as err:  # safetensors, pickle and zip readers each fail in their own way
-        raise UsageError(f"checkpoint '{path}' is not a weights file ({_first_line(err)}).") from None
+        raise UsageError(f"checkpoint '{path}' is not a weights file ({first_line(err)}).") from None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"checkpoint '{path}' holds no dictionary of weight tensors.")
     return state
@@ -163,6 +158,6 @@ def load_model(
         try:
             model.load_state_dict(state, strict=True)
         except (RuntimeError, KeyError, ValueError) as err:
-            raise UsageError(f"checkpoint '{path}' does not match model '{name}': {_first_line(err)}") from None
+            raise UsageError(f"checkpoint '{path}' does not match model '{name}': {first_line(err)}") from None
     vit_info(model)  # refuse models we cannot invert before anyone spends time on them
     return model.to(device).eval()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sparseinv.errors import UsageError
+from sparseinv.errors import UsageError, first_line
 from sparseinv.files import FolderLock, atomic_save, atomic_write, atomic_write_json, check_writable
 
 FORMAT = "sparseinv-pool/1"
@@ -46,13 +46,8 @@ def read_image(path: Path) -> torch.Tensor:
     except FileNotFoundError:
         raise UsageError(f"image '{path}' does not exist.") from None
     except (OSError, ValueError, SyntaxError) as err:  # PIL reports damage as any of these
-        raise UsageError(f"image '{path}' cannot be read ({_first_line(err)}).") from None
+        raise UsageError(f"image '{path}' cannot be read ({first_line(err)}).") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 @dataclass
@@ -98,9 +93,9 @@ def _read_json(path: Path, what: str):
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"{what} '{path}' is damaged: not valid JSON ({_first_line(err)}).") from None
+        raise UsageError(f"{what} '{path}' is damaged: not valid JSON ({first_line(err)}).") from None
     except OSError as err:
-        raise UsageError(f"{what} '{path}' cannot be read ({_first_line(err)}).") from None
+        raise UsageError(f"{what} '{path}' cannot be read ({first_line(err)}).") from None
 
 
 # A manifest line's fields and the types each must have.
@@ -119,7 +114,7 @@ def read_manifest(root: Path) -> list[dict]:
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"pool manifest '{path}' cannot be read ({_first_line(err)}).") from None
+        raise UsageError(f"pool manifest '{path}' cannot be read ({first_line(err)}).") from None
     entries = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

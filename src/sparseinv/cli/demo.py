@@ -6,7 +6,6 @@ import argparse
 
 from sparseinv.cli.common import add_device, resolve_device
 from sparseinv.demo import DemoConfig, run_demo, table
-from sparseinv.errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,8 +35,6 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args)
     preset = DemoConfig.quick if args.quick else DemoConfig.full if args.full else DemoConfig
     config = preset(shared=args.shared, checkpoint=args.checkpoint, device=str(device))
-    if args.checkpoint is None and args.shared is None:
-        raise UsageError("pass --shared FOLDER or --checkpoint FILE.")
     report = run_demo(config, args.out, progress=not args.quiet)
     print()
     print(table(report))

@@ -6,7 +6,7 @@ import argparse
 
 from sparseinv.cli.common import add_device, config_from_args, resolve_device, split_model_spec
 from sparseinv.distill import MODES, DistillConfig, checkpoint_num_classes, distill, is_vit
-from sparseinv.errors import UsageError
+from sparseinv.errors import UsageError, first_line
 from sparseinv.files import check_writable
 from sparseinv.models import load_model, timm
 from sparseinv.pool import read_pool
@@ -77,7 +77,7 @@ def load_student(spec: str, device, random_weights: bool):
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UsageError(f"checkpoint '{checkpoint}' does not match model '{name}': {first}") from None
     return model.to(device).eval(), name
 

@@ -46,13 +46,13 @@ def run(args: argparse.Namespace) -> int:
     model = model_from_args(args, torch.device("cpu"))
     if args.quantized:
         load_quantized(model, args.quantized, args.model)
-    from sparseinv.export import export_onnx, integer_ops
+    from sparseinv.export import INTEGER_OPS, export_onnx, integer_ops
 
     notes = export_onnx(model, args.out, batch)
     for note in notes:
         print(f"note: {note}")
     ops = integer_ops(args.out) if args.quantized else {}
-    integer = sum(n for op, n in ops.items() if op not in ("MatMul", "Gemm", "Conv", "FusedMatMul"))
+    integer = sum(n for op, n in ops.items() if op in INTEGER_OPS)
     size = os.path.getsize(args.out) / 2**20
     kind = "integer QDQ" if args.quantized else "full precision"
     ops_text = f" | ONNX Runtime runs {integer} matrix products as integer kernels ({', '.join(f'{k} {v}' for k, v in ops.items())})" if ops else ""

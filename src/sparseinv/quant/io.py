@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparseinv.errors import UsageError
+from sparseinv.errors import UsageError, first_line
 from sparseinv.files import atomic_save
 from sparseinv.quant.config import QuantConfig
 from sparseinv.quant.model import is_quantized, quant_modules, quantize_, set_quant_mode
@@ -182,5 +182,5 @@ def _finish_loading(model: nn.Module, path) -> None:
         with torch.no_grad():
             model(torch.zeros(1, *vit_info(model).input_size, device=device))
     except (RuntimeError, IndexError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UsageError(f"quantized file '{path}' is damaged: its parameters do not fit the model ({first}).") from None
