@@ -40,6 +40,14 @@ Files beside ``out`` (``student.safetensors``):
   an interrupted run resumes from it and ends with the weights an uninterrupted run
   would have.
 * ``student.rounds/round_NNN/``: pools inverted during training (``invert_every``).
+
+Under ``torchrun`` (several processes, :mod:`sparseinv.distributed`) the trained
+module is wrapped in DistributedDataParallel. Each epoch's shuffled order is one
+:class:`~torch.utils.data.DistributedSampler` permutation, of which every rank takes
+its share; a rank trains on ``batch_size / P`` images per step, so the global batch,
+the averaged gradient and the weights are those of one process with ``batch_size``
+(up to float rounding). The teacher's logits and the frozen features are computed
+once, each rank a slice. Rank 0 evaluates, saves and prints.
 """
 
 from __future__ import annotations
@@ -55,8 +63,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
+from sparseinv import distributed
 from sparseinv.augment import MAX_VIEWS, RollFlip, whole_patch_views
 from sparseinv.augment import whole_patch_views as distill_views  # noqa: F401  (its name here before it moved)
 from sparseinv.errors import UsageError
@@ -338,6 +349,29 @@ def _in_batches(fn: Callable, images: torch.Tensor, keep: torch.Tensor | None, b
     return torch.cat([fn(images[i : i + batch], None if keep is None else keep[i : i + batch]) for i in range(0, len(images), batch)])
 
 
+def _on_all_ranks(fn: Callable, images: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``fn`` on every image (on the CPU), each rank computing one contiguous slice."""
+    rank = distributed.current()
+    if not rank.active:
+        return _in_batches(fn, images, keep).cpu()
+    per = -(-len(images) // rank.world_size)
+    lo, hi = rank.rank * per, min(len(images), (rank.rank + 1) * per)
+    mine = _in_batches(fn, images[lo:hi], None if keep is None else keep[lo:hi]).cpu() if hi > lo else None
+    return torch.cat([part for part in rank.all_gather(mine) if part is not None])
+
+
+class _StudentLogits(nn.Module):
+    """The student's logits on pool images, as a module DistributedDataParallel can wrap."""
+
+    def __init__(self, feeder: _Feeder) -> None:
+        super().__init__()
+        self.student = feeder.model
+        self._feeder = feeder
+
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        return self._feeder.logits(images, keep)
+
+
 def _evaluate(student: nn.Module, feeder: _Feeder, val, progress: bool) -> dict:
     if callable(val):
         return val(student)
@@ -394,6 +428,9 @@ def distill(
         UsageError: a pool from another model, or a student that cannot take it.
     """
     config.validate()
+    rank = distributed.current()
+    if config.batch_size % rank.world_size:
+        raise UsageError(f"--batch-size {config.batch_size} is the global batch and must divide evenly over the {rank.world_size} processes.")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if teacher_name is not None:
@@ -434,9 +471,9 @@ def distill(
             view_images = view.apply(new_images)
             view_keep = view.remap(new_keep, pool_grid, patch_size)
             keep = None if new_keep.shape[1] == num_patches else view_keep  # dense: the plain forward
-            teacher_logits.append(_in_batches(teacher_feed.logits, view_images, keep).cpu())
+            teacher_logits.append(_on_all_ranks(teacher_feed.logits, view_images, keep))
             if linear:
-                features.append(_in_batches(student_feed.features, view_images, keep).cpu())
+                features.append(_on_all_ranks(student_feed.features, view_images, keep))
             else:
                 images.append(view_images)
                 keeps.append(view_keep)
@@ -487,29 +524,36 @@ def distill(
             invert_round(e // config.invert_every)
 
     meta_base = {"model": student_name, "num_classes": num_classes, "teacher": teacher_name, "mode": config.mode}
+    # What the optimiser trains, called on a batch: the head on frozen features, or the whole student.
+    trained: nn.Module = student.get_classifier() if linear else _StudentLogits(student_feed)
+    if rank.active:
+        trained = DistributedDataParallel(trained, find_unused_parameters=not linear)
+    local_batch = config.batch_size // rank.world_size
     for epoch in range(start_epoch, config.epochs):
         if grow and epoch > 0 and epoch % config.invert_every == 0:
             inversion_seconds += invert_round(epoch // config.invert_every)
         epoch_start = time.time()
         t_logits = torch.cat(teacher_logits)
         n = len(t_logits)
-        # Seeded by epoch alone, so a resumed run shuffles exactly as an uninterrupted one.
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
+        # Seeded by epoch alone, so a resumed run shuffles exactly as an uninterrupted one;
+        # rank r takes every P-th of the permutation, so step k's global batch is the same slice for any P.
+        sampler = DistributedSampler(range(n), num_replicas=rank.world_size, rank=rank.rank, shuffle=True, seed=config.seed * 1_000_003)
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler))
         if linear:
             feats = torch.cat(features)
-            head = student.get_classifier()
         else:
             all_images, all_keep = torch.cat(images), torch.cat(keeps)
-            student.train()
+        trained.train(not linear)
         total = 0.0
-        bar = tqdm(range(0, n, config.batch_size), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+        bar = tqdm(range(0, len(order), local_batch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and rank.is_main), leave=False)
         for i in bar:
-            idx = order[i : i + config.batch_size]
+            idx = order[i : i + local_batch]
             if linear:
-                s_logits = head(feats[idx].to(student_feed.device))
+                s_logits = trained(feats[idx].to(student_feed.device))
             else:
                 keep = None if all_keep.shape[1] == num_patches else all_keep[idx]
-                s_logits = student_feed.logits(all_images[idx], keep)
+                s_logits = trained(all_images[idx], keep)
             loss = kd_loss(s_logits, t_logits[idx].to(s_logits.device), config.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -517,10 +561,14 @@ def distill(
             total += loss.item() * len(idx)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         student.eval()
-        record = {"epoch": epoch + 1, "loss": total / n, "num_images": n // len(views), "num_views": n, "seconds": time.time() - epoch_start}
+        total = rank.sum(total)
+        record = {"epoch": epoch + 1, "loss": total / len(order) / rank.world_size, "num_images": n // len(views), "num_views": n,
+                  "seconds": time.time() - epoch_start}
+        history.append(record)
+        if not rank.is_main:  # rank 0 evaluates, keeps the best and writes the files
+            continue
         if val is not None:
             record["val_top1"] = float(_evaluate(student, student_feed, val, progress)["top1"])
-        history.append(record)
         # Best by val top-1 when there is a val set, else by training loss.
         score = record["val_top1"] if val is not None else -record["loss"]
         if best["score"] is None or score > best["score"]:
@@ -538,7 +586,8 @@ def distill(
             on_epoch_end(epoch + 1, record)
     final = history[-1] if history else {}
     meta = {**meta_base, "epoch": len(history), "val_top1": final.get("val_top1")}
-    _save_student(student, out, meta)
+    if rank.is_main:
+        _save_student(student, out, meta)
     summary = {
         **meta,
         "out": str(out),
@@ -552,6 +601,9 @@ def distill(
         "inversion_seconds": inversion_seconds,
         "settings": settings,
         "history": history,
+        "world_size": rank.world_size,
     }
-    atomic_write_json(sibling(out, ".json"), summary)
+    if rank.is_main:
+        atomic_write_json(sibling(out, ".json"), summary)
+    rank.barrier()  # every rank returns once the files are there
     return summary

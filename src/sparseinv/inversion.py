@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparseinv import distributed
 from sparseinv.augment import RollFlip
 from sparseinv.errors import UsageError
 from sparseinv.precision import PRECISIONS, Precision, resolve_precision
@@ -353,8 +354,13 @@ def invert(
 
     With ``out``, each batch is committed to the pool folder as soon as it is done,
     and a folder already holding part of the same run is continued, not restarted.
-    Batch ``b`` is seeded by ``config.seed`` and ``b`` alone, so a continued run gives
-    the images an uninterrupted one would.
+    Image ``i`` is made in batch ``i // batch_size``, seeded by ``config.seed`` and the
+    batch index alone, so a continued run gives the images an uninterrupted one would.
+
+    Run by several processes (``torchrun``, see :mod:`sparseinv.distributed`), the
+    batches still to do are dealt round robin to the ranks (batch ``b`` to rank
+    ``b mod P`` in a fresh run), each rank commits its own, and rank 0 merges; every
+    rank returns the whole result. The images do not depend on the number of processes.
 
     Raises:
         UsageError: bad settings, or ``out`` holding a pool made with other settings.
@@ -362,28 +368,31 @@ def invert(
     from sparseinv.pool import PoolWriter, read_pool, summarise_batches
     from sparseinv.viz import class_namer, image_grid_png
 
+    run_start = time.perf_counter()
     info = vit_info(model)
     config.validate(info.num_classes)
     device = next(model.parameters()).device
     labels = assign_labels(config, info.num_classes)
+    rank = distributed.current()
+    num_batches = -(-config.num_images // config.batch_size)
     writer = None
-    done = 0
+    done: list[int] = []
     if out is not None:
-        writer = PoolWriter(out, run_record(model, config, model_name, checkpoint))
-        done = writer.open()
+        writer = PoolWriter(out, run_record(model, config, model_name, checkpoint), rank=rank.rank)
+        done = rank.on_main(writer.open)
     try:
-        batches: list[BatchResult] = []
-        batch_stats: list[dict] = []
-        num_batches = -(-config.num_images // config.batch_size)
-        for b in range(done // config.batch_size, num_batches):
+        results: dict[int, tuple[BatchResult, dict]] = {}
+        todo = sorted(set(range(num_batches)) - set(done))
+        for b in rank.share(todo):
             chunk = labels[b * config.batch_size : (b + 1) * config.batch_size]
+            where = f" (rank {rank.rank})" if rank.active else ""
             result = invert_batch(
                 model,
                 torch.tensor(chunk, device=device),
                 config,
                 seed=config.seed * 1_000_003 + b,
-                progress=progress,
-                desc=f"batch {b + 1}/{num_batches}",
+                progress=progress and rank.is_main,
+                desc=f"batch {b + 1}/{num_batches}{where}",
             )
             stats = {
                 "index": b,
@@ -393,26 +402,36 @@ def invert(
                 "tokens_per_phase": result.tokens_per_phase,
                 "final_seconds": result.final_seconds,
                 "num_correct": int(result.correct.sum()),
+                "rank": rank.rank,
             }
             if writer is not None:
-                writer.add_batch(result.images, result.labels, result.kept_patches, result.target_prob, stats)
+                writer.add_batch(b, result.images, result.labels, result.kept_patches, result.target_prob, stats)
             else:
-                batches.append(result)
-                batch_stats.append(stats)
+                results[b] = (result, stats)
+        rank_seconds = rank.all_gather(time.perf_counter() - run_start)
         if writer is not None:
+            def finish() -> dict:
+                pool = read_pool(out)
+                name = class_namer(model)
+                extra = {"world_size": rank.world_size, "per_rank_seconds": rank_seconds,
+                         "elapsed_seconds": time.perf_counter() - run_start}
+                return writer.finish(image_grid_png(pool.images, [name(c) for c in pool.labels]), **extra)
+
+            run = rank.on_main(finish)
             pool = read_pool(out)
-            name = class_namer(model)
-            writer.finish(image_grid_png(pool.images, [name(c) for c in pool.labels]))
-            return InversionResult(pool.images, pool.labels, pool.kept_patches, pool.target_prob, writer.run)
+            return InversionResult(pool.images, pool.labels, pool.kept_patches, pool.target_prob, run)
     finally:
         if writer is not None:
             writer.close()
+    for gathered in rank.all_gather(results) if rank.active else []:
+        results.update(gathered)
+    ordered = [results[b] for b in range(num_batches)]
     run = run_record(model, config, model_name, checkpoint)
-    run.update(summarise_batches(batch_stats))
+    run.update(summarise_batches([stats for _, stats in ordered]))
     return InversionResult(
-        images=torch.cat([r.images for r in batches]),
-        labels=torch.cat([r.labels for r in batches]),
-        kept_patches=torch.cat([r.kept_patches for r in batches]),
-        target_prob=torch.cat([r.target_prob for r in batches]),
+        images=torch.cat([r.images for r, _ in ordered]),
+        labels=torch.cat([r.labels for r, _ in ordered]),
+        kept_patches=torch.cat([r.kept_patches for r, _ in ordered]),
+        target_prob=torch.cat([r.target_prob for r, _ in ordered]),
         run=run,
     )

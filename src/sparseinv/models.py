@@ -147,7 +147,10 @@ def load_model(
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     try:
-        model = timm.create_model(name, pretrained=checkpoint is None and pretrained, **kwargs)
+        # Random weights are seeded, so every process of a run (and every run) gets the same model.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=checkpoint is None and pretrained, **kwargs)
     except Exception as err:  # hub errors come in many types; all mean "no weights"
         if checkpoint is None and pretrained:
             raise UsageError(f"could not fetch pretrained weights for '{name}' ({type(err).__name__}); pass --checkpoint FILE.") from None

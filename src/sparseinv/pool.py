@@ -6,14 +6,20 @@ A pool folder holds::
     manifest.jsonl      one line per image: file, label, kept_patches, target_prob
     run.json            model, settings, timings per phase, success rate, environment
     grid.png            the images with their class names, for a person to look at
+    parts/NNNNNN.json   while a run is going: finished batches not merged yet
 
-Batches are committed atomically (images first, then the manifest, each through a
-temporary file and a rename), so an interrupted run loses at most the batch in flight
-and the same command continues it.
+Image ``i`` is made in batch ``i // batch_size`` and written as ``images/{i:06d}.png``,
+whichever process makes it. A finished batch is committed atomically: its PNGs, then
+its part file (its manifest lines and statistics), each through a temporary file and a
+rename. Rank 0 (the only process of a plain run) merges parts into ``manifest.jsonl``
+and ``run.json`` and deletes them. So an interrupted run, with one process or many,
+loses at most the batches in flight, and the same command continues it with any
+number of processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -102,6 +108,20 @@ def _read_json(path: Path, what: str):
 _ENTRY_FIELDS = {"file": (str,), "label": (int,), "kept_patches": (list,), "target_prob": (int, float)}
 
 
+def _checked_entry(entry, where: str) -> dict:
+    """``entry`` if it is a manifest line's object with every field of the right type."""
+    if not isinstance(entry, dict):
+        raise UsageError(f"{where} is damaged: not a JSON object.")
+    for field, types in _ENTRY_FIELDS.items():
+        value = entry.get(field)
+        if not isinstance(value, types) or isinstance(value, bool):
+            problem = "lacks" if field not in entry else "has a wrong"
+            raise UsageError(f"{where} is damaged: it {problem} '{field}' field.")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in entry["kept_patches"]):
+        raise UsageError(f"{where} is damaged: 'kept_patches' must be patch indices.")
+    return entry
+
+
 def read_manifest(root: Path) -> list[dict]:
     """The manifest's entries, each checked for its fields and their types; [] if there is none.
 
@@ -119,20 +139,12 @@ def read_manifest(root: Path) -> list[dict]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        where = f"pool manifest '{path}' line {number}"
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
-            raise UsageError(f"pool manifest '{path}' line {number} is damaged: not valid JSON.") from None
-        if not isinstance(entry, dict):
-            raise UsageError(f"pool manifest '{path}' line {number} is damaged: not a JSON object.")
-        for field, types in _ENTRY_FIELDS.items():
-            value = entry.get(field)
-            if not isinstance(value, types) or isinstance(value, bool):
-                problem = "lacks" if field not in entry else "has a wrong"
-                raise UsageError(f"pool manifest '{path}' line {number} is damaged: it {problem} '{field}' field.")
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in entry["kept_patches"]):
-            raise UsageError(f"pool manifest '{path}' line {number} is damaged: 'kept_patches' must be patch indices.")
-        entries.append(entry)
+            raise UsageError(f"{where} is damaged: not valid JSON.") from None
+        entries.append(_checked_entry(entry, where))
     return entries
 
 
@@ -216,8 +228,14 @@ def read_pool(root: str | os.PathLike) -> Pool:
 
 def _valid_batches(batches) -> bool:
     return isinstance(batches, list) and all(
-        isinstance(b, dict) and isinstance(b.get("size"), int) and b["size"] >= 0 for b in batches
+        isinstance(b, dict) and isinstance(b.get("size"), int) and b["size"] >= 0 and isinstance(b.get("index", 0), int)
+        for b in batches
     )
+
+
+def _batch_index(stats: dict, position: int) -> int:
+    # Pools written before batches were distributed listed them in order, some without an index.
+    return int(stats.get("index", position))
 
 
 def summarise_batches(batches: list[dict]) -> dict:
@@ -236,17 +254,28 @@ def summarise_batches(batches: list[dict]) -> dict:
 class PoolWriter:
     """Writes batches to a pool folder and continues an interrupted one.
 
+    In a run of several processes every rank writes the batches it makes
+    (:meth:`add_batch`); rank 0 alone opens, locks, merges and finishes the pool.
+
     Args:
         root: The pool folder; created if missing.
-        run: The run record: ``model``, ``settings`` (what must match to continue),
-            and anything else worth keeping. Batch statistics are added here.
+        run: The run record: ``model``, ``settings`` (what must match to continue; its
+            ``batch_size`` names the image files), and anything else worth keeping.
+            Batch statistics are added here.
+        rank: This process's rank; only rank 0 merges.
     """
 
-    def __init__(self, root: str | os.PathLike, run: dict) -> None:
+    def __init__(self, root: str | os.PathLike, run: dict, rank: int = 0) -> None:
         self.root = Path(root)
         self.run = {"format": FORMAT, **run, "batches": [], "complete": False}
+        self.batch_size = int(run["settings"]["batch_size"])
+        self.rank = rank
         self.entries: list[dict] = []
         self._lock = FolderLock(self.root)
+
+    @property
+    def parts(self) -> Path:
+        return self.root / "parts"
 
     def check(self) -> None:
         """Raise :class:`UsageError` if ``root`` holds something this run must not touch."""
@@ -266,8 +295,15 @@ class PoolWriter:
             what = "model" if existing.get("model") != self.run["model"] else ", ".join(diff)
             raise UsageError(f"--out '{self.root}' holds a pool made with different settings ({what}); choose another folder.")
 
-    def open(self) -> int:
-        """Lock the folder, create or reopen it; return how many images are already done.
+    def _batch_of(self, entry: dict) -> int | None:
+        stem = Path(entry["file"]).stem
+        return int(stem) // self.batch_size if stem.isdigit() else None
+
+    def open(self) -> list[int]:
+        """Lock the folder, create or reopen it, merge the parts an interrupted run left.
+
+        Returns:
+            The indices of the batches already done.
 
         Raises:
             UsageError: the folder is not this run's to write, is damaged, or another
@@ -278,32 +314,34 @@ class PoolWriter:
         try:
             existing = read_run(self.root)
             if existing is not None:
-                self.run["batches"] = existing["batches"]
+                self.run["batches"] = [{**b, "index": _batch_index(b, i)} for i, b in enumerate(existing["batches"])]
                 committed = sum(b["size"] for b in self.run["batches"])
-                entries = read_manifest(self.root)
-                if len(entries) < committed:
-                    raise UsageError(f"pool manifest '{self.root / 'manifest.jsonl'}' lists {len(entries)} images, but run.json records {committed}; "
+                recorded = {b["index"] for b in self.run["batches"]}
+                # Lines past the record are from a merge cut short: their batch is redone or still in parts/.
+                listed = read_manifest(self.root)
+                self.entries = [e for e in listed if self._batch_of(e) in recorded]
+                if len(self.entries) < committed:
+                    raise UsageError(f"pool manifest '{self.root / 'manifest.jsonl'}' lists {len(listed)} images, but run.json records {committed}; "
                                      "the pool is damaged, choose another folder.")
-                self.entries = entries[:committed]
-                self.run.update(summarise_batches(self.run["batches"]))
-            atomic_write_json(self.root / "run.json", self.run)
             (self.root / "images").mkdir(exist_ok=True)
+            self.parts.mkdir(exist_ok=True)
+            self.merge()
         except BaseException:
             self.close()
             raise
-        return len(self.entries)
+        return sorted(b["index"] for b in self.run["batches"])
 
     def close(self) -> None:
         """Release the folder (without marking the pool complete)."""
         self._lock.release()
 
-    def add_batch(self, images: torch.Tensor, labels, kept_patches, target_prob, stats: dict) -> None:
-        """Commit one batch: its PNGs, then its manifest lines and statistics."""
-        start = len(self.entries)
+    def add_batch(self, index: int, images: torch.Tensor, labels, kept_patches, target_prob, stats: dict) -> None:
+        """Commit batch ``index``: its PNGs, then its part file; rank 0 then merges."""
+        entries = []
         for offset, array in enumerate(to_uint8(images)):
-            name = f"images/{start + offset:06d}.png"
+            name = f"images/{index * self.batch_size + offset:06d}.png"
             atomic_save(self.root / name, lambda tmp, array=array: Image.fromarray(array).save(tmp, format="PNG"))
-            self.entries.append(
+            entries.append(
                 {
                     "file": name,
                     "label": int(labels[offset]),
@@ -311,17 +349,60 @@ class PoolWriter:
                     "target_prob": round(float(target_prob[offset]), 6),
                 }
             )
-        lines = "".join(json.dumps(e) + "\n" for e in self.entries)
-        atomic_write(self.root / "manifest.jsonl", lines.encode())
-        self.run["batches"].append(stats)
+        atomic_write_json(self.parts / f"{index:06d}.json", {"index": index, "entries": entries, "stats": {**stats, "index": index}})
+        if self.rank == 0:
+            self.merge()
+
+    def _read_part(self, path: Path) -> dict:
+        """A part file, checked; a damaged one is refused with what to do about it."""
+        fix = "; delete it and run the same command again (its batch is made again)."
+        try:
+            part = _read_json(path, "pool part")
+            where = f"pool part '{path}'"
+            num_batches = -(-int(self.run["settings"]["num_images"]) // self.batch_size)
+            if not (isinstance(part, dict) and isinstance(part.get("index"), int) and 0 <= part["index"] < num_batches
+                    and isinstance(part.get("entries"), list) and isinstance(part.get("stats"), dict)
+                    and part["stats"].get("size") == len(part["entries"])):
+                raise UsageError(f"{where} is damaged")
+            for number, entry in enumerate(part["entries"], 1):
+                _checked_entry(entry, f"{where} entry {number}")
+                if self._batch_of(entry) != part["index"]:
+                    raise UsageError(f"{where} names an image of another batch")
+        except UsageError as err:
+            raise UsageError(str(err).rstrip(".") + fix) from None
+        return part
+
+    def merge(self) -> None:
+        """Fold the finished batches in ``parts/`` into the manifest and run record (rank 0)."""
+        recorded = {b["index"] for b in self.run["batches"]}
+        merged = sorted(self.parts.glob("*.json")) if self.parts.is_dir() else []
+        for path in merged:
+            part = self._read_part(path)
+            if part["index"] not in recorded:  # else: merged before an interruption, not yet deleted
+                recorded.add(part["index"])
+                self.entries.extend(part["entries"])
+                self.run["batches"].append(part["stats"])
+        self.entries.sort(key=lambda e: e["file"])
+        self.run["batches"].sort(key=lambda b: b["index"])
+        atomic_write(self.root / "manifest.jsonl", "".join(json.dumps(e) + "\n" for e in self.entries).encode())
         self.run.update(summarise_batches(self.run["batches"]))
         atomic_write_json(self.root / "run.json", self.run)
+        for path in merged:
+            path.unlink()
 
-    def finish(self, grid_png: bytes | None = None) -> dict:
-        """Mark the pool complete and write its picture; return the run record."""
-        self.run["complete"] = True
+    def finish(self, grid_png: bytes | None = None, **record) -> dict:
+        """Merge what is left, mark the pool complete, write its picture; return the run record.
+
+        Args:
+            grid_png: The picture of the images.
+            **record: More entries for ``run.json`` (e.g. per-rank wall times).
+        """
+        self.merge()
+        self.run.update(record, complete=True)
         if grid_png is not None:
             atomic_write(self.root / "grid.png", grid_png)
         atomic_write_json(self.root / "run.json", self.run)
+        with contextlib.suppress(OSError):
+            self.parts.rmdir()
         self.close()
         return self.run

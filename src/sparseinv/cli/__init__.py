@@ -8,6 +8,7 @@ line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 
@@ -47,10 +48,37 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"sparseinv: warning: {message}\n"
 
 
+# Sub-commands that split their work over the processes torchrun starts.
+DISTRIBUTED_COMMANDS = ("invert", "distill")
+
+
+def _join_torchrun(args: argparse.Namespace) -> None:
+    """Under torchrun: join the process group, and turn the launcher's SIGTERM into an interrupt.
+
+    When one rank fails, torchrun stops the others with SIGTERM; handled like Ctrl-C,
+    their temporary files are removed and their finished batches kept.
+    """
+    from sparseinv import distributed
+
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise UsageError(f"sparseinv {args.command} runs as one process; start it without torchrun "
+                         f"(only {' and '.join(DISTRIBUTED_COMMANDS)} use several).")
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    distributed.init_from_env(str(getattr(args, "device", "cpu")).split(":")[0])
+
+
 def main(argv: list[str] | None = None) -> int:
+    from sparseinv import distributed
+
     warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
     try:
+        if distributed.launched_by_torchrun():
+            _join_torchrun(args)
         return int(args.func(args) or 0)
     except UsageError as err:
         print(f"sparseinv: error: {err}", file=sys.stderr)
@@ -58,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sparseinv: interrupted; finished batches are kept, run the same command to continue.", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import dataclasses
 
 import torch
 
+from sparseinv import distributed
 from sparseinv.errors import UsageError
 from sparseinv.models import load_model
 
@@ -28,6 +29,9 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
         raise UsageError("--device cuda was asked for, but torch sees no CUDA device on this machine.")
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"unsupported device '{args.device}': use cpu, cuda or cuda:N.")
+    rank = distributed.current()
+    if device.type == "cuda" and device.index is None and rank.active:
+        device = torch.device("cuda", rank.local_rank)  # one GPU per process under torchrun
     return device
 
 

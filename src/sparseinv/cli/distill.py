@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from sparseinv.cli.common import add_device, config_from_args, resolve_device, split_model_spec
+from sparseinv import distributed
 from sparseinv.distill import MODES, DistillConfig, checkpoint_num_classes, distill, is_vit
 from sparseinv.errors import UsageError, first_line
 from sparseinv.files import check_writable
@@ -61,7 +64,9 @@ def load_student(spec: str, device, random_weights: bool):
     name, checkpoint = split_model_spec(spec)
     if name not in timm.list_models() and name not in timm.list_pretrained():
         raise UsageError(f"unknown model '{name}': not a timm model name (see timm.list_models()).")
-    skeleton = timm.create_model(name, pretrained=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random weights the same in every process of a run
+        skeleton = timm.create_model(name, pretrained=False)
     classifier = skeleton.default_cfg.get("classifier", "head")
     num_classes = checkpoint_num_classes(checkpoint, classifier) if checkpoint else None
     if is_vit(skeleton):
@@ -114,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         teacher, student, pool, config, args.out, val,
         teacher_name=teacher_name, student_name=student_name, teacher_checkpoint=teacher_ckpt, progress=not args.quiet,
     )
+    if not distributed.current().is_main:
+        return 0
     val_text = f" | val top-1 last {summary['final_val_top1']:.2f}, best {summary['best_val_top1']:.2f} (epoch {summary['best_epoch']})" \
         if summary["final_val_top1"] is not None else ""
     print(

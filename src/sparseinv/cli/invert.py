@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from sparseinv import distributed
 from sparseinv.cli.common import add_device, add_model, config_from_args, model_from_args, resolve_device
 from sparseinv.inversion import InversionConfig, invert, run_record
 from sparseinv.losses import InversionLoss
@@ -53,12 +54,17 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args)
     model = model_from_args(args, device)
     config.validate(model.num_classes)
-    PoolWriter(args.out, run_record(model, config, args.model, args.checkpoint)).check()
+    rank = distributed.current()
+    rank.on_main(PoolWriter(args.out, run_record(model, config, args.model, args.checkpoint)).check)
     result = invert(model, config, args.out, model_name=args.model, checkpoint=args.checkpoint, progress=not args.quiet)
     run = result.run
+    if not rank.is_main:
+        return 0
+    # Several processes: the wall clock of this command, and the batches' summed time beside it.
+    where = f" | {rank.world_size} processes, {run['elapsed_seconds']:.1f} s elapsed" if rank.active else ""
     kind = "dense" if config.schedule.is_dense else "sparse"
     print(
         f"{kind} inversion: {run['num_images']} images in {args.out} | {run['wall_seconds']:.1f} s | "
-        f"success rate {run['success_rate']:.3f} | patches kept {result.kept_patches.shape[1]}/{run['num_patches']}"
+        f"success rate {run['success_rate']:.3f} | patches kept {result.kept_patches.shape[1]}/{run['num_patches']}{where}"
     )
     return 0

@@ -1,0 +1,155 @@
+"""Real multi-process runs under torchrun (gloo, 2 CPU processes): the pool does not depend
+on the number of processes, a killed rank loses only its batch in flight, and distributed
+distillation trains the weights one process would."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sparseinv.cli import main
+from sparseinv.distill import prepare_student
+from sparseinv.models import load_model, timm
+
+# 8 batches of 2 images, each long enough (~1 s here) that a kill lands mid-run.
+INVERT = ["--num-images", "16", "--batch-size", "2", "--iterations", "150", "--prune-at", "50", "100",
+          "--prune-ratio", "0.5", "0.5", "--quiet"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "sparseinv", *args]
+
+
+def one_thread_main(argv: list[str]) -> int:
+    """``main`` in this process with one thread, like each torchrun rank."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    torch.manual_seed(0)
+    ckpt = root / "test_vit.safetensors"
+    save_file(timm.create_model("test_vit").state_dict(), str(ckpt))
+    other = root / "test_vit_other.safetensors"  # a teacher the student differs from
+    save_file(timm.create_model("test_vit").state_dict(), str(other))
+    model = ["--model", "test_vit", "--checkpoint", str(ckpt)]
+    assert one_thread_main(["invert", *model, *INVERT, "--out", str(root / "one")]) == 0
+    return {"root": root, "ckpt": ckpt, "other": other, "model": model, "reference": root / "one"}
+
+
+def assert_same_pool(a: Path, b: Path) -> None:
+    assert (a / "manifest.jsonl").read_bytes() == (b / "manifest.jsonl").read_bytes()
+    names = sorted(p.name for p in (a / "images").glob("*.png"))
+    assert names == sorted(p.name for p in (b / "images").glob("*.png")) and len(names) == 16
+    for name in names:
+        assert (a / "images" / name).read_bytes() == (b / "images" / name).read_bytes(), name
+    run = json.loads((b / "run.json").read_text())
+    assert run["complete"] and [batch["index"] for batch in run["batches"]] == list(range(8))
+    assert not (b / "parts").exists()
+
+
+def test_two_processes_make_the_pool_one_makes(setup):
+    out = setup["root"] / "two"
+    done = subprocess.run(torchrun(2, "invert", *setup["model"], *INVERT, "--out", str(out)), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 processes" in done.stdout
+    assert_same_pool(setup["reference"], out)
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2 and len(run["per_rank_seconds"]) == 2 and run["elapsed_seconds"] > 0
+    assert [b["rank"] for b in run["batches"]] == [0, 1] * 4  # batch b on rank b mod 2
+
+
+def _worker_pid(launcher: int, rank: int) -> int | None:
+    """The pid of torchrun's worker of ``rank`` (a child whose environment says RANK=rank)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0") if parent == launcher else []
+        except (OSError, ValueError):
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+def test_a_killed_rank_loses_only_its_batch_and_any_process_count_finishes(setup):
+    out = setup["root"] / "killed"
+    launcher = subprocess.Popen(torchrun(2, "invert", *setup["model"], *INVERT, "--out", str(out)), env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((out / "images").glob("*.png")) if (out / "images").is_dir() else True:
+        assert launcher.poll() is None and time.time() < deadline, "the run ended before any batch was written"
+        time.sleep(0.02)
+    os.kill(_worker_pid(launcher.pid, 1), signal.SIGKILL)
+    launcher.communicate(timeout=120)
+    assert launcher.returncode != 0
+    run = json.loads((out / "run.json").read_text())
+    parts = list((out / "parts").glob("*.json"))
+    done = {b["index"] for b in run["batches"]} | {int(p.stem) for p in parts}
+    assert not run["complete"] and 0 < len(done) < 8  # some batches kept, some still to do
+
+    # The same command finishes it with 2 processes, and a copy with 1.
+    shutil.copytree(out, setup["root"] / "killed-one")
+    kept = {name: (out / "images" / name).stat().st_mtime_ns for b in done for name in (f"{2 * b:06d}.png", f"{2 * b + 1:06d}.png")}
+    again = subprocess.run(torchrun(2, "invert", *setup["model"], *INVERT, "--out", str(out)), env=ENV, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert_same_pool(setup["reference"], out)
+    assert {name: (out / "images" / name).stat().st_mtime_ns for name in kept} == kept  # nothing kept was made again
+    assert one_thread_main(["invert", *setup["model"], *INVERT, "--out", str(setup["root"] / "killed-one")]) == 0
+    assert_same_pool(setup["reference"], setup["root"] / "killed-one")
+
+
+@pytest.mark.parametrize("mode", ["full", "linear-probe"])
+def test_distributed_distillation_trains_the_weights_one_process_does(setup, mode):
+    ckpt = setup["ckpt"]
+    args = ["distill", "--teacher", f"test_vit:{setup['other']}", "--student", f"test_vit:{ckpt}", "--pool", str(setup["reference"]),
+            "--mode", mode, "--epochs", "2", "--batch-size", "4", "--views", "2", "--lr", "0.05", "--quiet"]
+    one, two = setup["root"] / f"one-{mode}.safetensors", setup["root"] / f"two-{mode}.safetensors"
+    assert one_thread_main([*args, "--out", str(one)]) == 0
+    done = subprocess.run(torchrun(2, *args, "--out", str(two)), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = load_file(str(one)), load_file(str(two))
+    start = prepare_student(load_model("test_vit", ckpt), 1000, mode).state_dict()  # the head training starts from
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3  # training moved the weights...
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # ...and both runs moved them alike
+    history = [json.loads(f.with_suffix(".json").read_text())["history"] for f in (one, two)]
+    assert [h["loss"] for h in history[0]] == pytest.approx([h["loss"] for h in history[1]], rel=1e-3)
+
+
+def test_single_process_commands_refuse_torchrun(setup, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["evaluate", *setup["model"], "--data", "nowhere"]) == 2
+    assert "runs as one process" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"index": 99, "entries": [], "stats": {"size": 0}}', '{"index": 1, "entries": [{"file": "images/000000.png"}], "stats": {"size": 1}}'])
+def test_a_damaged_part_is_refused_in_one_line(setup, tmp_path, capsys, content):
+    pool = tmp_path / "pool"
+    shutil.copytree(setup["reference"], pool)
+    run = json.loads((pool / "run.json").read_text())
+    (pool / "run.json").write_text(json.dumps({**run, "complete": False, "batches": run["batches"][:1]}))
+    (pool / "parts").mkdir()
+    (pool / "parts" / "000001.json").write_text(content)
+    assert main(["invert", *setup["model"], *INVERT, "--out", str(pool)]) == 2
+    err = capsys.readouterr().err
+    assert "pool part" in err and "delete it" in err and len(err.strip().splitlines()) == 1
