@@ -11,20 +11,24 @@ For each model it measures:
     keeps its share of the run), which gives the achieved ratio.
 The achieved/ideal ratio shows what the loop's overheads (augmentation, TV loss,
 Adam over the full image, scoring passes, best-pixel copies) cost.
+  * the same dense and sparse runs under ``--precision bf16`` (bf16 autocast for the
+    model), with the bf16 probe's verdict for this device: the bf16 columns.
 Results: benchmarks/results/inversion_speed.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from common import DEIT_TINY, DEIT_TINY_CKPT, RESULTS, scaled_schedule, write_results
+from common import DEIT_TINY, DEIT_TINY_CKPT, RESULTS, machine, scaled_schedule, write_results
 
 from sparseinv import InversionConfig, PruneSchedule, invert_batch, load_model, sparse_forward, vit_info
+from sparseinv.precision import resolve_precision
 
 MODELS = {
     # key: (timm name, checkpoint or None for random weights, batch)
@@ -80,16 +84,17 @@ def bench_model(key: str, iterations: int, repeats: int) -> dict:
     steps = per_step_seconds(model, batch, counts, repeats)
     labels = torch.arange(batch) * (info.num_classes // batch)
     runs = {}
-    for kind, sched in (("dense", PruneSchedule()), ("sparse", schedule)):
-        config = InversionConfig(iterations=iterations, batch_size=batch, schedule=sched)
-        result = invert_batch(model, labels, config, seed=0, desc=f"{key} {kind}")
-        runs[kind] = {
-            "wall_seconds": result.wall_seconds,
-            "seconds_per_phase": result.seconds_per_phase,
-            "tokens_per_phase": result.tokens_per_phase,
-            "final_seconds": result.final_seconds,
-            "success_rate": float(result.correct.float().mean()),
-        }
+    for precision, suffix in (("fp32", ""), ("bf16", " bf16")):
+        for kind, sched in (("dense", PruneSchedule()), ("sparse", schedule)):
+            config = InversionConfig(iterations=iterations, batch_size=batch, schedule=sched, precision=precision)
+            result = invert_batch(model, labels, config, seed=0, desc=f"{key} {kind}{suffix}")
+            runs[kind + suffix] = {
+                "wall_seconds": result.wall_seconds,
+                "seconds_per_phase": result.seconds_per_phase,
+                "tokens_per_phase": result.tokens_per_phase,
+                "final_seconds": result.final_seconds,
+                "success_rate": float(result.correct.float().mean()),
+            }
     ideal_ratio = ideal_seconds(steps, PruneSchedule(), iterations, info.num_patches) / ideal_seconds(
         steps, schedule, iterations, info.num_patches
     )
@@ -101,6 +106,12 @@ def bench_model(key: str, iterations: int, repeats: int) -> dict:
             steps, REFERENCE, 4000, info.num_patches
         )
     dense_step = runs["dense"]["wall_seconds"] / iterations
+    bf16 = {
+        "probe": resolve_precision("auto", torch.device("cpu")).record(),
+        "dense_bf16_vs_fp32": runs["dense"]["wall_seconds"] / runs["dense bf16"]["wall_seconds"],
+        "sparse_bf16_vs_fp32": runs["sparse"]["wall_seconds"] / runs["sparse bf16"]["wall_seconds"],
+        "sparse_bf16_vs_dense_fp32": runs["dense"]["wall_seconds"] / runs["sparse bf16"]["wall_seconds"],
+    }
     return {
         "model": name,
         "weights": "real" if checkpoint else "random (speed does not depend on weights)",
@@ -115,13 +126,14 @@ def bench_model(key: str, iterations: int, repeats: int) -> dict:
         "ideal_ratio_4000_steps_reference": full_ideal,
         "our_dense_step_seconds": dense_step,
         "our_dense_step_vs_plain_timm": dense_step / steps["plain_timm"],
+        "bf16": bf16,
     }
 
 
 def markdown(results: dict) -> str:
     lines = [
-        "| model, batch | steps | per-step s at 196/137/95/66/46 tokens | plain timm step s | our dense step s | dense s | sparse s | sparse/dense speed-up | ideal | achieved/ideal | ideal, 4000 steps |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model, batch | steps | per-step s at 196/137/95/66/46 tokens | plain timm step s | our dense step s | dense s | sparse s | sparse/dense speed-up | ideal | achieved/ideal | ideal, 4000 steps | dense bf16 s | sparse bf16 s | dense bf16 vs fp32 | sparse bf16 vs dense fp32 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results.values():
         per = " / ".join(f"{r['per_step_seconds'][str(n)]:.2f}" for n in r["runs"]["sparse"]["tokens_per_phase"])
@@ -129,7 +141,9 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {r['model']}, {r['batch']} | {r['iterations']} | {per} | {r['per_step_seconds']['plain_timm']:.2f} | "
             f"{r['our_dense_step_seconds']:.2f} | {r['runs']['dense']['wall_seconds']:.0f} | {r['runs']['sparse']['wall_seconds']:.0f} | "
-            f"{r['achieved_ratio']:.2f}x | {r['ideal_ratio']:.2f}x | {100 * r['efficiency']:.0f}% | {full} |"
+            f"{r['achieved_ratio']:.2f}x | {r['ideal_ratio']:.2f}x | {100 * r['efficiency']:.0f}% | {full} | "
+            f"{r['runs']['dense bf16']['wall_seconds']:.0f} | {r['runs']['sparse bf16']['wall_seconds']:.0f} | "
+            f"{r['bf16']['dense_bf16_vs_fp32']:.2f}x | {r['bf16']['sparse_bf16_vs_dense_fp32']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 
@@ -146,6 +160,8 @@ def main() -> None:
         "inversion_speed",
         {
             "scaled_down": args.iterations < 4000,
+            "command": "python benchmarks/inversion_speed.py " + " ".join(sys.argv[1:]),
+            "machine": machine(),
             "protocol": f"{args.iterations} steps instead of 4000; stop steps scaled by iterations/4000 so each phase keeps its share",
             "results": results,
             "table": table,
