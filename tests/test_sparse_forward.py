@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -99,3 +101,41 @@ def test_refuses_model_without_class_token():
 def test_refuses_cnn():
     with pytest.raises(UsageError, match="not a token-sequence ViT"):
         vit_info(timm.create_model("resnet18"))
+
+
+# Beside MODELS, embeddings the pixel-gradient path must respect: no class token in the
+# positional embedding (DeiT-3 style), a LayerNorm on each patch embedding, and CLIP's
+# pre-norm after the embedding.
+GRADIENT_MODELS = [*MODELS, ("test_vit", {"no_embed_class": True}), ("test_vit", {"embed_norm_layer": torch.nn.LayerNorm}),
+                   ("vit_base_patch16_clip_224", {"depth": 1, "embed_dim": 48, "num_heads": 2})]
+
+
+@pytest.mark.parametrize("name, kwargs", GRADIENT_MODELS, ids=[f"{n}{k or ''}" for n, k in GRADIENT_MODELS])
+@pytest.mark.parametrize("sparse", [False, True], ids=["all", "kept"])
+def test_pixel_gradient_path_equals_the_convolution(name, kwargs, sparse):
+    """Inversion's forward (frozen model, pixels that want a gradient) takes the per-patch
+    gradient path: the same logits, and the gradient of the patch convolution."""
+    sf = sys.modules["sparseinv.sparse_forward"]
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval().requires_grad_(False)
+    info = vit_info(model)
+    assert sf._patch_projection(model) is not None
+    x = torch.randn(2, *info.input_size, requires_grad=True)
+    keep = torch.stack([torch.randperm(info.num_patches)[: info.num_patches // 3].sort().values for _ in range(2)]) if sparse else None
+    weights = torch.randn(model.num_classes)
+    logits = sparse_forward(model, x, keep).logits
+    (grad,) = torch.autograd.grad((logits * weights).sum(), x)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sf, "_patch_projection", lambda model: None)  # the plain path: convolution over the whole image
+        plain = sparse_forward(model, x, keep).logits
+        (expected,) = torch.autograd.grad((plain * weights).sum(), x)
+    assert torch.equal(logits, plain)
+    assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-6 * expected.abs().max())
+
+
+def test_trainable_models_take_the_plain_path(tiny_vit):
+    """Distillation trains the patch and positional embeddings: they must get their gradients."""
+    model = timm.create_model("test_vit").train()
+    x = torch.randn(2, 3, 160, 160, requires_grad=True)
+    sparse_forward(model, x, torch.arange(10).expand(2, -1)).logits.sum().backward()
+    assert model.pos_embed.grad is not None and model.patch_embed.proj.weight.grad is not None

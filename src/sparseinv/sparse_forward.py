@@ -74,11 +74,59 @@ def gather_tokens(tokens: torch.Tensor, keep: torch.Tensor, num_prefix_tokens: i
     return torch.cat([prefix, torch.gather(patches, 1, index)], dim=1)
 
 
+def _patch_projection(model: nn.Module) -> nn.Conv2d | None:
+    """The patch embedding's convolution if it is a per-patch linear map (kernel = stride, no padding)."""
+    proj = getattr(model.patch_embed, "proj", None)
+    if type(proj) is not nn.Conv2d or getattr(model.patch_embed, "dynamic_img_pad", False):
+        return None
+    if proj.kernel_size != proj.stride or proj.padding != (0, 0) or proj.dilation != (1, 1) or proj.groups != 1:
+        return None
+    return proj
+
+
+def _pixels_only(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether gradients are wanted for the pixels and for nothing in the model (inversion)."""
+    return x.requires_grad and torch.is_grad_enabled() and not any(p.requires_grad for p in model.parameters())
+
+
+def _tokens_with_patch_gradient(model: nn.Module, proj: nn.Conv2d, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """:func:`embed_tokens` then :func:`gather_tokens`, with the gradient to the pixels of the fed patches only.
+
+    The values are the model's own, computed without a graph; the gradient comes from
+    the same projection applied, as one matrix product, to the fed patches' pixels
+    (``y + (z - z.detach())`` has the value of ``y`` and the gradient of ``z``). The
+    convolution's backward over the whole image cost more than a 46-token DeiT-Tiny
+    step's attention; this costs what the fed patches do. Exact because the projection
+    acts on each patch alone and the positional embedding is added to the tokens.
+    """
+    with torch.no_grad():
+        tokens = embed_tokens(model, x)
+    batch, channels = x.shape[:2]
+    ph, pw = proj.kernel_size
+    cells = x.unfold(2, ph, ph).unfold(3, pw, pw)  # (B, C, rows, cols, ph, pw), a view
+    rows, cols = cells.shape[2:4]
+    if keep is None:
+        keep = torch.arange(rows * cols, device=x.device).expand(batch, -1)
+    else:
+        tokens = gather_tokens(tokens, keep, model.num_prefix_tokens)
+    picked = cells[torch.arange(batch, device=x.device)[:, None], :, keep // cols, keep % cols]  # (B, K, C, ph, pw)
+    linear = picked.reshape(*keep.shape, channels * ph * pw) @ proj.weight.reshape(proj.out_channels, -1).t()
+    if proj.bias is not None:
+        linear = linear + proj.bias
+    linear = model.patch_embed.norm(linear)
+    prefix = model.num_prefix_tokens
+    return torch.cat([tokens[:, :prefix], tokens[:, prefix:] + (linear - linear.detach())], dim=1)
+
+
 def input_tokens(model: nn.Module, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """The token sequence entering the first block: prefix tokens, then the patches at ``keep`` (all if ``None``)."""
-    tokens = embed_tokens(model, x)
-    if keep is not None:
-        tokens = gather_tokens(tokens, keep, model.num_prefix_tokens)
+    proj = _patch_projection(model) if _pixels_only(model, x) else None
+    if proj is not None:
+        tokens = _tokens_with_patch_gradient(model, proj, x, keep)
+    else:
+        tokens = embed_tokens(model, x)
+        if keep is not None:
+            tokens = gather_tokens(tokens, keep, model.num_prefix_tokens)
     return model.norm_pre(model.patch_drop(tokens))
 
 

@@ -1,0 +1,62 @@
+"""Where a sparse inversion step's time goes, with and without the per-patch pixel gradient.
+
+    python benchmarks/sparse_step_profile.py
+
+DeiT-Tiny (real weights), batch 32, fp32: the reference schedule's five token counts
+reached in four steps (stops at steps 1-4, ratio 0.3), then ``STEPS`` steps at 46
+tokens. Each variant runs once untimed, once timed (the last phase's seconds per step)
+and once under ``torch.profiler`` (the top operators by self CPU time, whole run).
+"before": the patch embedding's gradient through its convolution over the whole image
+(``_patch_projection`` off); "after": through the fed patches only (the default).
+Writes ``benchmarks/results/sparse_step_profile.json``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from common import DEIT_TINY, DEIT_TINY_CKPT, machine, write_results
+from torch.profiler import ProfilerActivity, profile
+
+from sparseinv import InversionConfig, PruneSchedule, invert_batch, load_model
+
+STEPS = 20
+forward_module = sys.modules["sparseinv.sparse_forward"]
+
+
+def run(model, labels, config) -> float:
+    result = invert_batch(model, labels, config, seed=0, progress=False)
+    return result.seconds_per_phase[-1] / STEPS
+
+
+def main() -> None:
+    model = load_model(DEIT_TINY, DEIT_TINY_CKPT)
+    labels = torch.arange(32) * 31
+    config = InversionConfig(iterations=4 + STEPS, schedule=PruneSchedule((1, 2, 3, 4), (0.3,) * 4))
+    payload = {"command": "python benchmarks/sparse_step_profile.py", "machine": machine(), "scaled_down": True, "variants": {}}
+    original = forward_module._patch_projection
+    for name, projection in (("before", lambda model: None), ("after", original)):
+        forward_module._patch_projection = projection
+        try:
+            run(model, labels, config)  # warm-up
+            seconds = run(model, labels, config)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run(model, labels, config)
+        finally:
+            forward_module._patch_projection = original
+        ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+        payload["variants"][name] = {
+            "seconds_per_46_token_step": seconds,
+            "top_ops_self_ms_per_step": {e.key: e.self_cpu_time_total / 1e3 / (4 + STEPS) for e in ops},
+        }
+        print(f"{name}: {seconds * 1e3:.0f} ms per 46-token step; top: "
+              + ", ".join(f"{e.key} {e.self_cpu_time_total / 1e3 / (4 + STEPS):.0f}" for e in ops[:6]), flush=True)
+    before, after = (payload["variants"][k]["seconds_per_46_token_step"] for k in ("before", "after"))
+    payload["speedup"] = before / after
+    print(f"46-token step {before / after:.2f}x faster", flush=True)
+    write_results("sparse_step_profile", payload)
+
+
+if __name__ == "__main__":
+    main()
