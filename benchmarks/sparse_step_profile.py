@@ -1,4 +1,4 @@
-"""Where a sparse inversion step's time goes, with and without the per-patch pixel gradient.
+"""Where a sparse inversion step's time goes: the gradient through the fed patches or the whole image.
 
     python benchmarks/sparse_step_profile.py
 
@@ -6,8 +6,12 @@ DeiT-Tiny (real weights), batch 32, fp32: the reference schedule's five token co
 reached in four steps (stops at steps 1-4, ratio 0.3), then ``STEPS`` steps at 46
 tokens. Each variant runs once untimed, once timed (the last phase's seconds per step)
 and once under ``torch.profiler`` (the top operators by self CPU time, whole run).
-"before": the patch embedding's gradient through its convolution over the whole image
-(``_patch_projection`` off); "after": through the fed patches only (the default).
+"whole image": the gradient flows through the whole augmented image, the roll and flip
+and the patch convolution (the path kept for patch embeddings that are not per-patch
+projections); "fed patches": through the kept pixels each fed cell shows, as one matrix
+product (the default). Both optimise the kept patches only (``KeptPixels``). The same
+script at commit bc7f934 compared the original loop (Adam, clamp and copies over the
+whole image) with the first half of this change.
 Writes ``benchmarks/results/sparse_step_profile.json``.
 """
 
@@ -23,6 +27,7 @@ from sparseinv import InversionConfig, PruneSchedule, invert_batch, load_model
 
 STEPS = 20
 forward_module = sys.modules["sparseinv.sparse_forward"]
+inversion_module = sys.modules["sparseinv.inversion"]
 
 
 def run(model, labels, config) -> float:
@@ -36,15 +41,15 @@ def main() -> None:
     config = InversionConfig(iterations=4 + STEPS, schedule=PruneSchedule((1, 2, 3, 4), (0.3,) * 4))
     payload = {"command": "python benchmarks/sparse_step_profile.py", "machine": machine(), "scaled_down": True, "variants": {}}
     original = forward_module._patch_projection
-    for name, projection in (("before", lambda model: None), ("after", original)):
-        forward_module._patch_projection = projection
+    for name, projection in (("whole image", lambda model: None), ("fed patches", original)):
+        forward_module._patch_projection = inversion_module._patch_projection = projection
         try:
             run(model, labels, config)  # warm-up
             seconds = run(model, labels, config)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 run(model, labels, config)
         finally:
-            forward_module._patch_projection = original
+            forward_module._patch_projection = inversion_module._patch_projection = original
         ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
         payload["variants"][name] = {
             "seconds_per_46_token_step": seconds,
@@ -52,7 +57,7 @@ def main() -> None:
         }
         print(f"{name}: {seconds * 1e3:.0f} ms per 46-token step; top: "
               + ", ".join(f"{e.key} {e.self_cpu_time_total / 1e3 / (4 + STEPS):.0f}" for e in ops[:6]), flush=True)
-    before, after = (payload["variants"][k]["seconds_per_46_token_step"] for k in ("before", "after"))
+    before, after = (payload["variants"][k]["seconds_per_46_token_step"] for k in ("whole image", "fed patches"))
     payload["speedup"] = before / after
     print(f"46-token step {before / after:.2f}x faster", flush=True)
     write_results("sparse_step_profile", payload)

@@ -193,3 +193,53 @@ def test_last_phase_mask_keeps_exactly_the_patches_the_last_phase_fed(tiny_vit, 
     last_stop = [out for among, out in chosen if among < 100][-1]  # the last stop chose among the 50 still kept
     assert torch.equal(result.kept_patches, last_stop)
     assert "final_mask" not in _config().record() and _config(final_mask="last-phase").record()["final_mask"] == "last-phase"
+
+
+def test_after_a_stop_the_optimiser_holds_only_the_kept_patches(tiny_vit, monkeypatch):
+    """Adam's parameter, and so its state, its update, the clamp and the best-pixel copies,
+    cover the kept patches only: a stopped pixel is not touched at all."""
+    sizes = []
+    real = torch.optim.Adam
+
+    class Recording(real):
+        def __init__(self, params, **kwargs):
+            params = list(params)
+            sizes.append(sum(p.numel() for p in params))
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", Recording)
+    invert_batch(tiny_vit, torch.tensor([0, 1]), _config(), seed=0, progress=False)
+    assert sizes == [2 * 3 * count * 16 * 16 for count in SPARSE.keep_counts(100)]  # 100, 50, 25 patches
+
+
+def test_kept_pixels_keep_their_adam_moments_across_a_stop(tiny_vit):
+    """A fresh Adam's first step moves every pixel by exactly the learning rate; the kept
+    pixels must instead go on with the moments they had before the stop."""
+    seen = []
+
+    class Recording(inversion.InversionLoss):  # the default loss, whose gradient changes from step to step
+        def __call__(self, inputs):
+            seen.append(inputs.images.detach().clone())
+            return super().__call__(inputs)
+
+    config = _config(loss=Recording(), iterations=6, schedule=PruneSchedule((3,), (0.5,)), lr=0.01)
+    invert_batch(tiny_vit, torch.tensor([0, 1]), config, seed=0, progress=False)
+    first, second = seen[3], seen[4]  # the first step after the stop, and the one after it
+    moved = (second - first).abs()
+    moved = moved[moved > 0]
+    assert moved.numel() > 0
+    # A fresh Adam moved 88% of them by exactly lr here; with the moments carried, 0.2%.
+    assert ((moved - 0.01).abs() < 1e-5).float().mean() < 0.5
+
+
+def test_fed_patch_gradient_equals_the_whole_image_gradient(tiny_vit, monkeypatch):
+    """The fast path (gradient through the kept pixels each fed cell shows, after the roll and
+    flip) and the plain one (through the whole augmented image and the patch convolution)
+    make the same images: a wrong roll, flip or patch lookup would not."""
+    config = _config(iterations=12, schedule=PruneSchedule((3, 6), (0.4, 0.4)), lr=0.05)
+    fast = invert_batch(tiny_vit, torch.tensor([3, 4]), config, seed=2, progress=False)
+    monkeypatch.setattr(inversion, "_patch_projection", lambda model: None)
+    plain = invert_batch(tiny_vit, torch.tensor([3, 4]), config, seed=2, progress=False)
+    assert torch.equal(fast.kept_patches, plain.kept_patches)
+    assert (fast.images - plain.images).abs().max() <= 1.5 / 255  # rounding at most one 8-bit level
+    assert (fast.images != plain.images).float().mean() < 0.01

@@ -23,7 +23,8 @@ from sparseinv.precision import PRECISIONS, Precision, resolve_precision
 from sparseinv.losses import InversionLoss, LossInputs
 from sparseinv.models import ViTInfo, vit_info
 from sparseinv.schedule import PruneSchedule
-from sparseinv.sparse_forward import sparse_forward
+from sparseinv.kept_pixels import KeptPixels
+from sparseinv.sparse_forward import _patch_projection, sparse_forward
 
 
 # How the output mask of a sparse image is chosen after the last step: "rescore" (the
@@ -176,17 +177,27 @@ def invert_batch(
     precision = resolve_precision(config.precision, labels.device)
     generator = torch.Generator().manual_seed(seed)
     # Drawn on the CPU so CPU and CUDA runs start from the same pixels.
-    x = torch.randn(labels.shape[0], *info.input_size, generator=generator).to(labels.device).requires_grad_(True)
-    optimizer = torch.optim.Adam([x], lr=config.lr, betas=config.betas)
+    x = torch.randn(labels.shape[0], *info.input_size, generator=generator).to(labels.device)
     # Gradients flow to the pixels only; the caller's flags are restored afterwards.
     trainable = [p for p in model.parameters() if p.requires_grad]
     for param in trainable:
         param.requires_grad_(False)
     try:
-        return _run_phases(model, labels, config, info, x, optimizer, generator, progress, desc, precision)
+        return _run_phases(model, labels, config, info, x, generator, progress, desc, precision)
     finally:
         for param in trainable:
             param.requires_grad_(True)
+
+
+def _carry_adam(old: torch.optim.Adam, old_param: torch.Tensor, new_param: torch.Tensor, pick) -> torch.optim.Adam:
+    """A fresh Adam over ``new_param`` whose state is ``pick`` of the old one's: the kept
+    pixels go on with their own moments, exactly as if the optimiser had never changed."""
+    group = old.param_groups[0]
+    new = torch.optim.Adam([new_param], lr=group["lr"], betas=group["betas"])
+    state = old.state.get(old_param)
+    if state:
+        new.state[new_param] = {"step": state["step"].clone(), "exp_avg": pick(state["exp_avg"]), "exp_avg_sq": pick(state["exp_avg_sq"])}
+    return new
 
 
 def _run_phases(
@@ -195,27 +206,35 @@ def _run_phases(
     config: InversionConfig,
     info: ViTInfo,
     x: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     progress: bool,
     desc: str,
     precision: Precision,
 ) -> BatchResult:
-    """The body of :func:`invert_batch`, run with the model's weights frozen."""
+    """The body of :func:`invert_batch`, run with the model's weights frozen.
+
+    The optimised pixels are the kept patches only (:class:`KeptPixels`): all of them
+    in the dense phase, fewer after each stop, the stopped ones frozen in the canvas.
+    """
     device = labels.device
     schedule = config.schedule
     batch = labels.shape[0]
     _, height, width = info.input_size
     mean, std = info.norm_tensors(device)
-    low, high = (0 - mean) / std, (1 - mean) / std
+    low, high = ((v - mean) / std for v in (0, 1))
+    low, high = low.view(1, 3, 1, 1, 1), high.view(1, 3, 1, 1, 1)  # for (B, 3, K, ph, pw)
+    # With a per-patch projection the gradient enters through the fed patches alone;
+    # otherwise (other patch embeddings) through the whole augmented image.
+    per_patch = _patch_projection(model) is not None
     best_loss = torch.full((batch,), float("inf"), device=device)
-    best_x = x.detach().clone()
 
     counts = schedule.keep_counts(info.num_patches)
     bounds = schedule.phase_bounds(config.iterations)
-    keep: torch.Tensor | None = None  # None: every patch, no gather
-    frozen: torch.Tensor | None = None  # pixels as they were when their patch stopped
-    pixel_mask: torch.Tensor | None = None
+    every = torch.arange(info.num_patches, device=device).expand(batch, -1)
+    pixels = KeptPixels(x, every, info)
+    kept = pixels.gather(x).requires_grad_(True)
+    optimizer = torch.optim.Adam([kept], lr=config.lr, betas=config.betas)
+    best = kept.detach().clone()
     max_dy, max_dx = int(height * config.jitter), int(width * config.jitter)
     seconds_per_phase: list[float] = []
 
@@ -225,35 +244,41 @@ def _run_phases(
         phase_start = time.perf_counter()
         if phase > 0:
             # Score on the un-augmented current image, then stop the low-attention patches.
-            with torch.no_grad(), precision.autocast(device):
-                scored = sparse_forward(model, x, keep, return_cls_attn=True)
-                current = keep if keep is not None else torch.arange(info.num_patches, device=device).expand(batch, -1)
-                keep = _top_patches(scored.cls_attn, current, counts[phase])
-                pixel_mask = _patch_mask(keep, info)
-                frozen = x.detach().clone()
+            with torch.no_grad():
+                current = pixels.compose(kept)
+                with precision.autocast(device):
+                    scored = sparse_forward(model, current, None if phase == 1 else pixels.keep, return_cls_attn=True)
+                keep = _top_patches(scored.cls_attn, pixels.keep, counts[phase])
+            old, old_kept = pixels, kept
+            pixels = KeptPixels(current, keep, info)
+            kept = old.select(old_kept.detach(), keep).requires_grad_(True)
+            optimizer = _carry_adam(optimizer, old_kept, kept, lambda t, old=old, keep=keep: old.select(t, keep))
             # Losses over different token sets are not comparable: fewer tokens give a
             # higher loss, so a "best" from an earlier phase would win for good and the
             # output would be an image optimised for patches it no longer has. The best
             # pixels are therefore the best of the current phase.
             best_loss.fill_(float("inf"))
+            best = kept.detach().clone()
+        dense = phase == 0
         for step in range(start, end):
             aug = RollFlip.sample(generator, max_dy, max_dx, config.flip)
-            fed = None if keep is None else aug.remap(keep, info.grid_size, info.patch_size)
+            cells = every if dense else aug.remap(pixels.keep, info.grid_size, info.patch_size)
+            image = pixels.compose(kept)
             with precision.autocast(device):
-                logits = sparse_forward(model, aug.apply(x), fed).logits
-            per_image = config.loss(LossInputs(images=x, logits=logits.float(), targets=labels))
+                if per_patch:
+                    fed = pixels.fed_pixels(kept, cells, aug)
+                    logits = sparse_forward(model, aug.apply(image.detach()), None if dense else cells, pixel_grad=fed).logits
+                else:
+                    logits = sparse_forward(model, aug.apply(image), None if dense else cells).logits
+            per_image = config.loss(LossInputs(images=image, logits=logits.float(), targets=labels))
             optimizer.zero_grad(set_to_none=True)
             per_image.mean().backward()
             with torch.no_grad():
                 improved = per_image.detach() < best_loss
                 best_loss = torch.where(improved, per_image.detach(), best_loss)
-                best_x[improved] = x[improved]
+                best[improved] = kept[improved]
                 optimizer.step()
-                if pixel_mask is not None:
-                    # A stopped patch is gone for good: undo whatever Adam's momentum
-                    # or a straddling shifted patch did to it.
-                    torch.where(pixel_mask, x, frozen, out=x.data)
-                torch.maximum(torch.minimum(x, high, out=x.data), low, out=x.data)
+                torch.maximum(torch.minimum(kept, high, out=kept.data), low, out=kept.data)
             if (step + 1) % 10 == 0 or step + 1 == end:
                 _check_finite(per_image, step + 1, config)
             bar.update(1)
@@ -265,26 +290,26 @@ def _run_phases(
 
     final_start = time.perf_counter()
     with torch.no_grad():
+        best_x = pixels.compose(best)
         final_count = schedule.final_keep(info.num_patches)
-        everything = torch.arange(info.num_patches, device=device).expand(batch, -1)
         if final_count == info.num_patches:
-            kept = everything.clone()
+            kept_patches = every.clone()
         elif config.final_mask == "last-phase":
-            kept = keep.clone()
+            kept_patches = pixels.keep.clone()
         else:
             scored = sparse_forward(model, best_x, None, return_cls_attn=True)
-            kept = _top_patches(scored.cls_attn, everything, final_count)
-        pixels = (best_x * std + mean).clamp_(0, 1)
-        pixels = torch.round(pixels * 255) / 255  # exactly what the PNGs will hold
-        pixels = pixels * _patch_mask(kept, info)
-        probs = sparse_forward(model, (pixels - mean) / std, kept).logits.softmax(dim=1)
+            kept_patches = _top_patches(scored.cls_attn, every, final_count)
+        images = (best_x * std + mean).clamp_(0, 1)
+        images = torch.round(images * 255) / 255  # exactly what the PNGs will hold
+        images = images * _patch_mask(kept_patches, info)
+        probs = sparse_forward(model, (images - mean) / std, kept_patches).logits.softmax(dim=1)
         target_prob = probs.gather(1, labels[:, None]).squeeze(1)
         correct = probs.argmax(dim=1) == labels
     _sync(device)
     return BatchResult(
-        images=pixels.cpu(),
+        images=images.cpu(),
         labels=labels.cpu(),
-        kept_patches=kept.cpu(),
+        kept_patches=kept_patches.cpu(),
         target_prob=target_prob.cpu(),
         correct=correct.cpu(),
         seconds_per_phase=seconds_per_phase,

@@ -89,18 +89,21 @@ def _pixels_only(model: nn.Module, x: torch.Tensor) -> bool:
     return x.requires_grad and torch.is_grad_enabled() and not any(p.requires_grad for p in model.parameters())
 
 
-def _tokens_with_patch_gradient(model: nn.Module, proj: nn.Conv2d, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+def _tokens_with_patch_gradient(
+    model: nn.Module, proj: nn.Conv2d, x: torch.Tensor, keep: torch.Tensor | None, picked: torch.Tensor | None = None
+) -> torch.Tensor:
     """:func:`embed_tokens` then :func:`gather_tokens`, with the gradient to the pixels of the fed patches only.
 
     The values are the model's own, computed without a graph; the gradient comes from
     the same projection applied, as one matrix product, to the fed patches' pixels
-    (``y + (z - z.detach())`` has the value of ``y`` and the gradient of ``z``). The
-    convolution's backward over the whole image cost more than a 46-token DeiT-Tiny
-    step's attention; this costs what the fed patches do. Exact because the projection
-    acts on each patch alone and the positional embedding is added to the tokens.
+    (``y + (z - z.detach())`` has the value of ``y`` and the gradient of ``z``), taken
+    from ``x`` or given as ``picked`` (B, K, C, ph, pw). The convolution's backward over
+    the whole image cost more than a 46-token DeiT-Tiny step's attention; this costs
+    what the fed patches do. Exact because the projection acts on each patch alone and
+    the positional embedding is added to the tokens.
     """
     with torch.no_grad():
-        tokens = embed_tokens(model, x)
+        tokens = embed_tokens(model, x.detach())
     batch, channels = x.shape[:2]
     ph, pw = proj.kernel_size
     cells = x.unfold(2, ph, ph).unfold(3, pw, pw)  # (B, C, rows, cols, ph, pw), a view
@@ -109,7 +112,8 @@ def _tokens_with_patch_gradient(model: nn.Module, proj: nn.Conv2d, x: torch.Tens
         keep = torch.arange(rows * cols, device=x.device).expand(batch, -1)
     else:
         tokens = gather_tokens(tokens, keep, model.num_prefix_tokens)
-    picked = cells[torch.arange(batch, device=x.device)[:, None], :, keep // cols, keep % cols]  # (B, K, C, ph, pw)
+    if picked is None:
+        picked = cells[torch.arange(batch, device=x.device)[:, None], :, keep // cols, keep % cols]  # (B, K, C, ph, pw)
     linear = picked.reshape(*keep.shape, channels * ph * pw) @ proj.weight.reshape(proj.out_channels, -1).t()
     if proj.bias is not None:
         linear = linear + proj.bias
@@ -118,11 +122,19 @@ def _tokens_with_patch_gradient(model: nn.Module, proj: nn.Conv2d, x: torch.Tens
     return torch.cat([tokens[:, :prefix], tokens[:, prefix:] + (linear - linear.detach())], dim=1)
 
 
-def input_tokens(model: nn.Module, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """The token sequence entering the first block: prefix tokens, then the patches at ``keep`` (all if ``None``)."""
-    proj = _patch_projection(model) if _pixels_only(model, x) else None
+def input_tokens(
+    model: nn.Module, x: torch.Tensor, keep: torch.Tensor | None = None, pixel_grad: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The token sequence entering the first block: prefix tokens, then the patches at ``keep`` (all if ``None``).
+
+    ``pixel_grad`` (B, K, C, ph, pw), given, carries the gradient of the fed patches'
+    pixels instead of ``x`` (see :func:`sparse_forward`).
+    """
+    proj = _patch_projection(model) if pixel_grad is not None or _pixels_only(model, x) else None
+    if pixel_grad is not None and proj is None:
+        raise ValueError("pixel_grad needs a patch embedding that is a per-patch projection")
     if proj is not None:
-        tokens = _tokens_with_patch_gradient(model, proj, x, keep)
+        tokens = _tokens_with_patch_gradient(model, proj, x, keep, pixel_grad)
     else:
         tokens = embed_tokens(model, x)
         if keep is not None:
@@ -141,6 +153,7 @@ def sparse_forward(
     keep: torch.Tensor | None = None,
     *,
     return_cls_attn: bool = False,
+    pixel_grad: torch.Tensor | None = None,
 ) -> SparseOutput:
     """Run ``model`` on the patch tokens of ``x`` listed in ``keep``.
 
@@ -151,12 +164,16 @@ def sparse_forward(
             image; ``None`` feeds every patch (then the logits equal ``model(x)``).
         return_cls_attn: Also return the last block's CLS-to-patch attention,
             head-averaged. Costs an unfused attention in the last block only.
+        pixel_grad: (B, K, C, ph, pw) tensors through which the gradient of the fed
+            patches' pixels flows, in the order of ``keep``; their values are not used
+            (the logits are those of ``x``). Inversion passes the kept pixels the fed
+            cells show, so that it never needs a gradient for the whole image.
 
     Returns:
         SparseOutput with logits and, if asked, the CLS attention over fed patches.
     """
     num_prefix = model.num_prefix_tokens
-    tokens = input_tokens(model, x, keep)
+    tokens = input_tokens(model, x, keep, pixel_grad)
     recorder = None
     blocks = list(model.blocks)
     for block in blocks[:-1]:
