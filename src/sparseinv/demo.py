@@ -77,7 +77,7 @@ class DemoConfig:
     device: str = "cpu"
     scaled_down: str = (
         "10 images (one per class) x 200 steps instead of 32 x 4000; stops at 20/40/60/80 stopping 20% each "
-        "(196 -> 80 patches) instead of 50/100/200/300 of 4000 stopping 30% (196 -> 46); reconstruction 60 steps per block "
+        "(196 -> 79 patches) instead of 50/100/200/300 of 4000 stopping 30% (196 -> 46); reconstruction 60 steps per block "
         "instead of 300; 20 val images per class"
     )
     bits: tuple[tuple[int, int], ...] = field(default=BITS)

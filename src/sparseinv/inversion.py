@@ -53,7 +53,7 @@ class InversionConfig:
     jitter: float = 0.125
     flip: bool = True
     precision: str = "fp32"
-    final_mask: str = "rescore"
+    final_mask: str = "last-phase"
 
     def validate(self, num_classes: int | None = None) -> None:
         """Raise :class:`UsageError` for settings no run could use."""
@@ -82,7 +82,8 @@ class InversionConfig:
         out["schedule"] = {"steps": list(self.schedule.steps), "ratios": list(self.schedule.ratios)}
         out["loss"] = self.loss.describe()
         out["classes"] = None if self.classes is None else list(self.classes)
-        # Defaults of options added later are left out, so pools made before them still continue.
+        # Options added later are left out at the value they had before they existed, so pools
+        # made then still continue (a pool's record without final_mask was made with rescore).
         for name, default in (("precision", "fp32"), ("final_mask", "rescore")):
             if out[name] == default:
                 del out[name]
