@@ -40,6 +40,17 @@ def tiny_vit():
     return load_model("test_vit", pretrained=False)
 
 
+def save_test_vit(path: Path, seed: int = 0) -> Path:
+    """Random (seeded) test_vit weights written as a checkpoint file, for commands that take ``--checkpoint``."""
+    from safetensors.torch import save_file
+
+    from sparseinv.models import timm
+
+    torch.manual_seed(seed)
+    save_file(timm.create_model("test_vit").state_dict(), str(path))
+    return path
+
+
 def random_kept_patches(num_keep: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For test_vit (10 x 10 patches of 16 px): random images, ``num_keep`` kept patches per
     image, and the pixel mask of the dropped ones, for 2 images."""

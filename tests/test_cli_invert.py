@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from conftest import DEIT_TINY_CKPT
+from conftest import DEIT_TINY_CKPT, save_test_vit
 from sparseinv import UsageError, read_pool, sparse_forward, vit_info
 from sparseinv.cli import main
 from sparseinv.models import timm
@@ -46,8 +45,7 @@ def test_unknown_model(capsys, tmp_path):
 
 
 def test_checkpoint_of_another_model(capsys, tmp_path):
-    ckpt = tmp_path / "other.safetensors"
-    save_file(timm.create_model("test_vit").state_dict(), str(ckpt))
+    ckpt = save_test_vit(tmp_path / "other.safetensors")
     argv = ["invert", "--model", "deit_tiny_patch16_224", "--checkpoint", str(ckpt), "--out", str(tmp_path / "p")]
     _fails(capsys, argv, "does not match model 'deit_tiny_patch16_224'")
     _fails(capsys, ["invert", "--model", "test_vit", "--checkpoint", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "p")], "does not exist")

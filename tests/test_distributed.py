@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from conftest import save_test_vit
 
 from sparseinv.cli import main
 from sparseinv.distill import prepare_student
-from sparseinv.models import load_model, timm
+from sparseinv.models import load_model
 
 # 8 batches of 2 images, each long enough (~1 s here) that a kill lands mid-run.
 INVERT = ["--num-images", "16", "--batch-size", "2", "--iterations", "150", "--prune-at", "50", "100",
@@ -44,11 +46,8 @@ def one_thread_main(argv: list[str]) -> int:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
-    torch.manual_seed(0)
-    ckpt = root / "test_vit.safetensors"
-    save_file(timm.create_model("test_vit").state_dict(), str(ckpt))
-    other = root / "test_vit_other.safetensors"  # a teacher the student differs from
-    save_file(timm.create_model("test_vit").state_dict(), str(other))
+    ckpt = save_test_vit(root / "test_vit.safetensors")
+    other = save_test_vit(root / "test_vit_other.safetensors", seed=1)  # a teacher the student differs from
     model = ["--model", "test_vit", "--checkpoint", str(ckpt)]
     assert one_thread_main(["invert", *model, *INVERT, "--out", str(root / "one")]) == 0
     return {"root": root, "ckpt": ckpt, "other": other, "model": model, "reference": root / "one"}

@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import save_test_vit
 from sparseinv import InversionConfig, PruneSchedule, UsageError, invert, load_model
 from sparseinv import inversion as inversion_module
 from sparseinv.cli import main
@@ -33,9 +34,7 @@ NUM_IMAGES = 4
 def fixtures(tmp_path_factory):
     """test_vit weights, a sparse 4-image pool, a W8/A8 quantized file and a 2-image folder."""
     root = tmp_path_factory.mktemp("reliability")
-    torch.manual_seed(0)
-    ckpt = root / "test_vit.safetensors"
-    save_file(timm.create_model("test_vit").state_dict(), str(ckpt))
+    ckpt = save_test_vit(root / "test_vit.safetensors")
     model = load_model("test_vit", ckpt)
     config = InversionConfig(num_images=NUM_IMAGES, batch_size=2, iterations=4, schedule=PruneSchedule((1, 2), (0.5, 0.5)))
     invert(model, config, str(root / "pool"), model_name="test_vit", progress=False)
