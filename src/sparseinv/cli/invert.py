@@ -6,9 +6,10 @@ import argparse
 
 from sparseinv import distributed
 from sparseinv.cli.common import add_device, add_model, config_from_args, model_from_args, resolve_device
-from sparseinv.inversion import InversionConfig, invert, run_record
+from sparseinv.inversion import FINAL_MASKS, InversionConfig, invert, run_record
 from sparseinv.losses import InversionLoss
 from sparseinv.pool import PoolWriter
+from sparseinv.precision import PRECISIONS
 from sparseinv.schedule import PruneSchedule
 
 
@@ -30,10 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prune-at", type=int, nargs="*", default=[], metavar="STEP", help="stop steps, e.g. 50 100 200 300 (default: none, which is dense inversion)")
     p.add_argument("--prune-ratio", type=float, nargs="*", default=[], metavar="R", help="fraction stopped at each, e.g. 0.3 0.3 0.3 0.3 (default: none)")
     p.add_argument("--classes", type=int, nargs="+", help="class indices to invert (default: random, balanced)")
-    p.add_argument("--final-mask", choices=("rescore", "last-phase"), default="last-phase",
+    p.add_argument("--final-mask", choices=FINAL_MASKS, default="last-phase",
                    help="the output mask of sparse images: last-phase (the patches the last phase optimised) or rescore (the "
                         "paper's: one dense pass keeps the top int(N*prod(1-r)) of all patches) (default: last-phase)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="the model's arithmetic: bf16 autocast (pixels, optimiser and loss stay fp32); auto: bf16 where this device "
                         "computes it faster (a short probe), else fp32 (default: fp32)")
     p.add_argument("--seed", type=int, default=0, help="seeds labels, initial pixels and augmentations (batch b uses seed and b)")
