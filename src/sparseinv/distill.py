@@ -352,8 +352,6 @@ def _in_batches(fn: Callable, images: torch.Tensor, keep: torch.Tensor | None, b
 def _on_all_ranks(fn: Callable, images: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """``fn`` on every image (on the CPU), each rank computing one contiguous slice."""
     rank = distributed.current()
-    if not rank.active:
-        return _in_batches(fn, images, keep).cpu()
     per = -(-len(images) // rank.world_size)
     lo, hi = rank.rank * per, min(len(images), (rank.rank + 1) * per)
     mine = _in_batches(fn, images[lo:hi], None if keep is None else keep[lo:hi]).cpu() if hi > lo else None

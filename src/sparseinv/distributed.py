@@ -77,8 +77,6 @@ class Dist:
 
     def sum(self, value: float) -> float:
         """The sum of ``value`` over the ranks."""
-        if not self.active:
-            return value
         return float(sum(self.all_gather(float(value))))
 
     def on_main(self, fn: Callable[[], T]) -> T:

@@ -436,8 +436,9 @@ def invert(
                 writer.add_batch(b, result.images, result.labels, result.kept_patches, result.target_prob, stats)
             else:
                 results[b] = (result, stats)
-        rank_seconds = rank.all_gather(time.perf_counter() - run_start)
         if writer is not None:
+            rank_seconds = rank.all_gather(time.perf_counter() - run_start)  # also waits for every rank's batches
+
             def finish() -> dict:
                 pool = read_pool(out)
                 name = class_namer(model)
@@ -451,7 +452,7 @@ def invert(
     finally:
         if writer is not None:
             writer.close()
-    for gathered in rank.all_gather(results) if rank.active else []:
+    for gathered in rank.all_gather(results):  # every rank's batches (one's own alone in a single process)
         results.update(gathered)
     ordered = [results[b] for b in range(num_batches)]
     run = run_record(model, config, model_name, checkpoint)

@@ -12,6 +12,7 @@ import signal
 import sys
 import warnings
 
+from sparseinv import distributed
 from sparseinv.errors import UsageError
 
 
@@ -58,8 +59,6 @@ def _join_torchrun(args: argparse.Namespace) -> None:
     When one rank fails, torchrun stops the others with SIGTERM; handled like Ctrl-C,
     their temporary files are removed and their finished batches kept.
     """
-    from sparseinv import distributed
-
     if args.command not in DISTRIBUTED_COMMANDS:
         raise UsageError(f"sparseinv {args.command} runs as one process; start it without torchrun "
                          f"(only {' and '.join(DISTRIBUTED_COMMANDS)} use several).")
@@ -72,8 +71,6 @@ def _join_torchrun(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sparseinv import distributed
-
     warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
     try:
