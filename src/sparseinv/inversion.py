@@ -23,7 +23,7 @@ from sparseinv.precision import PRECISIONS, Precision, resolve_precision
 from sparseinv.losses import InversionLoss, LossInputs
 from sparseinv.models import ViTInfo, vit_info
 from sparseinv.schedule import PruneSchedule
-from sparseinv.kept_pixels import KeptPixels
+from sparseinv.kept_pixels import KeptImages, KeptPixels
 from sparseinv.sparse_forward import _patch_projection, sparse_forward
 
 
@@ -248,7 +248,7 @@ def _run_phases(
         if phase > 0:
             # Score on the un-augmented current image, then stop the low-attention patches.
             with torch.no_grad():
-                current = pixels.compose(kept)
+                current = pixels.canvas
                 with precision.autocast(device):
                     scored = sparse_forward(model, current, None if phase == 1 else pixels.keep, return_cls_attn=True)
                 keep = _top_patches(scored.cls_attn, pixels.keep, counts[phase])
@@ -266,14 +266,13 @@ def _run_phases(
         for step in range(start, end):
             aug = RollFlip.sample(generator, max_dy, max_dx, config.flip)
             cells = every if dense else aug.remap(pixels.keep, info.grid_size, info.patch_size)
-            image = pixels.compose(kept)
             with precision.autocast(device):
                 if per_patch:
                     fed = pixels.fed_pixels(kept, cells, aug)
-                    logits = sparse_forward(model, aug.apply(image.detach()), None if dense else cells, pixel_grad=fed).logits
+                    logits = sparse_forward(model, aug.apply(pixels.canvas), None if dense else cells, pixel_grad=fed).logits
                 else:
-                    logits = sparse_forward(model, aug.apply(image), None if dense else cells).logits
-            per_image = config.loss(LossInputs(images=image, logits=logits.float(), targets=labels))
+                    logits = sparse_forward(model, aug.apply(pixels.compose(kept)), None if dense else cells).logits
+            per_image = config.loss(LossInputs(logits=logits.float(), targets=labels, pixels=KeptImages(pixels, kept)))
             optimizer.zero_grad(set_to_none=True)
             per_image.mean().backward()
             with torch.no_grad():
@@ -282,6 +281,7 @@ def _run_phases(
                 best[improved] = kept[improved]
                 optimizer.step()
                 torch.maximum(torch.minimum(kept, high, out=kept.data), low, out=kept.data)
+                pixels.write(kept)
             if (step + 1) % 10 == 0 or step + 1 == end:
                 _check_finite(per_image, step + 1, config)
             bar.update(1)

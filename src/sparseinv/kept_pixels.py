@@ -3,17 +3,23 @@
 After a stop, inversion no longer optimises the whole image. The stopped patches are
 frozen into a ``canvas``; the optimiser's parameter is a ``(B, 3, K, ph, pw)`` tensor
 of the kept patches alone, so Adam, its state, the clamp and the best-pixel copies cost
-what the kept patches do, and a stopped pixel can never move. The model still sees the
-whole augmented image (:meth:`KeptPixels.compose`), and the gradient reaches the kept
-pixels through :meth:`KeptPixels.fed_pixels`, which picks, for each fed cell of the
-augmented image, the kept pixels it shows (zero where it shows a frozen one).
+what the kept patches do, and a stopped pixel can never move. The loop writes the kept
+patches back into the canvas after each update (:meth:`KeptPixels.write`), so the
+canvas is always the whole current image, which the model sees augmented, without a
+graph; the gradient reaches the kept pixels through :meth:`KeptPixels.fed_pixels`,
+which picks, for each fed cell of the augmented image, the kept pixels it shows (zero
+where it shows a frozen one), and TV-L2 is taken on the kept patches, each with the
+one-pixel ring around it (:meth:`KeptPixels.tv_l2`), the pairs between frozen pixels
+summed once per phase.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from sparseinv.augment import RollFlip
+from sparseinv.losses import _OFFSETS, tv_l2_patches
 from sparseinv.models import ViTInfo
 
 
@@ -27,7 +33,6 @@ class KeptPixels:
     """
 
     def __init__(self, canvas: torch.Tensor, keep: torch.Tensor, info: ViTInfo) -> None:
-        self.canvas = canvas.detach()
         self.keep = keep
         self.grid = info.grid_size
         self.patch = info.patch_size
@@ -37,11 +42,44 @@ class KeptPixels:
         # slot[b, p]: where patch p sits among image b's kept patches, -1 if it is frozen.
         self.slot = torch.full((batch, rows * cols), -1, dtype=torch.long, device=keep.device)
         self.slot.scatter_(1, keep, torch.arange(count, device=keep.device).expand(batch, -1))
+        # The canvas sits inside a one-pixel zero border, so every kept patch has a ring to read.
+        self._padded = F.pad(canvas.detach(), (1, 1, 1, 1))
+        self.canvas = self._padded[:, :, 1:-1, 1:-1]
+        self._tv_layout()
 
     def _cells(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, rows, cols, 3, ph, pw), a view of ``image`` by patch."""
-        (rows, cols), (ph, pw) = self.grid, self.patch
-        return image.view(image.shape[0], image.shape[1], rows, ph, cols, pw).permute(0, 2, 4, 1, 3, 5)
+        """(B, rows, cols, C, ph, pw), a view of ``image`` by patch."""
+        (ph, pw) = self.patch
+        return image.unfold(2, ph, ph).unfold(3, pw, pw).permute(0, 2, 3, 1, 4, 5)
+
+    def _halos(self) -> torch.Tensor:
+        """The kept patches of the canvas, each with the one-pixel ring around it (zero outside the image):
+        (K, B * C, ph + 2, pw + 2), the layout of a depthwise convolution over them."""
+        (ph, pw) = self.patch
+        windows = self._padded.unfold(2, ph + 2, ph).unfold(3, pw + 2, pw)  # (B, C, rows, cols, ph + 2, pw + 2), overlapping
+        b, r, c = self.index
+        halos = windows[b.T, :, r.T, c.T]  # (K, B, C, ph + 2, pw + 2)
+        return halos.reshape(halos.shape[0], -1, ph + 2, pw + 2)
+
+    def _tv_layout(self) -> None:
+        """How many pairs of each TV direction every kept pixel is in (see :func:`tv_l2_patches`)."""
+        canvas = self.canvas
+        inside = F.pad(torch.ones_like(canvas[:1, :1]), (1, 1, 1, 1))
+        pairs = []
+        for dy, dx in _OFFSETS:
+            ahead = inside[:, :, 1 + dy : inside.shape[2] - 1 + dy, 1 + dx : inside.shape[3] - 1 + dx]
+            behind = inside[:, :, 1 - dy : inside.shape[2] - 1 - dy, 1 - dx : inside.shape[3] - 1 - dx]
+            pairs.append(ahead + behind)
+        pairs = torch.cat(pairs, 1).expand(canvas.shape[0], -1, -1, -1)  # (B, 4, H, W)
+        self._pairs = self._cells(pairs)[self.index].permute(2, 1, 0, 3, 4)[:, :, :, None].contiguous()
+
+    def write(self, kept: torch.Tensor) -> None:
+        """Put ``kept`` (B, C, K, ph, pw) into its patches of the canvas, in place."""
+        self._cells(self.canvas)[self.index] = kept.detach().permute(0, 2, 1, 3, 4)
+
+    def tv_l2(self, kept: torch.Tensor) -> torch.Tensor:
+        """:func:`sparseinv.losses.tv_l2` of the whole image, differentiable in ``kept`` (the canvas must hold ``kept``)."""
+        return tv_l2_patches(kept, self.canvas, self._halos(), self._pairs)
 
     def gather(self, image: torch.Tensor) -> torch.Tensor:
         """The kept patches of a (B, C, H, W) ``image``, as (B, C, K, ph, pw)."""
@@ -78,3 +116,16 @@ class KeptPixels:
         picked = kept.reshape(kept.shape[0], channels, -1).gather(2, flat[:, None].expand(-1, channels, -1))
         picked = picked * (slot >= 0).flatten(1)[:, None]
         return picked.view(kept.shape[0], channels, *patch.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+class KeptImages:
+    """A batch's optimised pixels as the loss sees them (:class:`sparseinv.losses.Pixels`)."""
+
+    def __init__(self, pixels: KeptPixels, kept: torch.Tensor) -> None:
+        self.pixels, self.kept = pixels, kept
+
+    def image(self) -> torch.Tensor:
+        return self.pixels.compose(self.kept)
+
+    def tv_l2(self) -> torch.Tensor:
+        return self.pixels.tv_l2(self.kept)

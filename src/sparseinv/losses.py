@@ -7,7 +7,7 @@ terms it sums. Per-image values let the loop keep each image's best pixels.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,60 @@ def tv_l2(x: torch.Tensor) -> torch.Tensor:
     return _TVL2.apply(x)
 
 
+# Where pixel b of each pair of _NEIGHBOURS lies from pixel a, as (rows, columns).
+_OFFSETS = ((0, 1), (1, 0), (-1, 1), (1, 1))
+
+
+class _TVL2Patches(torch.autograd.Function):
+    """TV-L2 of whole images, with the gradient for some of their patches only.
+
+    The value is the whole image's. The gradient at a pixel p is, per direction d,
+    ``(n_d(p) x_p - sum of its neighbours along d) / ||D_d||`` (``n_d(p)``: how many
+    pairs along d it is in, 2 inside the image); for a patch that is one 3x3 depthwise
+    convolution of its halo'd copy (zero outside the image) plus a per-pixel multiple
+    of the patch, one pass whatever the number of patches.
+    """
+
+    @staticmethod
+    def forward(ctx, kept, image, halos, pairs):
+        norms = torch.stack([torch.linalg.vector_norm(image[a] - image[b], dim=(1, 2, 3)) for a, b in _NEIGHBOURS])
+        ctx.save_for_backward(norms, halos, pairs)
+        return norms.sum(0)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        norms, halos, pairs = ctx.saved_tensors
+        scale = torch.where(norms > 0, grad_out / norms, torch.zeros_like(norms))  # (4, B)
+        count, batch = pairs.shape[1], scale.shape[1]
+        channels = halos.shape[1] // batch
+        kernel = scale.new_zeros(batch, 3, 3)
+        for (dy, dx), s in zip(_OFFSETS, scale):
+            kernel[:, 1 + dy, 1 + dx] -= s
+            kernel[:, 1 - dy, 1 - dx] -= s
+        kernel = kernel.repeat_interleave(channels, 0)[:, None]  # one 3x3 filter per image and channel
+        grad = F.conv2d(halos, kernel, groups=batch * channels)  # (K, B * C, ph, pw)
+        centre = (scale.view(4, 1, batch, 1, 1, 1) * pairs).sum(0)  # (K, B, 1, ph, pw)
+        shape = (count, batch, channels, *grad.shape[2:])
+        grad = grad.view(shape).addcmul_(halos[..., 1:-1, 1:-1].reshape(shape), centre)
+        return grad.permute(1, 2, 0, 3, 4).contiguous(), None, None, None
+
+
+def tv_l2_patches(kept: torch.Tensor, image: torch.Tensor, halos: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """:func:`tv_l2` of whole images, differentiable in some of their patches only. Shape (B,).
+
+    Args:
+        kept: (B, C, K, ph, pw) the patches the gradient flows to.
+        image: (B, C, H, W) the whole images, holding ``kept`` in its patches.
+        halos: (K, B * C, ph + 2, pw + 2) the same patches, each with the one-pixel
+            ring around it in the image, zero outside the image.
+        pairs: (4, K, B, 1, ph, pw) per direction of ``_NEIGHBOURS``, how many pairs
+            each pixel of ``kept`` is in (2, fewer on the image's edge).
+
+    See :class:`sparseinv.kept_pixels.KeptPixels`, which lays these out.
+    """
+    return _TVL2Patches.apply(kept, image, halos, pairs)
+
+
 def tv_l1(x: torch.Tensor) -> torch.Tensor:
     """Per image: the sum of the mean absolute neighbour differences. Shape (B,)."""
     return sum(d.abs().flatten(1).mean(dim=1) for d in _neighbour_diffs(x))
@@ -71,19 +125,51 @@ def l2_norm(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).norm(dim=1)
 
 
-@dataclass
+class Pixels(Protocol):
+    """The optimised pixels, in whatever layout the optimiser keeps them."""
+
+    def image(self) -> torch.Tensor:
+        """(B, C, H, W) the whole images, differentiable in the optimised pixels."""
+        ...
+
+    def tv_l2(self) -> torch.Tensor:
+        """:func:`tv_l2` of :meth:`image`, shape (B,), perhaps without composing it."""
+        ...
+
+
 class LossInputs:
     """What a loss term may look at on one step.
 
     Attributes:
-        images: (B, C, H, W) the optimised images, un-augmented, normalised.
+        images: (B, C, H, W) the optimised images, un-augmented, normalised. Given
+            ``pixels`` instead, composed the first time a term asks for them: sparse
+            inversion optimises kept patches and needs no whole image for its own loss.
         logits: (B, classes) the model's output on the augmented, sparse input.
         targets: (B,) the class each image is inverted towards.
     """
 
-    images: torch.Tensor
-    logits: torch.Tensor
-    targets: torch.Tensor
+    def __init__(
+        self,
+        images: torch.Tensor | None = None,
+        logits: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        *,
+        pixels: Pixels | None = None,
+    ) -> None:
+        if (images is None) == (pixels is None) or logits is None or targets is None:
+            raise ValueError("LossInputs needs logits, targets and one of images or pixels")
+        self.logits, self.targets = logits, targets
+        self._images, self._pixels = images, pixels
+
+    @property
+    def images(self) -> torch.Tensor:
+        if self._images is None:
+            self._images = self._pixels.image()
+        return self._images
+
+    def tv_l2(self) -> torch.Tensor:
+        """Per image :func:`tv_l2` of :attr:`images`, shape (B,)."""
+        return tv_l2(self.images) if self._pixels is None else self._pixels.tv_l2()
 
 
 class LossTerm(Protocol):
@@ -109,16 +195,12 @@ class InversionLoss:
 
     def __call__(self, inputs: LossInputs) -> torch.Tensor:
         """Per-image loss, shape (B,)."""
-        x = inputs.images
         loss = self.ce * F.cross_entropy(inputs.logits, inputs.targets, reduction="none")
-        builtin: list[tuple[float, Callable[[torch.Tensor], torch.Tensor]]] = [
-            (self.tv_l2, tv_l2),
-            (self.tv_l1, tv_l1),
-            (self.l2, l2_norm),
-        ]
-        for weight, term in builtin:
+        if self.tv_l2:
+            loss = loss + self.tv_l2 * inputs.tv_l2()
+        for weight, term in ((self.tv_l1, tv_l1), (self.l2, l2_norm)):
             if weight:
-                loss = loss + weight * term(x)
+                loss = loss + weight * term(inputs.images)
         for weight, term in self.extra:
             loss = loss + weight * term(inputs)
         return loss
