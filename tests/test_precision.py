@@ -52,3 +52,24 @@ def test_probe_measures_this_machine_once(monkeypatch):
     precision_module._probe_cache.clear()
     first = precision_module.bf16_speedup(torch.device("cpu"))
     assert first > 0 and precision_module.bf16_speedup(torch.device("cpu")) == first
+
+
+@pytest.mark.parametrize("slowdown, explicit", [(3.0, True), (1.0, False)])
+def test_bf16_runs_attention_explicitly_where_the_probe_finds_fused_slower(monkeypatch, tiny_vit, slowdown, explicit):
+    monkeypatch.setattr(precision_module, "fused_attention_slowdown", lambda device: slowdown)
+    seen = []
+    attn = tiny_vit.blocks[0].attn
+    handle = attn.register_forward_hook(lambda module, inputs, output: seen.append(module.fused_attn))
+    try:
+        result = invert(tiny_vit, _config("bf16"), progress=False)
+    finally:
+        handle.remove()
+    assert seen and all(fused is not explicit for fused in seen)
+    assert attn.fused_attn  # restored after the run
+    assert result.run["precision"]["attention"] == ("explicit" if explicit else "as the model sets it")
+
+
+def test_fp32_leaves_attention_as_the_model_sets_it(monkeypatch):
+    monkeypatch.setattr(precision_module, "fused_attention_slowdown", lambda device: 10.0)
+    assert resolve_precision("fp32", torch.device("cpu")).fused_attention
+    assert not resolve_precision("bf16", torch.device("cpu")).fused_attention

@@ -186,7 +186,8 @@ def invert_batch(
     for param in trainable:
         param.requires_grad_(False)
     try:
-        return _run_phases(model, labels, config, info, x, generator, progress, desc, precision)
+        with precision.attention(model):
+            return _run_phases(model, labels, config, info, x, generator, progress, desc, precision)
     finally:
         for param in trainable:
             param.requires_grad_(True)

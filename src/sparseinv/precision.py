@@ -5,6 +5,12 @@ and the loss stay fp32. ``auto`` chooses bf16 where the device computes it nativ
 a CUDA device that supports bf16, or a CPU whose bf16 matrix product measures faster
 than fp32 in a short probe (run once per process and device). Nothing is assumed from
 the CPU's name: instruction sets differ machine to machine.
+
+Under bf16 a second probe decides how the model's attention runs. On the CPUs measured
+here torch's fused bf16 attention had a slow backward (a 46-token DeiT-Tiny step: 210 ms
+fused, 126 ms with timm's explicit attention; fp32 steps were 217 ms), so where the
+explicit attention measures faster, timm's ``fused_attn`` switch is turned off for the
+run and restored after it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from sparseinv.errors import UsageError
 
@@ -22,6 +30,9 @@ PRECISIONS = ("fp32", "bf16", "auto")
 PROBE_MARGIN = 1.2
 PROBE_SIZE = 1024
 _probe_cache: dict[str, float] = {}
+# (batch, heads, tokens, head width) of the attention probe: DeiT-Tiny's shape, a few images.
+ATTENTION_PROBE_SHAPE = (8, 3, 197, 64)
+_attention_cache: dict[str, float] = {}
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,8 @@ class Precision:
     asked: str
     used: str
     why: str
+    fused_attention: bool = True
+    attention_why: str = "the model's own setting"
 
     def autocast(self, device: torch.device):
         """A context running the model in bf16 autocast, or doing nothing for fp32."""
@@ -38,8 +51,21 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
+    @contextlib.contextmanager
+    def attention(self, model: nn.Module):
+        """While inside, the model's attention runs explicitly where the probe found that faster."""
+        switched = [] if self.fused_attention else [m for m in model.modules() if getattr(m, "fused_attn", False)]
+        for module in switched:
+            module.fused_attn = False
+        try:
+            yield
+        finally:
+            for module in switched:
+                module.fused_attn = True
+
     def record(self) -> dict:
-        return {"asked": self.asked, "used": self.used, "why": self.why}
+        attention = "as the model sets it" if self.fused_attention else "explicit"
+        return {"asked": self.asked, "used": self.used, "why": self.why, "attention": attention, "attention_why": self.attention_why}
 
 
 def bf16_speedup(device: torch.device) -> float:
@@ -64,12 +90,55 @@ def bf16_speedup(device: torch.device) -> float:
     return _probe_cache[key]
 
 
+def fused_attention_slowdown(device: torch.device) -> float:
+    """Time of torch's fused bf16 attention, forward and backward, over timm's explicit one (cached per process)."""
+    key = str(device)
+    if key not in _attention_cache:
+        q, k, v = (torch.randn(ATTENTION_PROBE_SHAPE, device=device, requires_grad=True) for _ in range(3))
+
+        def fused():
+            return F.scaled_dot_product_attention(q, k, v)
+
+        def explicit():  # what timm's Attention computes with fused_attn off
+            return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+
+        def seconds(attend) -> float:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                for repeat in range(5):
+                    if repeat == 2:
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        start = time.perf_counter()
+                    attend().float().sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - start
+
+        _attention_cache[key] = seconds(fused) / max(seconds(explicit), 1e-9)
+    return _attention_cache[key]
+
+
+def _with_attention(chosen: Precision, device: torch.device) -> Precision:
+    """``chosen``, with the attention the probe finds faster under bf16 (fp32 keeps the model's own)."""
+    if chosen.used != "bf16":
+        return chosen
+    slowdown = fused_attention_slowdown(device)
+    if slowdown >= PROBE_MARGIN:
+        why = f"fused bf16 attention {slowdown:.1f}x slower than explicit on this device"
+        return Precision(chosen.asked, chosen.used, chosen.why, False, why)
+    return Precision(chosen.asked, chosen.used, chosen.why, True, f"fused bf16 attention {slowdown:.2f}x the time of explicit")
+
+
 def resolve_precision(asked: str, device: torch.device) -> Precision:
-    """Turn ``fp32``/``bf16``/``auto`` into what the run will use on ``device``.
+    """What the run will use on ``device`` for ``fp32``/``bf16``/``auto``, and how its attention runs.
 
     Raises:
         UsageError: an unknown precision, or bf16 on a CUDA device without it.
     """
+    return _with_attention(_resolve_dtype(asked, device), device)
+
+
+def _resolve_dtype(asked: str, device: torch.device) -> Precision:
     if asked not in PRECISIONS:
         raise UsageError(f"unknown precision '{asked}': use one of {', '.join(PRECISIONS)}.")
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
