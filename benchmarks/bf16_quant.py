@@ -4,7 +4,9 @@
     python benchmarks/bf16_quant.py
 
 The fp32 pool is the first 32 images of ``imagenet_sparse_64``; the bf16 pool inverts the
-same 32 labels and seeds (they depend on the image index only) with ``precision=bf16``.
+same 32 labels and seeds (they depend on the image index only) with ``precision=bf16``
+(attention fused or explicit as the probe finds faster: explicit on this project's CPU;
+the pool's run.json says which).
 Both are 400-iteration sparse pools (not 4000). Top-1 on 1000 imagenette val images.
 Writes ``benchmarks/results/bf16_quant.json``.
 """

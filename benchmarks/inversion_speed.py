@@ -10,9 +10,10 @@ For each model it measures:
     steps with the reference stop steps scaled by ``iterations / 4000`` (so each phase
     keeps its share of the run), which gives the achieved ratio.
 The achieved/ideal ratio shows what the loop's overheads (augmentation, TV loss,
-Adam over the full image, scoring passes, best-pixel copies) cost.
+Adam over the kept patches, scoring passes, best-pixel copies) cost.
   * the same dense and sparse runs under ``--precision bf16`` (bf16 autocast for the
-    model), with the bf16 probe's verdict for this device: the bf16 columns.
+    model, attention fused or explicit as the probe finds faster), with the probes'
+    verdicts for this device: the bf16 columns.
 Results: benchmarks/results/inversion_speed.json and .md.
 """
 
