@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -51,3 +52,28 @@ def test_inversion_loss_sums_its_terms():
     assert torch.allclose(loss, expected)
     default = InversionLoss()(inputs)
     assert torch.allclose(default, F.cross_entropy(logits, targets, reduction="none") + 1e-4 * tv_l2(x))
+
+
+def test_loss_inputs_compose_images_only_when_a_term_asks():
+    """Given the optimised pixels, the default loss never composes the image; a term reading
+    ``images`` gets it once, and TV-L2 comes from the pixels' own (cheaper) path."""
+    x = torch.randn(2, 3, 8, 8)
+
+    class Pixels:
+        composed = 0
+
+        def image(self):
+            Pixels.composed += 1
+            return x
+
+        def tv_l2(self):
+            return tv_l2(x) + 1.0  # marks which path ran
+
+    logits, targets = torch.randn(2, 5), torch.tensor([1, 4])
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    inputs = LossInputs(logits=logits, targets=targets, pixels=Pixels())
+    assert torch.allclose(InversionLoss(tv_l2=0.5)(inputs), ce + 0.5 * (tv_l2(x) + 1.0))
+    assert Pixels.composed == 0
+    assert torch.equal(inputs.images, x) and torch.equal(inputs.images, x) and Pixels.composed == 1
+    with pytest.raises(ValueError, match="one of images or pixels"):
+        LossInputs(logits=logits, targets=targets)
