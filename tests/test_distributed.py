@@ -62,6 +62,7 @@ def assert_same_pool(a: Path, b: Path) -> None:
     run = json.loads((b / "run.json").read_text())
     assert run["complete"] and [batch["index"] for batch in run["batches"]] == list(range(8))
     assert not (b / "parts").exists()
+    assert (a / "grid.png").read_bytes() == (b / "grid.png").read_bytes()  # every image in the picture
 
 
 def test_two_processes_make_the_pool_one_makes(setup):

@@ -439,8 +439,11 @@ def invert(
                 results[b] = (result, stats)
         if writer is not None:
             rank_seconds = rank.all_gather(time.perf_counter() - run_start)  # also waits for every rank's batches
+            pool = None
 
             def finish() -> dict:
+                nonlocal pool
+                writer.merge()  # the other ranks' last batches, so the picture shows every image
                 pool = read_pool(out)
                 name = class_namer(model)
                 extra = {"world_size": rank.world_size, "per_rank_seconds": rank_seconds,
@@ -448,7 +451,8 @@ def invert(
                 return writer.finish(image_grid_png(pool.images, [name(c) for c in pool.labels]), **extra)
 
             run = rank.on_main(finish)
-            pool = read_pool(out)
+            if pool is None:  # the other ranks read the pool rank 0 finished
+                pool = read_pool(out)
             return InversionResult(pool.images, pool.labels, pool.kept_patches, pool.target_prob, run)
     finally:
         if writer is not None:
