@@ -1,16 +1,15 @@
-"""The pixels a sparse phase optimises: the kept patches only, beside the frozen image.
+"""The pixels a sparse phase optimises: the kept patches only, beside the rest of the image.
 
-After a stop, inversion no longer optimises the whole image. The stopped patches are
-frozen into a ``canvas``; the optimiser's parameter is a ``(B, 3, K, ph, pw)`` tensor
-of the kept patches alone, so Adam, its state, the clamp and the best-pixel copies cost
-what the kept patches do, and a stopped pixel can never move. The loop writes the kept
-patches back into the canvas after each update (:meth:`KeptPixels.write`), so the
-canvas is always the whole current image, which the model sees augmented, without a
-graph; the gradient reaches the kept pixels through :meth:`KeptPixels.fed_pixels`,
-which picks, for each fed cell of the augmented image, the kept pixels it shows (zero
-where it shows a frozen one), and TV-L2 is taken on the kept patches, each with the
-one-pixel ring around it (:meth:`KeptPixels.tv_l2`), the pairs between frozen pixels
-summed once per phase.
+After a stop, inversion no longer optimises the whole image. The optimiser's parameter
+is a ``(B, 3, K, ph, pw)`` tensor of the kept patches alone, so Adam, its state, the
+clamp and the best-pixel copies cost what the kept patches do, and a stopped pixel can
+never move. The whole image lives in a ``canvas``: the stopped patches as they were at
+their stop, and the kept ones, which the loop writes back after each update
+(:meth:`KeptPixels.write`). The model sees the canvas augmented, without a graph; the
+gradient reaches the kept pixels through :meth:`KeptPixels.fed_pixels`, which picks,
+for each fed cell of the augmented image, the kept pixels it shows (zero where it shows
+a frozen one), and through TV-L2, whose gradient is taken for the kept patches only,
+each with the one-pixel ring around it (:meth:`KeptPixels.tv_l2`).
 """
 
 from __future__ import annotations
@@ -19,15 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from sparseinv.augment import RollFlip
-from sparseinv.losses import _OFFSETS, tv_l2_patches
+from sparseinv.losses import _NEIGHBOURS, tv_l2_patches
 from sparseinv.models import ViTInfo
 
 
 class KeptPixels:
-    """The frozen canvas and the layout of the kept patches of one batch.
+    """The canvas (the whole current image) and the layout of the kept patches of one batch.
 
     Args:
-        canvas: (B, 3, H, W) the image as it is at the stop; stopped patches keep these pixels.
+        canvas: (B, 3, H, W) the image as it is at the stop (copied); stopped patches keep these pixels.
         keep: (B, K) sorted indices of the patches still optimised.
         info: The model's patch grid.
     """
@@ -64,13 +63,11 @@ class KeptPixels:
     def _tv_layout(self) -> None:
         """How many pairs of each TV direction every kept pixel is in (see :func:`tv_l2_patches`)."""
         canvas = self.canvas
-        inside = F.pad(torch.ones_like(canvas[:1, :1]), (1, 1, 1, 1))
-        pairs = []
-        for dy, dx in _OFFSETS:
-            ahead = inside[:, :, 1 + dy : inside.shape[2] - 1 + dy, 1 + dx : inside.shape[3] - 1 + dx]
-            behind = inside[:, :, 1 - dy : inside.shape[2] - 1 - dy, 1 - dx : inside.shape[3] - 1 - dx]
-            pairs.append(ahead + behind)
-        pairs = torch.cat(pairs, 1).expand(canvas.shape[0], -1, -1, -1)  # (B, 4, H, W)
+        pairs = canvas.new_zeros(len(_NEIGHBOURS), *canvas.shape[2:])  # (4, H, W)
+        for count, (a, b) in zip(pairs, _NEIGHBOURS):
+            count[a] += 1  # a pair counts once at each of its two pixels
+            count[b] += 1
+        pairs = pairs.expand(canvas.shape[0], -1, -1, -1)  # (B, 4, H, W)
         self._pairs = self._cells(pairs)[self.index].permute(2, 1, 0, 3, 4)[:, :, :, None].contiguous()
 
     def write(self, kept: torch.Tensor) -> None:

@@ -13,20 +13,33 @@ import torch
 import torch.nn.functional as F
 
 
-_ALL = slice(None)
-# (minuend, subtrahend) index pairs of the horizontal, vertical and two diagonal
-# neighbour differences of a (B, C, H, W) tensor.
-_NEIGHBOURS = (
-    ((..., _ALL, slice(None, -1)), (..., _ALL, slice(1, None))),
-    ((..., slice(None, -1), _ALL), (..., slice(1, None), _ALL)),
-    ((..., slice(1, None), slice(None, -1)), (..., slice(None, -1), slice(1, None))),
-    ((..., slice(None, -1), slice(None, -1)), (..., slice(1, None), slice(1, None))),
+# The four neighbour directions: where pixel b of each pair lies from pixel a, as
+# (rows, columns): horizontal, vertical and the two diagonals.
+_OFFSETS = ((0, 1), (1, 0), (-1, 1), (1, 1))
+
+
+def _pair_slices(offset: int) -> tuple[slice, slice]:
+    """Along one axis, the slices of the a and b ends of every pair ``offset`` apart (-1, 0 or 1)."""
+    if offset == 0:
+        return slice(None), slice(None)
+    head, tail = slice(None, -1), slice(1, None)
+    return (head, tail) if offset > 0 else (tail, head)
+
+
+# (minuend, subtrahend) index pairs of the neighbour differences of a (..., H, W) tensor, by _OFFSETS.
+_NEIGHBOURS = tuple(
+    ((..., rows[0], cols[0]), (..., rows[1], cols[1])) for rows, cols in ((_pair_slices(dy), _pair_slices(dx)) for dy, dx in _OFFSETS)
 )
 
 
 def _neighbour_diffs(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Horizontal, vertical and both diagonal neighbour differences of (B, C, H, W)."""
     return tuple(x[a] - x[b] for a, b in _NEIGHBOURS)
+
+
+def _direction_norms(x: torch.Tensor) -> torch.Tensor:
+    """(4, B): per direction and image, the L2 norm of the neighbour differences of (B, C, H, W)."""
+    return torch.stack([torch.linalg.vector_norm(x[a] - x[b], dim=(1, 2, 3)) for a, b in _NEIGHBOURS])
 
 
 class _TVL2(torch.autograd.Function):
@@ -39,7 +52,7 @@ class _TVL2(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        norms = torch.stack([torch.linalg.vector_norm(x[a] - x[b], dim=(1, 2, 3)) for a, b in _NEIGHBOURS])
+        norms = _direction_norms(x)
         ctx.save_for_backward(x, norms)
         return norms.sum(0)
 
@@ -61,10 +74,6 @@ def tv_l2(x: torch.Tensor) -> torch.Tensor:
     return _TVL2.apply(x)
 
 
-# Where pixel b of each pair of _NEIGHBOURS lies from pixel a, as (rows, columns).
-_OFFSETS = ((0, 1), (1, 0), (-1, 1), (1, 1))
-
-
 class _TVL2Patches(torch.autograd.Function):
     """TV-L2 of whole images, with the gradient for some of their patches only.
 
@@ -77,7 +86,7 @@ class _TVL2Patches(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kept, image, halos, pairs):
-        norms = torch.stack([torch.linalg.vector_norm(image[a] - image[b], dim=(1, 2, 3)) for a, b in _NEIGHBOURS])
+        norms = _direction_norms(image)
         ctx.save_for_backward(norms, halos, pairs)
         return norms.sum(0)
 

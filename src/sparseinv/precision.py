@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,25 +69,31 @@ class Precision:
         return {"asked": self.asked, "used": self.used, "why": self.why, "attention": attention, "attention_why": self.attention_why}
 
 
+def _seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Wall time of ``repeats`` calls of ``fn`` on ``device``, after ``warmup`` untimed ones."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return time.perf_counter() - start
+
+
 def bf16_speedup(device: torch.device) -> float:
     """fp32 time over bf16 time of a square matrix product on ``device`` (cached per process)."""
     key = str(device)
     if key not in _probe_cache:
         a = torch.randn(PROBE_SIZE, PROBE_SIZE, device=device)
-
-        def seconds(x: torch.Tensor) -> float:
-            for _ in range(2):
-                x @ x
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            for _ in range(5):
-                x @ x
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            return time.perf_counter() - start
-
-        _probe_cache[key] = seconds(a) / max(seconds(a.bfloat16()), 1e-9)
+        b = a.bfloat16()
+        fp32 = _seconds(lambda: a @ a, device, warmup=2, repeats=5)
+        _probe_cache[key] = fp32 / max(_seconds(lambda: b @ b, device, warmup=2, repeats=5), 1e-9)
     return _probe_cache[key]
 
 
@@ -102,19 +109,13 @@ def fused_attention_slowdown(device: torch.device) -> float:
         def explicit():  # what timm's Attention computes with fused_attn off
             return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
 
-        def seconds(attend) -> float:
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-                for repeat in range(5):
-                    if repeat == 2:
-                        if device.type == "cuda":
-                            torch.cuda.synchronize(device)
-                        start = time.perf_counter()
-                    attend().float().sum().backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            return time.perf_counter() - start
+        def step(attend) -> Callable[[], None]:
+            return lambda: attend().float().sum().backward()
 
-        _attention_cache[key] = seconds(fused) / max(seconds(explicit), 1e-9)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            fused_time = _seconds(step(fused), device, warmup=2, repeats=3)
+            explicit_time = _seconds(step(explicit), device, warmup=2, repeats=3)
+        _attention_cache[key] = fused_time / max(explicit_time, 1e-9)
     return _attention_cache[key]
 
 
