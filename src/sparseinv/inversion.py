@@ -248,13 +248,13 @@ def _run_phases(
         phase_start = time.perf_counter()
         if phase > 0:
             # Score on the un-augmented current image, then stop the low-attention patches.
-            # In fp32 whatever the precision: which patches live on is decided once, and
-            # four forward passes cost little.
             with torch.no_grad():
-                scored = sparse_forward(model, pixels.canvas, None if phase == 1 else pixels.keep, return_cls_attn=True)
+                current = pixels.canvas
+                with precision.autocast(device):
+                    scored = sparse_forward(model, current, None if phase == 1 else pixels.keep, return_cls_attn=True)
                 keep = _top_patches(scored.cls_attn, pixels.keep, counts[phase])
             old, old_kept = pixels, kept
-            pixels = KeptPixels(old.canvas, keep, info)
+            pixels = KeptPixels(current, keep, info)
             kept = old.select(old_kept.detach(), keep).requires_grad_(True)
             optimizer = _carry_adam(optimizer, old_kept, kept, lambda t, old=old, keep=keep: old.select(t, keep))
             # Losses over different token sets are not comparable: fewer tokens give a
