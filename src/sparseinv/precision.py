@@ -6,11 +6,11 @@ a CUDA device that supports bf16, or a CPU whose bf16 matrix product measures fa
 than fp32 in a short probe (run once per process and device). Nothing is assumed from
 the CPU's name: instruction sets differ machine to machine.
 
-Under bf16 a second probe decides how the model's attention runs. On the CPUs measured
-here torch's fused bf16 attention had a slow backward (a 46-token DeiT-Tiny step: 210 ms
-fused, 126 ms with timm's explicit attention; fp32 steps were 217 ms), so where the
-explicit attention measures faster, timm's ``fused_attn`` switch is turned off for the
-run and restored after it.
+Under bf16 a second probe decides how the model's attention runs. On the CPU measured
+here torch's fused bf16 attention had a slow backward (a 46-token DeiT-Tiny step: 272 ms
+fused, 163 ms with timm's explicit attention, 242 ms in fp32; benchmarks/
+sparse_step_profile.py), so where the explicit attention measures faster, timm's
+``fused_attn`` switch is turned off for the run and restored after it.
 """
 
 from __future__ import annotations
