@@ -1,265 +1,255 @@
-"""Data-free knowledge transfer benchmark (SPEC section 6), scaled down for a 2-core CPU.
+"""Data-free knowledge transfer from the ImageNet DeiT-Tiny: compression and quantized students.
 
-Teacher: DeiT-Tiny fine-tuned on Imagenette ``train100`` (``make_teacher.py``).
-Student: ImageNet DeiT-Tiny (real weights), backbone frozen, fresh 10-way head
-(``linear-probe``: SGD lr 0.1, momentum 0.9, wd 1e-4, T = 20), plus one ``full`` row.
-Students are taught from (a) Gaussian noise, (b) dense inversion, (c) sparse inversion,
-(d) real ``train100`` images (the ceiling), at equal numbers of images; and (b) vs (c) at
-equal inversion wall time (sparse gets as many images as fit in dense's time).
-Pools are inverted from the teacher. Metric: 10-way top-1 on a fixed balanced subset of
-Imagenette val (see ``make_teacher.VAL_PER_CLASS``).
+    python benchmarks/distill.py [--steps 400] [--protocols compression quantized]
 
-What is scaled down (recorded in the JSON): NUM_IMAGES images per pool (one per class),
-ITERATIONS inversion steps with the reference stops scaled to them (0.3 each),
-batch NUM_IMAGES, and the val subset. The linear probe uses lr 0.01 instead of the
-paper's 0.1 (see LP below). Linear-probe students are evaluated every epoch on
-cached val features: the frozen student backbone is the ImageNet DeiT-Tiny, whose
-first blocks are the teacher's frozen blocks, so ``make_teacher.py``'s cached tokens
-entering the last block give the student's features with one block of compute.
+Teacher: the real ImageNet DeiT-Tiny (1000 classes). Two protocols share one set of pools,
+inverted from it over all 1000 classes (400 steps, the reference stops scaled to them,
+``precision=auto``, last-phase masks; the first N images of the 512-image pool are the
+N-image pool, since batches are seeded by index):
 
-    .venv/bin/python benchmarks/distill.py
+* compression: the student is the teacher's 6-block copy (blocks 1, 3, ..., 11,
+  initialised from the teacher), trained with AdamW on the teacher's online soft labels;
+* quantized: the student is the default W4/A4 (and W4/A8) ``recon`` model calibrated on
+  the pool's first 32 images, then trained against the teacher (straight-through
+  weights, learned step sizes).
+
+Each is taught from: sparse pools of 32, 128 and 512 images; a dense pool of 128 images
+(equal images); as many sparse images as dense inversion's 128 took time to make (equal
+inversion time); Gaussian noise (floor); and train100's real images (a reference that
+covers exactly the ten evaluated classes, so it flatters itself). Every cell trains the
+same number of steps, so rows differ only by their images.
+
+Reported per cell: 1000-way top-1 on the first ``--per-class`` val images of each
+Imagenette class, the student's top-1 agreement with the teacher on 64 fresh inverted
+images of all classes (another seed, never trained on), training seconds, and for the
+compression student its images/s against the teacher's. Cells are cached in
+``benchmarks/cache/distill_cells/``; a rerun measures only what is missing.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
-import os
-import sys
+import math
+import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np
+import torch
+from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, RESULTS, TRAIN100, ensure_pool, pool_config, scaled_schedule, write_results
+from PIL import Image
+from quantization import val_subset
 
-import torch  # noqa: E402
+from sparseinv import load_model, sparse_forward
+from sparseinv.data import ImageFolder, evaluate_tensors
+from sparseinv.distill import DistillConfig, Images, distill, folder_sources, shallow_copy, spread_blocks
+from sparseinv.distill.data import Source
+from sparseinv.models import vit_info
+from sparseinv.pool import open_pool, read_pool
+from sparseinv.quant import QuantConfig, pool_batches, quantize_
 
-import make_teacher  # noqa: E402
-from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, RESULTS, TRAIN100, ensure_pool, scaled_schedule, write_results  # noqa: E402
-from sparseinv import InversionConfig, PruneSchedule, load_model, read_pool  # noqa: E402
-from sparseinv.data import ImageFolder, evaluate  # noqa: E402
-from sparseinv.distill import DistillConfig, distill  # noqa: E402
-from sparseinv.models import timm, vit_info  # noqa: E402
-from sparseinv.pool import Pool, read_image  # noqa: E402
-
-NUM_IMAGES = int(os.environ.get("DISTILL_IMAGES", "10"))
-# 200 steps (a dense batch of 10 takes about 2 minutes on this 2-core CPU), with the
-# reference stops scaled to them (2/5/10/15, ratio 0.3 each: 196 -> 47 patches), so each
-# phase keeps its share of the reference 4000-step run, as in inversion_speed.py.
-ITERATIONS = 200
-SCHEDULE = scaled_schedule(ITERATIONS)
-# lr 0.01, not the paper's 0.1: with T^2 scaling on DeiT-Tiny features (norm ~23) lr 0.1 diverged on the real
-# pool (training KD loss 6.9 -> 713); 0.01 reached the lowest training loss there (chosen by training loss, not val).
-# 8 views per image (the image, then whole-patch rolls and mirrors, each labelled by the teacher: the default).
-LP = DistillConfig(mode="linear-probe", epochs=60, batch_size=10, temperature=20.0, lr=0.01, views=8)
-FULL = DistillConfig(mode="full", epochs=10, batch_size=10, temperature=20.0, lr=0.001, views=8)
-CLASSES = tuple(range(10))
-OUT = CACHE / "distill"
+SIZES = (32, 128, 512)
+BATCH = 32
+TRAINED_ON_32 = 32  # calibration images of the post-training start
 
 
-def teacher():
-    meta = make_teacher.main()
-    return load_model(DEIT_TINY, make_teacher.TEACHER_CKPT, num_classes=10), meta
+def pools() -> dict[str, Path]:
+    """The cached pools every cell draws from (made here if missing; resumable)."""
+    def cfg(sparse: bool, n: int, seed: int):
+        base = pool_config(sparse=sparse, num_images=n, batch_size=32, seed=seed)
+        return replace(base, schedule=scaled_schedule(400) if sparse else base.schedule, precision="auto", final_mask="last-phase")
+
+    model = load_model(DEIT_TINY, DEIT_TINY_CKPT)
+    wanted = {"sparse": ("kt_sparse_512_s0", cfg(True, 512, 0)), "sparse_s1": ("kt_sparse_128_s1", cfg(True, 128, 1)),
+              "dense": ("kt_dense_128_s0", cfg(False, 128, 0)), "heldout": ("kt_sparse_64_s7", cfg(True, 64, 7))}
+    out = {}
+    for key, (name, config) in wanted.items():
+        path = CACHE / "pools" / name
+        run_file = path / "run.json"
+        if run_file.is_file():  # a cached pool is reused only if it was made with these settings
+            recorded = json.loads(run_file.read_text())["settings"]
+            if recorded != config.record():
+                raise SystemExit(f"cached pool {path} was made with other settings; delete it to remake it.")
+        out[key] = ensure_pool(name, DEIT_TINY, DEIT_TINY_CKPT, config, model)
+    return out
 
 
-def student():
-    return load_model(DEIT_TINY, DEIT_TINY_CKPT)
+def noise_images(n: int) -> Path:
+    """N(0, 1) in DeiT-Tiny's normalised space (inversion's starting point) as PNGs, cached."""
+    folder = CACHE / f"noise_{n}"
+    if len(list(folder.glob("*.png"))) == n:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    mean, std = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1), torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        x = (torch.randn(3, 224, 224, generator=g) * std + mean).clamp(0, 1)
+        Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(folder / f"{i:06d}.png")
+    return folder
 
 
-def in_memory_pool(name: str, images: torch.Tensor, model) -> Pool:
-    """A dense pool (all patches kept) from pixels in [0, 1], for noise and real images."""
-    info = vit_info(model)
-    n = len(images)
-    return Pool(
-        root=Path(f"<{name}>"),
-        images=images,
-        labels=torch.full((n,), -1),
-        kept_patches=torch.arange(info.num_patches).repeat(n, 1),
-        target_prob=torch.zeros(n),
-        run={"model": DEIT_TINY, "num_classes": 10, "num_patches": info.num_patches, "patch_size": list(info.patch_size),
-             "settings": {"schedule": {"steps": [], "ratios": []}}},
-    )
+def sparse_images(pool: Path, n: int) -> Images:
+    images = Images.from_pools([open_pool(pool)])
+    return replace(images, sources=images.sources[:n], names=[f"{pool}[:{n}]"])
 
 
-def noise_pool(model) -> Pool:
-    info = vit_info(model)
-    z = torch.randn((NUM_IMAGES, *info.input_size), generator=torch.Generator().manual_seed(0))
-    mean, std = torch.tensor(info.mean).view(1, 3, 1, 1), torch.tensor(info.std).view(1, 3, 1, 1)
-    # N(0, 1) in the model's normalised space (the inversion's starting point), as pixels.
-    return in_memory_pool("gaussian-noise", (z * std + mean).clamp(0, 1), model)
+def dense_sources(sources: list[Source], name: str) -> Images:
+    return Images(sources, (224, 224), (16, 16), None, [name])
 
 
-def real_pool(model) -> Pool:
-    """The first NUM_IMAGES/10 train100 images of each class, eval transform, as pixels."""
-    folder = ImageFolder.scan(TRAIN100, limit_per_class=max(1, NUM_IMAGES // 10))
-    config = timm.data.resolve_data_config(model=model)
-    transform = timm.data.create_transform(**{**config, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}, is_training=False)
-    from PIL import Image
-
-    images = []
-    for path in folder.files:
-        with Image.open(path) as img:
-            images.append(transform(img.convert("RGB")))
-    return in_memory_pool("train100", torch.stack(images), model)
+def inversion_seconds(pool: Path, n: int) -> float:
+    batches = sorted(json.loads((pool / "run.json").read_text())["batches"], key=lambda b: b["index"])
+    return sum(b["wall_seconds"] for b in batches[: math.ceil(n / 32)])
 
 
-def concat(name: str, pools: list[Pool]) -> Pool:
-    return Pool(root=Path(f"<{name}>"), images=torch.cat([p.images for p in pools]), labels=torch.cat([p.labels for p in pools]),
-                kept_patches=torch.cat([p.kept_patches for p in pools]), target_prob=torch.cat([p.target_prob for p in pools]),
-                run=pools[0].run)
+def cells(p: dict[str, Path]) -> dict[str, tuple[Images, float | None]]:
+    """name -> (training images, their inversion seconds)."""
+    dense_seconds = inversion_seconds(p["dense"], 128)
+    per_sparse = inversion_seconds(p["sparse"], 512) / 512
+    equal_time = min(512, int(dense_seconds / per_sparse) // 32 * 32)
+    out = {f"sparse {n}": (sparse_images(p["sparse"], n), inversion_seconds(p["sparse"], n)) for n in SIZES}
+    out["dense 128"] = (Images.from_pools([open_pool(p["dense"])]), dense_seconds)
+    out[f"sparse {equal_time} (= dense 128's time)"] = (sparse_images(p["sparse"], equal_time), inversion_seconds(p["sparse"], equal_time))
+    out["sparse 128 seed 1"] = (sparse_images(p["sparse_s1"], 128), inversion_seconds(p["sparse_s1"], 128))
+    out["noise 128"] = (dense_sources([Source(f) for f in sorted(noise_images(128).glob("*.png"))], "gaussian noise"), None)
+    out["real train100 (1000)"] = (dense_sources(folder_sources(ImageFolder.scan(TRAIN100)), "train100"), None)
+    return out
 
 
-def val_features(model) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen ImageNet student's pre-logit features on the cached val tokens."""
-    tokens = torch.load(make_teacher.TEACHER_DIR / f"val{make_teacher.VAL_PER_CLASS}_tokens.pt")
-    val = ImageFolder.scan(make_teacher.VAL, limit_per_class=make_teacher.VAL_PER_CLASS)
-    with torch.no_grad():
-        feats = torch.cat([model.forward_head(model.norm(model.blocks[-1](tokens[i : i + 100])), pre_logits=True)
-                           for i in range(0, len(tokens), 100)])
-    return feats, torch.tensor(val.labels)
+@torch.no_grad()
+def agreement(student, teacher, heldout: Path) -> float:
+    """Top-1 agreement (percent) on held-out sparse images, fed as their kept tokens."""
+    pool = read_pool(heldout)
+    info = vit_info(teacher)
+    mean, std = info.norm_tensors()
+    x = (pool.images - mean) / std
+    same = 0
+    for i in range(0, len(x), 32):
+        keep = pool.kept_patches[i : i + 32]
+        t = sparse_forward(teacher, x[i : i + 32], keep).logits.argmax(1)
+        s = sparse_forward(student, x[i : i + 32], keep).logits.argmax(1)
+        same += int((t == s).sum())
+    return 100.0 * same / len(x)
 
 
-def _measured() -> dict:
-    """Rows of an earlier (possibly partial) run with the same settings: reused, not re-trained.
-
-    Delete ``benchmarks/results/distill.json`` to measure every row again.
-    """
-    path = RESULTS / "distill.json"
-    if not path.is_file():
-        return {}
-    old = json.loads(path.read_text())
-    same = old.get("scaled_down", {}).get("images_per_pool") == NUM_IMAGES and \
-        old.get("scaled_down", {}).get("inversion_iterations") == ITERATIONS and \
-        old.get("scaled_down", {}).get("schedule_steps") == list(SCHEDULE.steps) and \
-        old.get("protocol", {}).get("linear_probe") == LP.record() and old.get("protocol", {}).get("full") == FULL.record()
-    return {r["name"]: r for r in old.get("rows", [])} if same else {}
+@torch.no_grad()
+def images_per_second(model, batch: int = 64, repeats: int = 3) -> float:
+    x = torch.randn(batch, 3, 224, 224)
+    model(x)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x)
+        best = min(best, time.perf_counter() - start)
+    return batch / best
 
 
-MEASURED: dict = {}
+def train_config(steps: int, n: int, mode_lr: float | None = None) -> DistillConfig:
+    epochs = max(1, math.ceil(steps * BATCH / n))
+    return DistillConfig(mode="full", epochs=epochs, batch_size=BATCH, lr=mode_lr, warmup=0.05)
 
 
-def run_student(name: str, t, pool: Pool, config: DistillConfig, feats=None, labels=None) -> dict:
-    if name in MEASURED:
-        print(f"{name}: reused from benchmarks/results/distill.json", flush=True)
-        return MEASURED[name]
-    s = student()
-    val = None
-    if config.mode == "linear-probe":
-        def val(model):  # valid only while the backbone is frozen
-            with torch.no_grad():
-                pred = model.get_classifier()(feats).argmax(1)
-            return {"top1": 100.0 * float((pred == labels).float().mean())}
-    out = OUT / name / "student.safetensors"
-    for f in out.parent.glob("student*"):
-        f.unlink()  # a fresh run every time: the benchmark measures training time
-    summary = distill(t, s, pool, config, out, val, teacher_name=DEIT_TINY, student_name=DEIT_TINY, progress=False)
-    row = {"name": name, "mode": config.mode, "num_images": len(pool), "sparse": pool.is_sparse,
-           "kept_patches": int(pool.kept_patches.shape[1]), "train_seconds": round(summary["train_seconds"], 2),
-           "val_top1_last": summary["final_val_top1"], "val_top1_best": summary["best_val_top1"], "best_epoch": summary["best_epoch"]}
-    if config.mode == "full":
-        folder = ImageFolder.scan(make_teacher.VAL, limit_per_class=make_teacher.VAL_PER_CLASS)
-        start = time.time()
-        row["val_top1_last"] = evaluate(s, folder, progress=False)["top1"]
-        row["eval_seconds"] = round(time.time() - start, 1)
-    print(f"{name}: {row}", flush=True)
-    return row
+def quantized_start(teacher, p: dict[str, Path], w_bits: int, a_bits: int):
+    """The default post-training model from the sparse pool's first 32 images, cached as a file."""
+    from sparseinv.quant import load_quantized, save_quantized
+
+    path = CACHE / "distill_cells" / f"ptq_w{w_bits}a{a_bits}.safetensors"
+    model = copy.deepcopy(teacher)
+    if path.is_file():
+        return load_quantized(model, path, DEIT_TINY)
+    quantize_(model, QuantConfig.for_method("recon", w_bits, a_bits), pool_batches(model, str(p["sparse"]), DEIT_TINY, TRAINED_ON_32, 32))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_quantized(model, path, DEIT_TINY)
+    return model
+
+
+def run_cell(name: str, protocol: str, images: Images, teacher, p, val, steps: int, bits=(4, 4)) -> dict:
+    key = f"{protocol}-{'w%da%d-' % bits if protocol == 'quantized' else ''}{name}".replace(" ", "_").replace("(", "").replace(")", "").replace("=", "eq").replace("'", "")
+    cache = CACHE / "distill_cells" / f"{key}-steps{steps}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    if protocol == "compression":
+        student = shallow_copy(teacher, spread_blocks(len(teacher.blocks), 6))
+    else:
+        student = quantized_start(teacher, p, *bits)
+    out = CACHE / "distill_cells" / key / "student.safetensors"
+    for stale in out.parent.glob("student.*"):
+        stale.unlink()
+    config = train_config(steps, len(images.sources))
+    start = time.perf_counter()
+    summary = distill(teacher, student, images, config, out, teacher_name=DEIT_TINY, student_name=DEIT_TINY, progress=False)
+    seconds = time.perf_counter() - start
+    result = {"cell": name, "protocol": protocol, "images": len(images.sources), "steps": steps, "train_seconds": seconds,
+              "top1": evaluate_tensors(student, *val, progress=False)["top1"], "agreement": agreement(student, teacher, p["heldout"]),
+              "final_loss": summary["history"][-1]["loss"], "config": summary["settings"]["config"]}
+    if protocol == "quantized":
+        result["bits"] = list(bits)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(result, indent=2))
+    print(f"{protocol} {name}: top-1 {result['top1']:.1f}, agreement {result['agreement']:.1f} ({seconds:.0f} s)", flush=True)
+    return result
+
+
+def markdown(payload: dict) -> str:
+    lines = [f"# Data-free knowledge transfer (`{payload['command']}`)", "",
+             f"Teacher DeiT-Tiny: top-1 {payload['teacher_top1']:.1f} on {payload['val_images']} val images (1000-way), "
+             f"{payload['teacher_images_per_second']:.1f} images/s. Every cell trains {payload['steps']} steps of {BATCH}.", ""]
+    for protocol, rows in payload["protocols"].items():
+        lines += [f"## {protocol}", "", "| images | inversion s | top-1 | agreement | train s |", "| --- | --- | --- | --- | --- |"]
+        for row in rows:
+            inv = "" if row.get("inversion_seconds") is None else f"{row['inversion_seconds']:.0f}"
+            lines.append(f"| {row['cell']} | {inv} | {row['top1']:.1f} | {row['agreement']:.1f} | {row['train_seconds']:.0f} |")
+        extra = payload.get("start", {}).get(protocol)
+        if extra:
+            lines += ["", "Starting points: " + ", ".join(f"{k} top-1 {v['top1']:.1f}, agreement {v['agreement']:.1f}" for k, v in extra.items())]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=400, help="training steps of 32 images per cell")
+    parser.add_argument("--per-class", type=int, default=100, help="val images per Imagenette class")
+    parser.add_argument("--protocols", nargs="+", default=["compression", "quantized"], choices=["compression", "quantized"])
+    parser.add_argument("--cells", nargs="*", help="only these cells (by name prefix)")
+    args = parser.parse_args()
     torch.manual_seed(0)
-    MEASURED.update(_measured())
-    t, teacher_meta = teacher()
-    inversion = {}
-
-    def pool(name: str, sparse: bool, num: int, seed: int = 0) -> Pool:
-        config = InversionConfig(num_images=num, batch_size=min(num, NUM_IMAGES), iterations=ITERATIONS,
-                                 schedule=SCHEDULE if sparse else PruneSchedule(), classes=CLASSES, seed=seed)
-        p = read_pool(ensure_pool(name, DEIT_TINY, make_teacher.TEACHER_CKPT, config, model=t))
-        inversion[name] = {"num_images": len(p), "wall_seconds": round(p.run["wall_seconds"], 1),
-                           "success_rate": p.run["success_rate"], "kept_patches": int(p.kept_patches.shape[1])}
-        print(f"pool {name}: {inversion[name]}", flush=True)
-        return p
-
-    # Rows that need no inversion first, so a mistake shows before the long inversions.
-    student_model = student()
-    feats, labels = val_features(student_model)
-    noise_row = run_student("noise", t, noise_pool(t), LP, feats, labels)
-    real_row = run_student("real-train100", t, real_pool(t), LP, feats, labels)
-
-    sparse = pool(f"distill_sparse_{NUM_IMAGES}", True, NUM_IMAGES)
-    dense = pool(f"distill_dense_{NUM_IMAGES}", False, NUM_IMAGES)
-    rows = [noise_row, real_row]
-    for name, p, config in (("dense", dense, LP), ("sparse", sparse, LP), ("sparse-full", sparse, FULL)):
-        rows.append(run_student(name, t, p, config, feats, labels))
-        rows[-1]["inversion_seconds"] = round(p.run["wall_seconds"], 1)
-    report(teacher_meta, inversion, rows, None)  # partial results, in case the last stage is cut short
-
-    per_image = sparse.run["wall_seconds"] / len(sparse)
-    fit = int(dense.run["wall_seconds"] // per_image)  # sparse images that fit in dense's inversion time
-    parts = [sparse]
-    if fit > NUM_IMAGES:
-        parts.append(pool(f"distill_sparse_extra_{fit - NUM_IMAGES}_seed1", True, fit - NUM_IMAGES, seed=1))
-    sparse_eq = concat("sparse-equal-time", parts)
-    sparse_eq_seconds = sum(float(p.run["wall_seconds"]) for p in parts)
-    rows.append(run_student("sparse-equal-time", t, sparse_eq, LP, feats, labels))
-    rows[-1]["inversion_seconds"] = round(sparse_eq_seconds, 1)
-    equal_time = {"dense_images": len(dense), "dense_seconds": round(dense.run["wall_seconds"], 1),
-                  "sparse_images": len(sparse_eq), "sparse_seconds": round(sparse_eq_seconds, 1)}
-    report(teacher_meta, inversion, rows, equal_time)
-
-
-def report(teacher_meta: dict, inversion: dict, rows: list[dict], equal_time: dict | None) -> None:
-    """Write ``distill.json`` and ``distill.md`` (again after every stage)."""
-    payload = {
-        "complete": equal_time is not None,
-        "teacher": teacher_meta,
-        "student": {"model": DEIT_TINY, "checkpoint": str(DEIT_TINY_CKPT), "init": "ImageNet-1k, fresh 10-way head"},
-        "protocol": {
-            "metric": f"10-way top-1 on {teacher_meta['val_subset']} ({teacher_meta['val_images']} images)",
-            "linear_probe": LP.record(),
-            "full": FULL.record(),
-            "augmentation": f"{LP.views} views per image (itself, then whole-patch rolls up to 2 patches and mirrors), each labelled "
-                            "by the teacher; teacher logits and frozen-backbone features computed once per view",
-            "headline": "val_top1_last (after the last epoch); val_top1_best picks the epoch on val and is optimistic",
-            "timing": "inversion wall seconds on 2 CPU cores, one inversion at a time with nothing else running",
-        },
-        "scaled_down": {
-            "images_per_pool": NUM_IMAGES,
-            "inversion_iterations": ITERATIONS,
-            "schedule_steps": list(SCHEDULE.steps),
-            "inversion_batch_size": NUM_IMAGES,
-            "schedule": f"stops {'/'.join(map(str, SCHEDULE.steps))} (the reference scaled by {ITERATIONS}/4000), ratio 0.3 each (sparse); none (dense)",
-            "paper": "4000 iterations, batch 100, full CIFAR test sets",
-            "val": f"balanced subset, {make_teacher.VAL_PER_CLASS} images per class",
-            "linear_probe_epochs": LP.epochs,
-            "linear_probe_lr": LP.learning_rate,
-        },
-        "equal_time": equal_time,
-        "inversion": inversion,
-        "rows": rows,
-    }
+    p = pools()
+    teacher = load_model(DEIT_TINY, DEIT_TINY_CKPT)
+    val = val_subset(teacher, args.per_class)
+    payload = {"steps": args.steps, "val_images": len(val[1]), "teacher_top1": evaluate_tensors(teacher, *val, progress=False)["top1"],
+               "teacher_images_per_second": images_per_second(teacher), "protocols": {}, "start": {},
+               "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+               "scaled_down": "400 inversion steps instead of 4000; pools of at most 512 images; a fixed number of training steps per cell"}
+    chosen = {k: v for k, v in cells(p).items() if not args.cells or any(k.startswith(c) for c in args.cells)}
+    if "compression" in args.protocols:
+        six = shallow_copy(teacher, spread_blocks(len(teacher.blocks), 6))
+        payload["start"]["compression"] = {"6-block copy": {"top1": evaluate_tensors(six, *val, progress=False)["top1"],
+                                                            "agreement": agreement(six, teacher, p["heldout"])}}
+        payload["student_images_per_second"] = images_per_second(six)
+        rows = []
+        for name, (images, seconds) in chosen.items():
+            rows.append({**run_cell(name, "compression", images, teacher, p, val, args.steps), "inversion_seconds": seconds})
+        payload["protocols"]["compression"] = rows
+    if "quantized" in args.protocols:
+        payload["start"]["quantized"] = {}
+        rows = []
+        for bits in ((4, 4), (4, 8)):
+            start = quantized_start(teacher, p, *bits)
+            payload["start"]["quantized"][f"W{bits[0]}/A{bits[1]} post-training"] = {
+                "top1": evaluate_tensors(start, *val, progress=False)["top1"], "agreement": agreement(start, teacher, p["heldout"])}
+            names = list(chosen) if bits == (4, 4) else [n for n in chosen if n == "sparse 512"]
+            for name in names:
+                images, seconds = chosen[name]
+                row = run_cell(name, "quantized", images, teacher, p, val, args.steps, bits)
+                rows.append({**row, "cell": f"W{bits[0]}/A{bits[1]} {name}", "inversion_seconds": seconds})
+        payload["protocols"]["quantized"] = rows
     path = write_results("distill", payload)
-    lines = [
-        "| pool | images | inversion s | mode | train s | 10-way top-1 (last epoch) | best epoch's (optimistic) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        best = "" if r["val_top1_best"] is None else f"{r['val_top1_best']:.1f}"
-        lines.append(f"| {r['name']} | {r['num_images']} | {r.get('inversion_seconds', 0):.0f} | {r['mode']} | "
-                     f"{r['train_seconds']:.1f} | {r['val_top1_last']:.1f} | {best} |")
-    eq = "not run (cut short)" if equal_time is None else (
-        f"sparse gets {equal_time['sparse_images']} images in {equal_time['sparse_seconds']:.0f} s vs dense "
-        f"{equal_time['dense_images']} in {equal_time['dense_seconds']:.0f} s")
-    md = (
-        f"# Distillation (data-free knowledge transfer), `python {' '.join(sys.argv)}`\n\n"
-        f"Teacher: DeiT-Tiny fine-tuned on train100, {teacher_meta['val_top1']:.1f}% 10-way top-1. Student: ImageNet DeiT-Tiny. "
-        f"Metric: {payload['protocol']['metric']}. Scaled down: {NUM_IMAGES} images per pool, {ITERATIONS} inversion steps, "
-        f"batch {NUM_IMAGES}, linear probe {LP.epochs} epochs at lr {LP.learning_rate}, {LP.views} views per image. "
-        f"Equal inversion time: {eq}.\n\n"
-        + "\n".join(lines) + "\n"
-    )
-    (RESULTS / "distill.md").write_text(md)
-    print(md)
-    print(f"wrote {path}", flush=True)
+    (RESULTS / "distill.md").write_text(markdown({**payload, "command": "python benchmarks/distill.py"}))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,6 @@ class DemoConfig:
             default is 300; fewer keep the demo within minutes).
         val_per_class: Real val images per class every model is evaluated on.
         distill_epochs: Linear-probe epochs of the students.
-        views: Views per pool image for distillation.
         device: ``cpu`` or ``cuda``.
         scaled_down: What differs from the paper's protocol, said in the report.
     """
@@ -73,7 +72,6 @@ class DemoConfig:
     recon_iters: int = 60
     val_per_class: int = 20
     distill_epochs: int = 60
-    views: int = 8
     device: str = "cpu"
     scaled_down: str = (
         "10 images (one per class) x 200 steps instead of 32 x 4000; stops at 20/40/60/80 stopping 20% each "
@@ -86,7 +84,7 @@ class DemoConfig:
     def quick(cls, **overrides) -> "DemoConfig":
         """A few images and steps: checks the whole pipeline in about a minute (the tests use it)."""
         base = dict(images=2, iterations=6, prune_at=(2, 4), prune_ratio=(0.3, 0.3), recon_iters=2, val_per_class=1,
-                    distill_epochs=2, views=2, scaled_down="--quick: 2 images x 6 steps, 2 reconstruction steps, 1 val image per class")
+                    distill_epochs=2, scaled_down="--quick: 2 images x 6 steps, 2 reconstruction steps, 1 val image per class")
         return cls(**{**base, **overrides})
 
     @classmethod
@@ -171,7 +169,7 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True, log=
     report["teacher_top1"] = ten_way_top1(model, images, labels)
     for kind in ("sparse", "dense"):
         student = load_model(MODEL, checkpoint, device=device)
-        dconfig = DistillConfig(epochs=config.distill_epochs, batch_size=config.images, views=config.views)
+        dconfig = DistillConfig(epochs=config.distill_epochs, batch_size=config.images)
         student_out = out / "students" / f"{kind}.safetensors"
         for stale in student_out.parent.glob(f"{kind}.*"):  # a student is cheap: always trained afresh
             stale.unlink()
@@ -237,8 +235,8 @@ with the same settings ({inv['sparse']['seconds']:.1f} s vs {inv['dense']['secon
 Quantization: the default method (every matrix-product input quantized, RepQ-style
 quantizers, block reconstruction) calibrated on {cfg['images']} images of each source.
 Distillation: teacher = DeiT-Tiny; student = the ImageNet DeiT-Tiny backbone with a
-fresh, randomly initialised head (linear probe, {cfg['distill_epochs']} epochs, {cfg['views']} views per
-image, the teacher's soft labels only), so everything its head knows comes through the
+fresh, randomly initialised head (linear probe, {cfg['distill_epochs']} epochs of fresh random crops and
+flips, each labelled by the teacher), so everything its head knows comes through the
 pool's images.
 
 Scaled down from the paper's protocol: {cfg['scaled_down']}. Total time {report['total_seconds']:.0f} s.

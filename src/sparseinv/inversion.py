@@ -33,6 +33,8 @@ from sparseinv.sparse_forward import _patch_projection, sparse_forward
 # the default: it put every image on its label where rescore missed 3 of 10 and 2-6 of
 # 32, with quantization from either level (benchmarks/final_mask.py, two seeds).
 FINAL_MASKS = ("rescore", "last-phase")
+# Settings added after pools were first written: a record without one was made at this value.
+_ABSENT_MEANS = {"precision": "fp32", "final_mask": "rescore"}
 
 
 @dataclass
@@ -86,10 +88,45 @@ class InversionConfig:
         out["classes"] = None if self.classes is None else list(self.classes)
         # Options added later are left out at the value they had before they existed, so pools
         # made then still continue (a pool's record without final_mask was made with rescore).
-        for name, default in (("precision", "fp32"), ("final_mask", "rescore")):
+        for name, default in _ABSENT_MEANS.items():
             if out[name] == default:
                 del out[name]
         return out
+
+    @classmethod
+    def from_record(cls, settings: dict) -> "InversionConfig":
+        """The config a run record's ``settings`` (:meth:`record`) was written from.
+
+        Every setting comes back, the ones a record leaves out at their old value
+        included, so inverting more images "like this pool" makes images the pool's own
+        run would have made (same schedule, final mask and precision).
+
+        Raises:
+            UsageError: a record that lacks a setting, or used extra loss terms (they
+                are recorded by class name only and cannot be rebuilt).
+        """
+        s = {**_ABSENT_MEANS, **settings}
+        loss = dict(s.get("loss") or {})
+        if loss.pop("extra", None):
+            raise UsageError("the pool was inverted with extra loss terms, which its record cannot rebuild.")
+        try:
+            return cls(
+                num_images=int(s["num_images"]),
+                batch_size=int(s["batch_size"]),
+                iterations=int(s["iterations"]),
+                lr=float(s["lr"]),
+                betas=tuple(float(b) for b in s["betas"]),
+                schedule=PruneSchedule(tuple(int(x) for x in s["schedule"]["steps"]), tuple(float(r) for r in s["schedule"]["ratios"])),
+                loss=InversionLoss(**{k: float(v) for k, v in loss.items()}),
+                classes=None if s["classes"] is None else tuple(int(c) for c in s["classes"]),
+                seed=int(s["seed"]),
+                jitter=float(s["jitter"]),
+                flip=bool(s["flip"]),
+                precision=str(s["precision"]),
+                final_mask=str(s["final_mask"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise UsageError(f"the pool's recorded settings are incomplete or damaged ({type(err).__name__}: {err}).") from None
 
 
 @dataclass

@@ -97,7 +97,8 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     state = torch.load(str(path), map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "model_ema"):
+    # timm training checkpoints: the EMA weights where there are some (what timm's validate.py prefers).
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             return state[key]
     return state
@@ -118,6 +119,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise UsageError(f"checkpoint '{path}' is not a weights file ({first_line(err)}).") from None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"checkpoint '{path}' holds no dictionary of weight tensors.")
+    if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
+        state = {k[len("module."):]: v for k, v in state.items()}
     return state
 
 
@@ -135,7 +138,9 @@ def load_model(
         checkpoint: A ``.safetensors`` or ``.pth`` file with timm key names. ``None``
             loads timm's pretrained weights from the hub (needs a network).
         device: Where to put the model.
-        num_classes: Override the classifier size (for checkpoints of fine-tuned heads).
+        num_classes: The classifier size; by default the checkpoint's own (a fine-tuned
+            head loads as it is). A checkpoint with fewer blocks than the named model
+            (a shallower student from ``sparseinv distill --depth``) loads at its depth.
         pretrained: With no checkpoint, ``False`` keeps random weights (speed tests).
 
     Raises:
@@ -143,24 +148,52 @@ def load_model(
     """
     if name not in timm.list_models() and name not in timm.list_pretrained():
         raise UsageError(f"unknown model '{name}': not a timm model name (see timm.list_models()).")
+    state = read_state_dict(checkpoint) if checkpoint is not None else None
+    shape = checkpoint_shape(state) if state is not None else {}
     kwargs = {}
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    try:
+    if num_classes is not None or "num_classes" in shape:
+        kwargs["num_classes"] = num_classes if num_classes is not None else shape["num_classes"]
+
+    def create(**extra) -> nn.Module:
         # Random weights are seeded, so every process of a run (and every run) gets the same model.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = timm.create_model(name, pretrained=checkpoint is None and pretrained, **kwargs)
+            return timm.create_model(name, pretrained=checkpoint is None and pretrained, **kwargs, **extra)
+
+    try:
+        model = create()
     except Exception as err:  # hub errors come in many types; all mean "no weights"
         if checkpoint is None and pretrained:
             raise UsageError(f"could not fetch pretrained weights for '{name}' ({type(err).__name__}); pass --checkpoint FILE.") from None
         raise
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        state = read_state_dict(path)
+    blocks = getattr(model, "blocks", None)
+    if "depth" in shape and isinstance(blocks, nn.Sequential) and len(blocks) != shape["depth"]:
+        model = create(depth=shape["depth"])  # a shallower copy (sparseinv distill --depth)
+    if state is not None:
         try:
             model.load_state_dict(state, strict=True)
         except (RuntimeError, KeyError, ValueError) as err:
-            raise UsageError(f"checkpoint '{path}' does not match model '{name}': {first_line(err)}") from None
+            raise UsageError(f"checkpoint '{checkpoint}' does not match model '{name}': {first_line(err)}") from None
     vit_info(model)  # refuse models we cannot invert before anyone spends time on them
     return model.to(device).eval()
+
+
+def checkpoint_shape(state: dict[str, torch.Tensor], classifier: str = "head") -> dict[str, int]:
+    """What a checkpoint says about the model it fits: its class count and block count.
+
+    Args:
+        state: timm key names to tensors.
+        classifier: The classifier's module path (``head`` for timm ViTs).
+
+    Returns:
+        ``num_classes`` (rows of ``<classifier>.weight``) and ``depth`` (blocks in
+        ``blocks.N.``), each where the checkpoint has it.
+    """
+    out = {}
+    weight = state.get(f"{classifier}.weight")
+    if weight is not None and weight.dim() >= 1:
+        out["num_classes"] = int(weight.shape[0])
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    if blocks:
+        out["depth"] = max(blocks) + 1
+    return out

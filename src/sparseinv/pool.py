@@ -87,6 +87,10 @@ class Pool:
     def is_sparse(self) -> bool:
         return self.kept_patches.shape[1] < self.run["num_patches"]
 
+    @property
+    def record(self) -> "PoolRecord":
+        return PoolRecord.from_run(self.run, self.root)
+
     def check_model(self, model_name: str, role: str = "model") -> None:
         """Refuse a pool inverted from another architecture than ``model_name``."""
         if self.model_name != model_name:
@@ -191,13 +195,100 @@ def _check_entry(root: Path, run: dict, number: int, entry: dict) -> None:
         raise UsageError(f"{where} repeats a kept patch.")
 
 
-def read_pool(root: str | os.PathLike) -> Pool:
-    """Load a pool folder written by :class:`PoolWriter`, checking every part of it.
+@dataclass(frozen=True)
+class PoolRecord:
+    """The typed part of a pool's ``run.json``: what made it and the shape of its images.
+
+    Attributes:
+        model: The timm name of the model the pool was inverted from.
+        checkpoint: That model's weights file, if one was given.
+        num_classes: The model's class count (labels are below it).
+        num_patches: Patches of a whole image (a dense image keeps them all).
+        patch_size: (height, width) of a patch in pixels.
+        input_size: (channels, height, width) of an image.
+        settings: The inversion settings, every one, as :meth:`InversionConfig.from_record` reads them.
+    """
+
+    model: str
+    checkpoint: str | None
+    num_classes: int
+    num_patches: int
+    patch_size: tuple[int, int]
+    input_size: tuple[int, int, int]
+    settings: "InversionConfig"
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return (self.input_size[1] // self.patch_size[0], self.input_size[2] // self.patch_size[1])
+
+    @classmethod
+    def from_run(cls, run: dict, root: Path | None = None) -> "PoolRecord":
+        """Read ``run.json``'s fields (already checked by :func:`open_pool`).
+
+        Raises:
+            UsageError: settings that cannot be rebuilt into an :class:`InversionConfig`.
+        """
+        from sparseinv.inversion import InversionConfig
+
+        try:
+            settings = InversionConfig.from_record(run.get("settings") or {})
+        except UsageError as err:
+            raise UsageError(f"pool record '{root}/run.json': {err}") from None
+        return cls(
+            model=run["model"],
+            checkpoint=run.get("checkpoint"),
+            num_classes=int(run["num_classes"]),
+            num_patches=int(run["num_patches"]),
+            patch_size=tuple(int(p) for p in run["patch_size"]),
+            input_size=tuple(int(s) for s in run["input_size"]),
+            settings=settings,
+        )
+
+
+@dataclass(frozen=True)
+class PoolIndex:
+    """A pool's record and manifest, checked, without its pixels (see :func:`open_pool`).
+
+    Attributes:
+        root: The pool folder.
+        run: ``run.json`` as written.
+        entries: The manifest's lines, each checked against the record.
+    """
+
+    root: Path
+    run: dict
+    entries: list[dict]
+
+    @property
+    def record(self) -> PoolRecord:
+        return PoolRecord.from_run(self.run, self.root)
+
+    @property
+    def num_kept(self) -> int:
+        return len(self.entries[0]["kept_patches"])
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.num_kept < self.run["num_patches"]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def read(self, i: int) -> torch.Tensor:
+        """Image ``i`` as (3, H, W) floats in [0, 1], checked for the pool's size."""
+        image = read_image(self.root / self.entries[i]["file"])
+        size = tuple(self.run["input_size"][1:])
+        if tuple(image.shape[1:]) != size:
+            raise UsageError(f"image '{self.root / self.entries[i]['file']}' is not {size[0]}x{size[1]} pixels, "
+                             f"the size {self.run['model']} was inverted at.")
+        return image
+
+
+def open_pool(root: str | os.PathLike) -> PoolIndex:
+    """A pool folder's record and manifest, every line checked; the images are read on demand.
 
     Raises:
-        UsageError: not a pool, a pool with no images, or a damaged one (a record or
-            manifest line that does not parse, a missing or unreadable image, a label or
-            patch index the model does not have, images of different sizes).
+        UsageError: not a pool, a pool with no images, or a damaged record or manifest.
     """
     root = Path(root)
     if not root.is_dir():
@@ -211,18 +302,26 @@ def read_pool(root: str | os.PathLike) -> Pool:
         _check_entry(root, run, number, entry)
     if len({len(e["kept_patches"]) for e in entries}) > 1:
         raise UsageError(f"pool manifest '{root / 'manifest.jsonl'}' is damaged: its images keep different numbers of patches.")
-    images = [read_image(root / e["file"]) for e in entries]
-    size = tuple(run["input_size"][1:])
-    wrong = next((e["file"] for e, img in zip(entries, images) if tuple(img.shape[1:]) != size), None)
-    if wrong is not None:
-        raise UsageError(f"image '{root / wrong}' is not {size[0]}x{size[1]} pixels, the size {run['model']} was inverted at.")
+    return PoolIndex(root, run, entries)
+
+
+def read_pool(root: str | os.PathLike) -> Pool:
+    """Load a pool folder written by :class:`PoolWriter`, checking every part of it.
+
+    Raises:
+        UsageError: not a pool, a pool with no images, or a damaged one (a record or
+            manifest line that does not parse, a missing or unreadable image, a label or
+            patch index the model does not have, images of different sizes).
+    """
+    index = open_pool(root)
+    entries = index.entries
     return Pool(
-        root=root,
-        images=torch.stack(images),
+        root=index.root,
+        images=torch.stack([index.read(i) for i in range(len(entries))]),
         labels=torch.tensor([e["label"] for e in entries]),
         kept_patches=torch.tensor([e["kept_patches"] for e in entries]),
         target_prob=torch.tensor([float(e["target_prob"]) for e in entries]),
-        run=run,
+        run=index.run,
     )
 
 

@@ -1,48 +1,70 @@
-"""``sparseinv distill``: train a student on a pool with a teacher's soft labels."""
+"""``sparseinv distill``: train a student on pools with a teacher's soft labels."""
 
 from __future__ import annotations
 
 import argparse
+import copy
+import sys
 
 import torch
 
-from sparseinv.cli.common import add_device, config_from_args, resolve_device, split_model_spec
 from sparseinv import distributed
-from sparseinv.distill import MODES, DistillConfig, checkpoint_num_classes, distill, is_vit
+from sparseinv.cli.common import add_device, config_from_args, resolve_device, split_model_spec
+from sparseinv.distill import MODES, DistillConfig, RoundsConfig, distill_with_rounds, is_vit, shallow_copy, spread_blocks
+from sparseinv.distill.config import OPTIMIZERS, TARGETS
 from sparseinv.errors import UsageError, first_line
 from sparseinv.files import check_writable
-from sparseinv.models import load_model, timm
-from sparseinv.pool import read_pool
+from sparseinv.models import checkpoint_shape, load_model, read_state_dict, timm
+from sparseinv.pool import open_pool
+
+D = DistillConfig()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "distill",
-        help="distil a teacher into a student on a pool of synthetic images",
+        help="distil a teacher into a student on pools of synthetic images",
         description=(
-            "Train a student on a pool's images with the teacher's soft labels: loss = T^2 * KL(softmax(teacher/T) || "
-            "softmax(student/T)). Sparse images reach both models as their kept tokens only."
+            "Train a student on pools' images with the teacher's soft labels: loss = T^2 * KL(softmax(teacher/T) || "
+            "softmax(student/T)). Images stream from disk with fresh random crops and flips every epoch, each view "
+            "labelled by the teacher; sparse images reach ViTs as their kept tokens only. The student is one of: "
+            "--student (any timm model), --depth/--blocks (a shallower copy of the teacher), --quantized (the teacher's "
+            "quantized file: quantization-aware training)."
         ),
     )
-    p.add_argument("--teacher", required=True, metavar="NAME[:CHECKPOINT]", help="the model the pool was inverted from")
-    p.add_argument("--student", required=True, metavar="NAME[:CHECKPOINT]", help="the model to train (its head is rebuilt to the teacher's classes)")
-    p.add_argument("--pool", required=True, help="pool folder written by 'sparseinv invert' from the teacher")
+    p.add_argument("--teacher", required=True, metavar="NAME[:CHECKPOINT]", help="the model the pools were inverted from")
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--student", metavar="NAME[:CHECKPOINT]", help="any timm model to train (its head is rebuilt to the teacher's classes)")
+    kind.add_argument("--depth", type=int, metavar="N", help="student = the teacher with N of its blocks, spread evenly, the last kept (12 -> 6: every other block)")
+    kind.add_argument("--blocks", type=int, nargs="+", metavar="I", help="student = the teacher with exactly these blocks (0-based, in order)")
+    kind.add_argument("--quantized", metavar="FILE", help="student = the teacher quantized as in FILE (from 'sparseinv quantize'); --out is then a quantized file")
+    p.add_argument("--pool", required=True, nargs="+", help="pool folder(s) written by 'sparseinv invert' from the teacher")
     p.add_argument("--out", required=True, help="student weights (.safetensors); .best.safetensors, .last.pt and .json go beside it")
-    p.add_argument("--mode", choices=MODES, default="linear-probe", help="linear-probe: frozen backbone, fresh head (default); full: all weights")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the pool")
-    p.add_argument("--batch-size", type=int, default=64, help="images (views) per SGD step")
-    p.add_argument("--temperature", type=float, default=20.0, help="softmax temperature T (default 20)")
-    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 0.01 for linear-probe, 0.001 for full; the paper's 0.1 diverged here with T=20 and the T^2 factor)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
-    p.add_argument("--seed", type=int, default=0, help="seeds the fresh head, the views and the shuffling")
-    p.add_argument("--views", type=int, default=8, help="views per image: itself, then rolls by whole patches and mirrors, each labelled by the teacher (default 8; 1: no augmentation)")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="linear-probe: frozen backbone, fresh head; full: every weight (default: linear-probe for --student, full otherwise)")
+    p.add_argument("--epochs", type=int, default=D.epochs, help=f"passes over the images (default: {D.epochs})")
+    p.add_argument("--batch-size", type=int, default=D.batch_size, help=f"images per step (default: {D.batch_size})")
+    p.add_argument("--temperature", type=float, default=D.temperature, help=f"softmax temperature T (default: {D.temperature:g})")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="default: sgd for linear-probe, adamw for full")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.01 for sgd, 2e-4 for adamw, 2e-5 for a quantized student)")
+    p.add_argument("--weight-decay", type=float, default=None, help="default: 1e-4 for sgd, 0.05 for adamw, 0 for a quantized student")
+    p.add_argument("--momentum", type=float, default=D.momentum, help=f"SGD momentum (default: {D.momentum:g})")
+    p.add_argument("--warmup", type=float, default=D.warmup, metavar="FRACTION",
+                   help=f"fraction of the run in linear warm-up, then cosine decay to 0 (default: {D.warmup:g})")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=D.crop_scale, metavar=("LO", "HI"),
+                   help=f"random-resized-crop area range (default: {D.crop_scale[0]:g} {D.crop_scale[1]:g}; 1 1: no crops)")
+    p.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flips")
+    p.add_argument("--targets", choices=TARGETS, default=D.targets,
+                   help=f"online: the teacher labels every augmented view; cached: each image once (default: {D.targets})")
+    p.add_argument("--seed", type=int, default=D.seed, help="seeds the fresh head, the crops and the shuffling")
+    p.add_argument("--workers", type=int, default=D.workers, help="processes reading images (default: 0, in the training process)")
+    p.add_argument("--views", type=int, default=None, help=argparse.SUPPRESS)  # replaced by fresh crops; still accepted
     p.add_argument("--val", help="real labelled folder <class>/<images> to evaluate on after every epoch")
     p.add_argument("--val-class-index", help="file whose line i starts with class i's folder name, e.g. imagenet_synsets.txt (default: sorted folder order)")
     p.add_argument("--val-limit-per-class", type=int, help="evaluate on only the first N images of each class")
-    p.add_argument("--invert-every", type=int, default=0, metavar="K", help="invert new images from the teacher every K epochs")
+    p.add_argument("--invert-every", type=int, default=0, metavar="K", help="invert a new round of images from the teacher every K epochs (the first pool's settings)")
     p.add_argument("--images-per-round", type=int, default=0, metavar="M", help="images inverted per round")
-    p.add_argument("--random-student", action="store_true", help="start the student from random weights (no checkpoint)")
+    p.add_argument("--random-student", action="store_true", help="start a --student from random weights (no checkpoint)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_device(p)
     p.set_defaults(func=run)
@@ -51,8 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def load_teacher(spec: str, device) -> tuple:
     """The teacher, with its class count read from the checkpoint's head."""
     name, checkpoint = split_model_spec(spec)
-    num_classes = checkpoint_num_classes(checkpoint) if checkpoint else None
-    return load_model(name, checkpoint, device=device, num_classes=num_classes), name, checkpoint
+    return load_model(name, checkpoint, device=device), name, checkpoint
 
 
 def load_student(spec: str, device, random_weights: bool):
@@ -67,23 +88,19 @@ def load_student(spec: str, device, random_weights: bool):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random weights the same in every process of a run
         skeleton = timm.create_model(name, pretrained=False)
-    classifier = skeleton.default_cfg.get("classifier", "head")
-    num_classes = checkpoint_num_classes(checkpoint, classifier) if checkpoint else None
     if is_vit(skeleton):
-        return load_model(name, checkpoint, device=device, num_classes=num_classes, pretrained=not random_weights), name
+        return load_model(name, checkpoint, device=device, pretrained=not random_weights), name
     if checkpoint is None:
         if random_weights:
             return skeleton.to(device).eval(), name
         return _hub(name, device), name
-    from sparseinv.models import read_state_dict
-
-    model = timm.create_model(name, pretrained=False, **({"num_classes": num_classes} if num_classes else {}))
     state = read_state_dict(checkpoint)
+    num_classes = checkpoint_shape(state, skeleton.default_cfg.get("classifier", "head")).get("num_classes")
+    model = timm.create_model(name, pretrained=False, **({"num_classes": num_classes} if num_classes else {}))
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError, ValueError) as err:
-        first = first_line(err)
-        raise UsageError(f"checkpoint '{checkpoint}' does not match model '{name}': {first}") from None
+        raise UsageError(f"checkpoint '{checkpoint}' does not match model '{name}': {first_line(err)}") from None
     return model.to(device).eval(), name
 
 
@@ -91,16 +108,44 @@ def _hub(name: str, device):
     try:
         return timm.create_model(name, pretrained=True).to(device).eval()
     except Exception as err:  # hub errors come in many types; all mean "no weights"
-        raise UsageError(f"could not fetch pretrained weights for '{name}' ({type(err).__name__}); pass NAME:CHECKPOINT.") from None
+        raise UsageError(f"could not fetch pretrained weights for '{name}' ({type(err).__name__}); pass --student NAME:CHECKPOINT.") from None
+
+
+def make_student(args: argparse.Namespace, teacher, teacher_name: str, device):
+    """The student the arguments name, and the timm name it saves as."""
+    if args.student:
+        return load_student(args.student, device, args.random_student)
+    if args.random_student:
+        raise UsageError("--random-student goes with --student only: --depth, --blocks and --quantized start from the teacher.")
+    if args.quantized:
+        from sparseinv.quant import load_quantized
+
+        return load_quantized(copy.deepcopy(teacher), args.quantized, teacher_name), teacher_name
+    blocks = args.blocks if args.blocks else spread_blocks(len(teacher.blocks), args.depth)
+    return shallow_copy(teacher, blocks), teacher_name
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(DistillConfig, args)
-    config.validate()  # cheap mistakes first, before any model loads
+    if args.views is not None:
+        print("sparseinv: note: --views is no longer used: every epoch draws fresh random crops and flips "
+              "(--crop-scale, --no-flip).", file=sys.stderr)
+    if args.mode is None:
+        args.mode = "linear-probe" if args.student else "full"
+    config = config_from_args(DistillConfig, args, crop_scale=tuple(args.crop_scale)).validate()
+    rounds = RoundsConfig(args.invert_every, args.images_per_round).validate()
+    if len(args.pool) > 1 and rounds.invert_every:
+        raise UsageError("--invert-every grows one pool: give a single --pool.")
+    if args.quantized:
+        from sparseinv.quant import read_header
+
+        read_header(args.quantized)  # a wrong file fails before any model loads
     check_writable(args.out)
-    pool = read_pool(args.pool)  # refuses a missing or empty pool
+    pools = [open_pool(p) for p in args.pool]  # refuses missing, empty or damaged pools
     teacher_name, _ = split_model_spec(args.teacher)
-    pool.check_model(teacher_name, "teacher")
+    for pool in pools:
+        pool.record  # noqa: B018  (refuses a record whose settings cannot be read)
+        if pool.run["model"] != teacher_name:
+            raise UsageError(f"pool '{pool.root}' was inverted from {pool.run['model']}, not from the teacher {teacher_name}.")
     val = None
     if args.val:
         from sparseinv.data import ImageFolder, read_class_index
@@ -109,16 +154,17 @@ def run(args: argparse.Namespace) -> int:
         val = ImageFolder.scan(args.val, index, limit_per_class=args.val_limit_per_class)
     device = resolve_device(args)
     teacher, teacher_name, teacher_ckpt = load_teacher(args.teacher, device)
-    student, student_name = load_student(args.student, device, args.random_student)
-    if pool.is_sparse and not is_vit(student):
-        raise UsageError(
-            f"the student {student_name} is not a token-sequence ViT, so it cannot take the sparse pool's images as kept "
-            "tokens; use a dense pool or a ViT student."
-        )
-    summary = distill(
-        teacher, student, pool, config, args.out, val,
-        teacher_name=teacher_name, student_name=student_name, teacher_checkpoint=teacher_ckpt, progress=not args.quiet,
-    )
+    student, student_name = make_student(args, teacher, teacher_name, device)
+    if pools[0].is_sparse and not is_vit(student):
+        print(f"sparseinv: note: the student {student_name} is not a token-sequence ViT: it sees the sparse images whole, "
+              "stopped patches black.", file=sys.stderr)
+    common = dict(teacher_name=teacher_name, student_name=student_name, progress=not args.quiet)
+    if rounds.invert_every:
+        summary = distill_with_rounds(teacher, student, args.pool[0], config, rounds, args.out, val, teacher_checkpoint=teacher_ckpt, **common)
+    else:
+        from sparseinv.distill import distill
+
+        summary = distill(teacher, student, pools, config, args.out, val, **common)
     if not distributed.current().is_main:
         return 0
     val_text = f" | val top-1 last {summary['final_val_top1']:.2f}, best {summary['best_val_top1']:.2f} (epoch {summary['best_epoch']})" \

@@ -1,0 +1,49 @@
+"""Data-free knowledge transfer: train a student on inverted images with a teacher's soft labels.
+
+    loss = T^2 * KL(softmax(teacher / T) || softmax(student / T))
+
+* :mod:`~sparseinv.distill.config`: :class:`DistillConfig` and :func:`kd_loss`.
+* :mod:`~sparseinv.distill.data`: pool images streamed from disk, freshly cropped each epoch.
+* :mod:`~sparseinv.distill.students`: the students (any timm classifier, a shallower copy
+  of the teacher, a quantized model) and how pixels reach them.
+* :mod:`~sparseinv.distill.train`: one epoch, evaluation, the checkpoint, :func:`distill`.
+* :mod:`~sparseinv.distill.rounds`: growing the pool between epochs (calls the inverter).
+"""
+
+from sparseinv.distill.config import MODES, DistillConfig, kd_loss
+from sparseinv.distill.data import Source, TrainImages, folder_sources, pool_sources
+from sparseinv.distill.rounds import RoundsConfig, distill_with_rounds, round_folder
+from sparseinv.distill.students import (
+    classifiers,
+    end_qat,
+    is_vit,
+    prepare_student,
+    shallow_copy,
+    spread_blocks,
+    start_qat,
+)
+from sparseinv.distill.train import Images, distill, evaluate_student, sibling
+
+__all__ = [
+    "MODES",
+    "DistillConfig",
+    "Images",
+    "RoundsConfig",
+    "Source",
+    "TrainImages",
+    "classifiers",
+    "distill",
+    "distill_with_rounds",
+    "end_qat",
+    "evaluate_student",
+    "folder_sources",
+    "is_vit",
+    "kd_loss",
+    "pool_sources",
+    "prepare_student",
+    "round_folder",
+    "shallow_copy",
+    "sibling",
+    "spread_blocks",
+    "start_qat",
+]

@@ -1,0 +1,226 @@
+"""The models distillation trains, and how pool pixels reach them.
+
+Three kinds of student, all plain timm modules:
+
+* any timm classifier (heads through timm's ``get_classifier``/``reset_classifier``, so a
+  distilled DeiT's two heads are both rebuilt and trained);
+* :func:`shallow_copy`: the teacher with a chosen subset of its blocks, initialised from
+  the teacher's weights (a smaller, faster model);
+* a model returned by :func:`sparseinv.quant.quantize_` (quantization-aware training:
+  :func:`start_qat` makes its latent weights and step sizes trainable, :func:`end_qat`
+  fixes the integer codes again).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparseinv.errors import UsageError
+from sparseinv.models import timm, vit_info
+from sparseinv.quant.model import act_quantizers, is_quantized, weight_modules
+from sparseinv.quant.quantizers import Log2Quantizer
+from sparseinv.sparse_forward import sparse_forward
+
+
+def is_vit(model: nn.Module) -> bool:
+    """Whether ``model`` is a token-sequence ViT that :func:`sparse_forward` can feed."""
+    try:
+        vit_info(model)
+    except UsageError:
+        return False
+    return True
+
+
+def classifiers(model: nn.Module) -> tuple[nn.Module, ...]:
+    """The model's classifier heads, through timm's API (a distilled DeiT has two)."""
+    head = model.get_classifier()
+    return tuple(head) if isinstance(head, (tuple, list)) else (head,)
+
+
+def prepare_student(student: nn.Module, num_classes: int, mode: str, seed: int = 0) -> nn.Module:
+    """Give the student a fresh head sized to the teacher's classes where needed.
+
+    ``linear-probe`` always starts from a fresh head (the paper's protocol); ``full``
+    keeps the student's head if it already has the teacher's class count.
+    """
+    if mode == "linear-probe" or student.num_classes != num_classes:
+        if is_quantized(student):
+            raise UsageError(f"a quantized student must already have the teacher's {num_classes} classes "
+                             "and trains in full mode (its head is quantized with the rest).")
+        device = next(student.parameters()).device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the same fresh head on every run and resume
+            student.reset_classifier(num_classes)
+        student.to(device)
+    return student
+
+
+def spread_blocks(depth: int, keep: int) -> list[int]:
+    """``keep`` block indices spread evenly over ``depth``, the last block always among them.
+
+    12 -> 6 gives 1, 3, 5, 7, 9, 11 (every other block): the last block's output is what
+    the copied norm and head were trained to read.
+    """
+    if not 1 <= keep <= depth:
+        raise UsageError(f"--depth {keep} is out of range: the teacher has {depth} blocks.")
+    return [round((i + 1) * depth / keep) - 1 for i in range(keep)]
+
+
+def shallow_copy(model: nn.Module, blocks: Sequence[int]) -> nn.Module:
+    """A copy of a ViT that keeps ``blocks`` (indices, in order), with the teacher's weights.
+
+    Everything else (embeddings, norm, head) is copied as it is. The copy saves and loads as
+    the same timm model at ``depth=len(blocks)`` (:func:`sparseinv.models.load_model` reads
+    the depth from the checkpoint).
+    """
+    depth = len(model.blocks)
+    if not blocks or any(not 0 <= b < depth for b in blocks) or len(set(blocks)) != len(blocks):
+        raise UsageError(f"--blocks must name distinct blocks 0..{depth - 1}, got {list(blocks)}.")
+    student = copy.deepcopy(model)
+    student.blocks = nn.Sequential(*[student.blocks[b] for b in blocks])
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student
+
+
+def trainable(student: nn.Module, mode: str) -> list[nn.Parameter]:
+    """Mark and return what trains: the heads (linear probe), or every weight.
+
+    A quantized student trains its latent weights and step sizes only (:func:`start_qat`):
+    its biases and norms stay those of the model its quantized file was made for, so the
+    saved file still loads on that model.
+    """
+    if is_quantized(student):
+        keep = {id(p) for p in qat_parameters(student)}
+    elif mode == "linear-probe":
+        keep = {id(p) for head in classifiers(student) for p in head.parameters()}
+    else:
+        keep = {id(p) for p in student.parameters()}
+    for p in student.parameters():
+        p.requires_grad_(id(p) in keep)
+    return [p for p in student.parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------- quantization-aware training
+
+
+def _to_parameter(module: nn.Module, name: str) -> None:
+    value = module._buffers.pop(name)
+    module.register_parameter(name, nn.Parameter(value.detach().clone()))
+
+
+def _to_buffer(module: nn.Module, name: str) -> None:
+    value = module._parameters.pop(name)
+    module.register_buffer(name, value.detach().clone())
+
+
+def start_qat(model: nn.Module) -> nn.Module:
+    """Make a quantized model trainable: straight-through weights, learned step sizes.
+
+    Each quantized weight's latent float value starts at its dequantized code, so the
+    model computes exactly what the post-training model did; rounding is the
+    straight-through estimator from then on. Weight and activation step sizes become
+    parameters (LSQ) so every process of a run shares their gradients. The softmax's
+    log2 quantizer keeps its range.
+    """
+    if not is_quantized(model):
+        raise UsageError("start_qat needs a model returned by quantize_ (or load_quantized).")
+    with torch.no_grad():
+        for m in weight_modules(model):
+            if m.w_int.numel():
+                m.float_weight.copy_(m.w_int.float() * m._scale_view())
+                m.w_int = torch.empty(0, dtype=torch.int8, device=m.w_scale.device)
+            if "w_scale" in m._buffers:
+                _to_parameter(m, "w_scale")
+        for q in act_quantizers(model):
+            if not isinstance(q, Log2Quantizer) and "scale" in q._buffers:
+                _to_parameter(q, "scale")
+    return model
+
+
+def qat_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The latent weights and step sizes :func:`start_qat` made trainable."""
+    params = []
+    for m in weight_modules(model):
+        params.append(m.float_weight)
+        if "w_scale" in m._parameters:
+            params.append(m.w_scale)
+    params += [q.scale for q in act_quantizers(model) if "scale" in q._parameters]
+    return params
+
+
+@torch.no_grad()
+def clamp_step_sizes(model: nn.Module) -> None:
+    """Keep learned step sizes positive after an optimiser step."""
+    for p in [m.w_scale for m in weight_modules(model)] + [q.scale for q in act_quantizers(model)]:
+        p.clamp_(min=1e-8)
+
+
+def end_qat(model: nn.Module) -> nn.Module:
+    """Fix the integer codes from the latent weights and turn step sizes back into buffers,
+    so :func:`sparseinv.quant.save_quantized` writes what the model computed."""
+    for m in weight_modules(model):
+        if "w_scale" in m._parameters:
+            _to_buffer(m, "w_scale")
+        m.freeze_weight()
+    for q in act_quantizers(model):
+        if "scale" in q._parameters:
+            _to_buffer(q, "scale")
+    return model
+
+
+# ---------------------------------------------------------------- feeding pool pixels
+
+
+class Feeder:
+    """Feeds [0, 1] pixels to one model: its own normalisation, kept tokens where it can take them.
+
+    A ViT whose input size and patch grid are the images' takes a sparse image as its
+    kept tokens only (:func:`sparse_forward`); any other model gets the whole image
+    (resized to its input size), stopped patches black.
+    """
+
+    def __init__(self, model: nn.Module, size: tuple[int, int], patch_size: tuple[int, int]) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.vit = is_vit(model)
+        if self.vit:  # read from the model itself (its patch embedding's size), not its pretrained config
+            info = vit_info(model)
+            mean, std, self.size = info.mean, info.std, tuple(info.input_size[1:])
+            self.takes_tokens = self.size == tuple(size) and tuple(info.patch_size) == tuple(patch_size)
+        else:
+            cfg = timm.data.resolve_data_config(model=model)
+            mean, std, self.size = cfg["mean"], cfg["std"], tuple(cfg["input_size"][1:])
+            self.takes_tokens = False
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device)
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bicubic", align_corners=False).clamp(0, 1)
+        return (x - self.mean) / self.std
+
+    def logits(self, images: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        x = self.normalise(images)
+        if self.vit:
+            tokens = keep.to(self.device) if keep is not None and self.takes_tokens else None
+            return sparse_forward(self.model, x, tokens).logits
+        return self.model(x)
+
+
+class StudentLogits(nn.Module):
+    """The student's logits on a batch, as one module DistributedDataParallel can wrap."""
+
+    def __init__(self, feeder: Feeder) -> None:
+        super().__init__()
+        self.student = feeder.model
+        self._feeder = feeder
+
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        return self._feeder.logits(images, keep)

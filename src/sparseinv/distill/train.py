@@ -1,0 +1,414 @@
+"""The distillation loop: one epoch, evaluation, the checkpoint, and :func:`distill` tying them.
+
+:func:`distill` trains a student on images that already exist (pools, or for a
+reference real folders) with the teacher's soft labels; it never inverts. Growing the
+pool between epochs is :func:`sparseinv.distill.rounds.distill_with_rounds`, a loop
+around this one.
+
+Files beside ``out``:
+
+* ``out``: the student after the last epoch: a ``.safetensors`` state dict with the
+  model name in its metadata, or, for a quantized student, a quantized file that
+  ``sparseinv evaluate --quantized`` and ``sparseinv export`` read.
+* ``<stem>.best.safetensors``: the best epoch by val top-1 (by training loss without val).
+* ``<stem>.last.pt``: weights, optimiser state, epoch and history after every epoch; an
+  interrupted run resumes from it and ends with the weights an uninterrupted run would.
+* ``<stem>.json``: the run's summary.
+
+Under ``torchrun`` the trained module is wrapped in DistributedDataParallel. Each
+epoch's order is one :class:`~torch.utils.data.DistributedSampler` permutation of
+which every rank takes its share, ``batch_size / P`` images a step, so the global batch
+and the averaged gradient are those of one process. Rank 0 evaluates and saves.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm.auto import tqdm
+
+from sparseinv import distributed
+from sparseinv.distill.config import DistillConfig, kd_loss
+from sparseinv.distill.data import Source, TrainImages, loader
+from sparseinv.distill.students import (
+    Feeder,
+    StudentLogits,
+    clamp_step_sizes,
+    end_qat,
+    prepare_student,
+    start_qat,
+    trainable,
+)
+from sparseinv.errors import UsageError
+from sparseinv.files import atomic_save, atomic_write_json
+from sparseinv.quant.model import is_quantized
+
+
+def sibling(out: str | os.PathLike, suffix: str) -> Path:
+    """``student.safetensors`` -> ``student<suffix>`` (e.g. ``.last.pt``, ``.best.safetensors``)."""
+    out = Path(out)
+    stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.stem
+    return out.with_name(stem + suffix)
+
+
+@dataclass
+class Images:
+    """What a run trains on: image files with their kept patches, and the shape to feed.
+
+    Attributes:
+        sources: The images, in a fixed order (the permutation indexes it).
+        size: (height, width) fed to the models.
+        patch_size: The grid the kept patches index.
+        num_keep: Kept cells per image fed as tokens (``None``: fed whole).
+        names: Where the images came from (pool folders), for the record.
+    """
+
+    sources: list[Source]
+    size: tuple[int, int]
+    patch_size: tuple[int, int]
+    num_keep: int | None
+    names: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_pools(cls, pools: Sequence) -> "Images":
+        """Every image of ``pools`` (:class:`~sparseinv.pool.PoolIndex`, one kind: sparse or dense).
+
+        Sparse pools that keep different numbers of patches (a rescore pool beside a
+        last-phase one) are fed the smallest count, so every batch stacks.
+        """
+        from sparseinv.distill.data import pool_sources
+
+        if not pools:
+            raise UsageError("distillation needs at least one pool.")
+        records = [p.record for p in pools]
+        first = records[0]
+        for pool, rec in zip(pools[1:], records[1:]):
+            if (rec.model, rec.input_size, rec.patch_size, rec.num_classes) != (first.model, first.input_size, first.patch_size, first.num_classes):
+                raise UsageError(f"pool '{pool.root}' was inverted from another model or at another size than '{pools[0].root}'.")
+        sources = pool_sources(pools)
+        num_keep = min(p.num_kept for p in pools) if pools[0].is_sparse else None
+        return cls(sources, tuple(first.input_size[1:]), tuple(first.patch_size), num_keep, [str(Path(p.root).resolve()) for p in pools])
+
+
+# ---------------------------------------------------------------- the pieces
+
+
+@torch.no_grad()
+def cached_targets(teacher: Feeder, images: TrainImages, batch_size: int = 64) -> torch.Tensor:
+    """The teacher's logits on every image, un-augmented, each rank a slice (``targets="cached"``)."""
+    plain = copy.copy(images)
+    plain.crop_scale, plain.flip, plain.augment = (1.0, 1.0), False, False
+    rank = distributed.current()
+    per = -(-len(plain) // rank.world_size)
+    mine = range(rank.rank * per, min(len(plain), (rank.rank + 1) * per))
+    parts = [teacher.logits(x, k if k.numel() else None).cpu() for x, k, _ in loader(plain, mine, batch_size)] if len(mine) else []
+    gathered = rank.all_gather(torch.cat(parts) if parts else None)
+    return torch.cat([g for g in gathered if g is not None])
+
+
+def train_epoch(
+    trained: nn.Module,
+    teacher: Feeder,
+    batches,
+    optimizer: torch.optim.Optimizer,
+    config: DistillConfig,
+    *,
+    epoch: int,
+    steps: int,
+    base_lrs: list[float],
+    targets: torch.Tensor | None = None,
+    after_step: Callable[[], None] | None = None,
+    progress: bool = False,
+) -> tuple[float, int]:
+    """One pass: per batch, the teacher's targets, the KD loss, an optimiser step.
+
+    The learning rate follows :meth:`DistillConfig.lr_factor` at fractional epochs, so
+    the schedule does not depend on how many images a round added.
+
+    Returns:
+        (summed loss x images, images) seen by this process.
+    """
+    total, seen = 0.0, 0
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", total=steps, disable=not progress, leave=False)
+    for step, (images, keep, index) in enumerate(bar):
+        factor = config.lr_factor(epoch + step / max(1, steps))
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
+        keep = keep if keep.numel() else None
+        if targets is None:
+            with torch.no_grad():
+                t_logits = teacher.logits(images, keep)
+        else:
+            t_logits = targets[index]
+        s_logits = trained(images, keep)
+        loss = kd_loss(s_logits, t_logits.to(s_logits.device), config.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        total += loss.item() * len(index)
+        seen += len(index)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return total, seen
+
+
+def evaluate_student(student: nn.Module, val, progress: bool = False) -> dict:
+    """Top-1 of ``student`` on a real :class:`~sparseinv.data.ImageFolder`, or ``val(student)``."""
+    if callable(val):
+        return val(student)
+    from sparseinv.data import load_images, topk_accuracy
+
+    student.eval()
+    feeder = Feeder(student, (0, 0), (0, 0))
+    batches = load_images(val, student, 64)
+    return topk_accuracy(lambda x: feeder.logits(x, None), batches, total=len(batches), progress=progress, desc="val")
+
+
+def _optimizer(params: list[nn.Parameter], config: DistillConfig, quantized: bool) -> torch.optim.Optimizer:
+    lr, decay = config.learning_rate(quantized), config.decay(quantized)
+    # Biases, norms, embeddings and step sizes (1-d tensors, timm's rule) are never decayed.
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer_name() == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+class Checkpoint:
+    """The resume file (``<stem>.last.pt``): written after every epoch, read at the start.
+
+    A run resumes only with the settings it was started with; more epochs may be asked
+    for, and the image list may have grown (pool rounds) as long as it starts with the
+    images the checkpoint was trained on.
+    """
+
+    def __init__(self, path: Path, settings: dict) -> None:
+        self.path, self.settings = path, settings
+
+    def _comparable(self, settings: dict) -> dict:
+        return {**settings, "config": {**settings["config"], "epochs": None}, "images": None}
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=False)
+            saved = dict(state["settings"])
+            same = self._comparable(saved) == self._comparable(self.settings)
+            grown = self.settings["images"][: len(saved["images"])] == saved["images"]
+        except Exception as err:  # a damaged pickle fails in many ways
+            raise UsageError(f"resume checkpoint '{self.path}' is damaged ({type(err).__name__}); delete it to start afresh.") from None
+        if not (same and grown):
+            raise UsageError(f"'{self.path}' belongs to a run with other settings; delete it or choose another --out.")
+        return state
+
+    def save(self, state: dict) -> None:
+        atomic_save(self.path, lambda tmp: torch.save({"settings": self.settings, **state}, tmp))
+
+
+def save_student(student: nn.Module, path: Path, meta: dict) -> None:
+    """The student's weights (or, quantized, its quantized file) with ``meta`` recorded."""
+    if is_quantized(student):
+        from sparseinv.quant.io import save_quantized
+
+        frozen = end_qat(copy.deepcopy(student))
+        save_quantized(frozen, path, meta["model"], getattr(student, "_fp_fingerprint", None))
+        return
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
+    atomic_save(path, lambda tmp: save_file(state, tmp, metadata={k: json.dumps(v) for k, v in meta.items()}))
+
+
+# ---------------------------------------------------------------- the run
+
+
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    images,
+    config: DistillConfig,
+    out: str | os.PathLike,
+    val=None,
+    *,
+    teacher_name: str | None = None,
+    student_name: str | None = None,
+    until_epoch: int | None = None,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Train ``student`` on ``images`` with ``teacher``'s soft labels.
+
+    Args:
+        teacher: The model whose knowledge is transferred (eval mode, frozen).
+        student: The model to train: any timm classifier (its head is rebuilt to the
+            teacher's classes where needed), a :func:`~sparseinv.distill.students.shallow_copy`
+            of the teacher, or a model returned by :func:`~sparseinv.quant.quantize_`.
+        images: A pool folder, a :class:`~sparseinv.pool.Pool` or
+            :class:`~sparseinv.pool.PoolIndex`, a list of those, or an :class:`Images`.
+        config: The run's settings.
+        out: Where the final student goes; best, resume and summary files go beside it.
+        val: A real :class:`sparseinv.data.ImageFolder` to evaluate on after every
+            epoch, or a callable ``student -> {"top1": ...}``; ``None`` skips it.
+        teacher_name: Checked against the pools' model when given; recorded.
+        student_name: Recorded with the student (the timm name it loads as).
+        until_epoch: Stop after this epoch (the schedule still spans ``config.epochs``);
+            a later call with the same ``out`` resumes.
+        progress: Progress bars and one line per epoch.
+        on_epoch_end: Called with (epoch, record) once the epoch's files are on disk.
+
+    Returns:
+        A summary: history per epoch, best and final val top-1, times, files.
+
+    Raises:
+        UsageError: pools from another model, a student that cannot learn from them,
+            or a resume file from another run.
+    """
+    config.validate()
+    rank = distributed.current()
+    if config.batch_size % rank.world_size:
+        raise UsageError(f"--batch-size {config.batch_size} is the global batch and must divide evenly over the {rank.world_size} processes.")
+    pools = _pool_indexes(images)
+    data = images if isinstance(images, Images) else Images.from_pools(pools)
+    if teacher_name is not None:
+        for pool in pools:
+            if pool.record.model != teacher_name:
+                raise UsageError(f"pool '{pool.root}' was inverted from {pool.record.model}, not from the teacher {teacher_name}.")
+    num_classes = int(teacher.num_classes)
+    for pool in pools:
+        if pool.record.num_classes != num_classes:
+            raise UsageError(f"pool '{pool.root}' was inverted from a {pool.record.num_classes}-class model, "
+                             f"but the teacher has {num_classes} classes.")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    quantized = is_quantized(student)
+    if quantized and config.mode != "full":
+        raise UsageError("a quantized student trains in full mode (its latent weights and step sizes): pass --mode full.")
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    prepare_student(student, num_classes, config.mode, config.seed)
+    if quantized and not getattr(student, "_qat", False):
+        start_qat(student)
+        student._qat = True
+    params = trainable(student, config.mode)
+    optimizer = _optimizer(params, config, quantized)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    teacher_feed = Feeder(teacher, data.size, data.patch_size)
+    student_feed = Feeder(student, data.size, data.patch_size)
+    num_keep = data.num_keep if (teacher_feed.takes_tokens or student_feed.takes_tokens) else None
+    train_images = TrainImages(data.sources, data.size, data.patch_size, num_keep, config.crop_scale, config.flip, config.seed)
+
+    settings = {"config": config.record(quantized), "images": data.names or [str(s.path) for s in data.sources],
+                "student": student_name, "teacher": teacher_name, "quantized": quantized}
+    checkpoint = Checkpoint(sibling(out, ".last.pt"), settings)
+    best_path = sibling(out, ".best.safetensors")
+    history: list[dict] = []
+    best: dict = {"epoch": None, "score": None}
+    start_epoch = 0
+    state = checkpoint.load()
+    if state is not None:
+        try:
+            student.load_state_dict(state["student"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch, history, best = state["epoch"], state["history"], state["best"]
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise UsageError(f"resume checkpoint '{checkpoint.path}' is damaged ({type(err).__name__}); delete it to start afresh.") from None
+
+    targets = cached_targets(teacher_feed, train_images) if config.targets == "cached" else None
+    trained: nn.Module = StudentLogits(student_feed)
+    if rank.active:
+        trained = DistributedDataParallel(trained, find_unused_parameters=config.mode == "linear-probe")
+    local_batch = config.batch_size // rank.world_size
+    meta_base = {"model": student_name, "num_classes": num_classes, "teacher": teacher_name, "mode": config.mode}
+    stop = config.epochs if until_epoch is None else min(config.epochs, until_epoch)
+    for epoch in range(start_epoch, stop):
+        started = time.time()
+        # Seeded by epoch alone, so a resumed run shuffles exactly as an uninterrupted one;
+        # rank r takes every P-th of the permutation, so step k's global batch is the same slice for any P.
+        sampler = DistributedSampler(range(len(train_images)), num_replicas=rank.world_size, rank=rank.rank, shuffle=True,
+                                     seed=config.seed * 1_000_003)
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        train_images.set_epoch(epoch)
+        student.train(config.mode == "full")
+        total, seen = train_epoch(
+            trained, teacher_feed, loader(train_images, order, local_batch, config.workers), optimizer, config,
+            epoch=epoch, steps=-(-len(order) // local_batch), base_lrs=base_lrs, targets=targets,
+            after_step=(lambda: clamp_step_sizes(student)) if quantized else None, progress=progress and rank.is_main,
+        )
+        student.eval()
+        record = {"epoch": epoch + 1, "loss": rank.sum(total) / max(1, rank.sum(seen)), "num_images": len(train_images),
+                  "seconds": time.time() - started}
+        history.append(record)
+        if not rank.is_main:  # rank 0 evaluates, keeps the best and writes the files
+            continue
+        if val is not None:
+            record["val_top1"] = float(evaluate_student(student, val, progress)["top1"])
+        score = record["val_top1"] if val is not None else -record["loss"]
+        if best["score"] is None or score > best["score"]:
+            best = {"epoch": epoch + 1, "score": score, "val_top1": record.get("val_top1")}
+            save_student(student, best_path, {**meta_base, "epoch": epoch + 1, "val_top1": record.get("val_top1")})
+        checkpoint.save({"epoch": epoch + 1, "student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                         "history": history, "best": best})
+        if progress:
+            val_text = f" | val top-1 {record['val_top1']:.2f}" if "val_top1" in record else ""
+            print(f"epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f} on {record['num_images']} images{val_text}", flush=True)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, record)
+    final = history[-1] if history else {}
+    meta = {**meta_base, "epoch": len(history), "val_top1": final.get("val_top1")}
+    if len(history) == config.epochs:
+        if rank.is_main:
+            save_student(student, out, meta)
+        if quantized:  # the model in memory is a plain quantized model again, as the file holds it
+            end_qat(student)
+            student._qat = False
+    summary = {
+        **meta,
+        "out": str(out),
+        "best": str(best_path),
+        "last": str(checkpoint.path),
+        "best_epoch": best["epoch"],
+        "best_val_top1": best.get("val_top1"),
+        "final_val_top1": final.get("val_top1"),
+        "num_images": final.get("num_images", len(train_images)),
+        "train_seconds": sum(r["seconds"] for r in history),
+        "settings": settings,
+        "history": history,
+        "world_size": rank.world_size,
+    }
+    if rank.is_main:
+        atomic_write_json(sibling(out, ".json"), summary)
+    rank.barrier()  # every rank returns once the files are there
+    return summary
+
+
+def _pool_indexes(images) -> list:
+    from sparseinv.pool import Pool, PoolIndex, open_pool
+
+    if isinstance(images, Images):
+        return []
+    items = images if isinstance(images, (list, tuple)) else [images]
+    out = []
+    for item in items:
+        if isinstance(item, PoolIndex):
+            out.append(item)
+        elif isinstance(item, Pool):
+            out.append(open_pool(item.root))
+        else:
+            out.append(open_pool(item))
+    return out
+

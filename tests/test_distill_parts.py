@@ -1,0 +1,315 @@
+"""The pieces of distillation: run records, streamed crops, students (shallow, distilled, quantized), schedule, rounds."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import replace
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sparseinv import InversionConfig, InversionLoss, PruneSchedule, invert, load_model, read_pool
+from sparseinv.distill import (
+    DistillConfig,
+    RoundsConfig,
+    TrainImages,
+    classifiers,
+    distill,
+    distill_with_rounds,
+    pool_sources,
+    shallow_copy,
+    spread_blocks,
+    start_qat,
+)
+from sparseinv.distill import data as distill_data
+from sparseinv.errors import UsageError
+from sparseinv.models import timm
+from sparseinv.pool import open_pool
+from sparseinv.quant import QuantConfig, load_quantized, pool_batches, quantize_
+from sparseinv.sparse_forward import sparse_forward
+
+SCHEDULE = PruneSchedule((2, 4), (0.3, 0.3))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A random test_vit teacher (saved) and a 6-image sparse pool from it (last-phase masks: 49 of 100 patches)."""
+    root = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    ckpt = root / "teacher.safetensors"
+    save_file(timm.create_model("test_vit", num_classes=5).state_dict(), str(ckpt))
+    teacher = load_model("test_vit", ckpt)
+    invert(teacher, InversionConfig(num_images=6, batch_size=3, iterations=6, schedule=SCHEDULE), str(root / "pool"),
+           model_name="test_vit", progress=False)
+    return {"root": root, "ckpt": ckpt, "pool": root / "pool"}
+
+
+def teacher_of(setup):
+    return load_model("test_vit", setup["ckpt"])
+
+
+# ---------------------------------------------------------------- the run record
+
+
+@pytest.mark.parametrize("config", [
+    InversionConfig(),
+    InversionConfig(num_images=7, batch_size=3, iterations=9, lr=0.1, betas=(0.4, 0.9), schedule=SCHEDULE, seed=5,
+                    loss=InversionLoss(ce=0.5, tv_l2=2e-4, tv_l1=1e-5, l2=1e-6), classes=(3, 1), jitter=0.25, flip=False,
+                    precision="bf16", final_mask="rescore"),
+    InversionConfig(precision="auto", final_mask="last-phase", schedule=PruneSchedule.reference()),
+])
+def test_inversion_config_round_trips_through_its_record(config):
+    back = InversionConfig.from_record(json.loads(json.dumps(config.record())))
+    assert back == config
+
+
+def test_a_record_from_before_precision_and_final_mask_reads_as_fp32_rescore():
+    record = InversionConfig(precision="bf16").record()
+    del record["precision"]
+    back = InversionConfig.from_record(record)
+    assert (back.precision, back.final_mask) == ("fp32", "last-phase")  # last-phase is recorded; absent means rescore
+    del record["final_mask"]
+    assert InversionConfig.from_record(record).final_mask == "rescore"
+
+
+def test_a_record_with_extra_loss_terms_or_a_missing_setting_is_refused():
+    record = InversionConfig().record()
+    with pytest.raises(UsageError, match="extra loss terms"):
+        InversionConfig.from_record({**record, "loss": {**record["loss"], "extra": [[1.0, "Prior"]]}})
+    with pytest.raises(UsageError, match="incomplete"):
+        InversionConfig.from_record({k: v for k, v in record.items() if k != "iterations"})
+
+
+def test_pool_record_is_typed(setup):
+    record = open_pool(setup["pool"]).record
+    assert record.model == "test_vit" and record.num_classes == 5 and record.grid_size == (10, 10)
+    assert record.settings == InversionConfig(num_images=6, batch_size=3, iterations=6, schedule=SCHEDULE)
+
+
+def test_rounds_invert_with_every_setting_of_the_pool(setup, tmp_path):
+    """A rescore, bf16 pool grows rescore, bf16 rounds (rebuilt by hand, the record lost both)."""
+    teacher = teacher_of(setup)
+    config = InversionConfig(num_images=2, batch_size=2, iterations=6, schedule=SCHEDULE, precision="bf16", final_mask="rescore", seed=3)
+    invert(teacher, config, str(tmp_path / "pool"), model_name="test_vit", progress=False)
+    distill_with_rounds(teacher, load_model("test_vit", setup["ckpt"]), tmp_path / "pool", DistillConfig(epochs=2, batch_size=2),
+                        RoundsConfig(invert_every=1, images_per_round=2), tmp_path / "s.safetensors", progress=False)
+    grown = open_pool(tmp_path / "s.rounds" / "round_001").record.settings
+    assert grown == replace(config, seed=3 + 1000 + 1)
+
+
+def test_distill_itself_never_inverts(setup, tmp_path, monkeypatch):
+    import sparseinv.inversion
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("distill called the inverter")
+
+    monkeypatch.setattr(sparseinv.inversion, "invert", refuse)
+    monkeypatch.setattr(sparseinv.inversion, "invert_batch", refuse)
+    summary = distill(teacher_of(setup), load_model("test_vit", setup["ckpt"]), setup["pool"], DistillConfig(epochs=1, batch_size=3),
+                      tmp_path / "s.safetensors", progress=False)
+    assert summary["epoch"] == 1
+
+
+# ---------------------------------------------------------------- streamed, freshly cropped images
+
+
+def _images(setup, **kwargs) -> TrainImages:
+    pool = open_pool(setup["pool"])
+    return TrainImages(pool_sources([pool]), (160, 160), (16, 16), pool.num_kept, **kwargs)
+
+
+def test_crops_are_fresh_each_epoch_and_the_same_for_the_same_epoch(setup):
+    images = _images(setup, seed=1)
+    first = images[2][0]
+    images.set_epoch(1)
+    assert not torch.equal(images[2][0], first)
+    images.set_epoch(0)
+    assert torch.equal(images[2][0], first)
+    assert not torch.equal(_images(setup, seed=2)[2][0], first)
+
+
+def test_uncropped_kept_cells_are_the_pools_own_and_follow_a_mirror(setup):
+    pool = open_pool(setup["pool"])
+    plain = _images(setup, crop_scale=(1.0, 1.0), flip=False)
+    mirrored = 0
+    flipping = _images(setup, crop_scale=(1.0, 1.0), flip=True)
+    for i in range(len(pool)):
+        keep = torch.tensor(pool.entries[i]["kept_patches"])
+        image, cells, _ = plain[i]
+        assert torch.equal(cells, keep) and torch.equal(image, pool.read(i))
+        image, cells, _ = flipping[i]
+        if not torch.equal(image, pool.read(i)):
+            mirrored += 1
+            assert torch.equal(image, pool.read(i).flip(-1))
+            assert torch.equal(cells, (keep // 10 * 10 + 9 - keep % 10).sort().values)
+    assert 0 < mirrored < len(pool)  # both cases were checked
+
+
+def test_a_cropped_sparse_image_feeds_the_cells_most_covered_by_kept_pixels(setup):
+    images = _images(setup, crop_scale=(0.3, 0.6), seed=4)
+    for i in range(len(images)):
+        image, cells, _ = images[i]
+        assert cells.shape == (images.num_keep,) and torch.equal(cells, cells.unique())
+        # Stopped patches are black: the fed cells carry at least as much image as the cells left out.
+        energy = image.abs().sum(0).view(10, 16, 10, 16).sum((1, 3)).flatten()
+        left_out = torch.ones(100, dtype=torch.bool)
+        left_out[cells] = False
+        assert energy[cells].mean() > energy[left_out].mean()
+
+
+def test_images_stream_from_disk_a_batch_at_a_time(setup, tmp_path, monkeypatch):
+    reads = []
+    real = distill_data.read_image
+    monkeypatch.setattr(distill_data, "read_image", lambda path: reads.append(path) or real(path))
+    student = load_model("test_vit", setup["ckpt"])
+    at_first_step = []
+    student.blocks[0].register_forward_pre_hook(lambda m, i: at_first_step.append(len(reads)) if not at_first_step else None)
+    distill(teacher_of(setup), student, setup["pool"], DistillConfig(epochs=2, batch_size=2), tmp_path / "s.safetensors", progress=False)
+    assert at_first_step == [2]  # only the first batch was read before the first step
+    assert len(reads) == 2 * 6  # every image once an epoch, nothing kept between epochs
+
+
+def test_sparse_and_dense_pools_together_are_refused(setup, tmp_path):
+    invert(teacher_of(setup), InversionConfig(num_images=2, batch_size=2, iterations=2), str(tmp_path / "dense"), model_name="test_vit",
+           progress=False)
+    with pytest.raises(UsageError, match="sparse and dense"):
+        distill(teacher_of(setup), load_model("test_vit", setup["ckpt"]), [setup["pool"], tmp_path / "dense"],
+                DistillConfig(epochs=1), tmp_path / "s.safetensors", progress=False)
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    config = DistillConfig(epochs=10, warmup=0.1)
+    assert config.lr_factor(0) == 0 and config.lr_factor(0.5) == pytest.approx(0.5)
+    assert config.lr_factor(1.0) == pytest.approx(1.0)
+    values = [config.lr_factor(t / 10) for t in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:])) and values[-1] == pytest.approx(0.0, abs=1e-12)
+    assert config.lr_factor(5.5) == pytest.approx(0.5)  # the cosine's midpoint
+
+
+def test_whole_networks_train_with_adamw_and_a_probe_with_sgd():
+    assert DistillConfig(mode="full").optimizer_name() == "adamw"
+    assert DistillConfig(mode="linear-probe").optimizer_name() == "sgd"
+    assert DistillConfig(mode="full").decay(quantized=True) == 0.0
+
+
+# ---------------------------------------------------------------- students
+
+
+def test_spread_blocks_keeps_every_other_block_and_the_last():
+    assert spread_blocks(12, 6) == [1, 3, 5, 7, 9, 11]
+    assert spread_blocks(12, 12) == list(range(12)) and spread_blocks(12, 1) == [11]
+    with pytest.raises(UsageError, match="--depth"):
+        spread_blocks(12, 13)
+
+
+def test_a_shallow_copy_runs_the_chosen_blocks_of_the_teacher_and_loads_back(setup, tmp_path):
+    teacher = teacher_of(setup)
+    student = shallow_copy(teacher, [1, 4])
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        tokens = teacher.norm_pre(teacher._pos_embed(teacher.patch_embed(x)))
+        expected = teacher.forward_head(teacher.norm(teacher.blocks[4](teacher.blocks[1](tokens))))
+        assert torch.allclose(student(x), expected, atol=1e-5)
+    assert len(teacher.blocks) == 6  # the teacher is untouched
+    distill(teacher, student, setup["pool"], DistillConfig(mode="full", epochs=1, batch_size=3), tmp_path / "s.safetensors",
+            student_name="test_vit", progress=False)
+    back = load_model("test_vit", tmp_path / "s.safetensors")  # depth and classes read from the file
+    assert len(back.blocks) == 2 and back.num_classes == 5
+    with torch.no_grad():
+        assert torch.allclose(back(x), student(x), atol=1e-6)
+
+
+def test_a_distilled_deit_student_trains_both_heads(setup, tmp_path):
+    torch.manual_seed(0)
+    student = timm.create_model("deit_tiny_distilled_patch16_224", img_size=160, depth=2, embed_dim=64, num_heads=2).eval()
+    heads = classifiers(student)
+    assert len(heads) == 2
+    backbone = {k: v.clone() for k, v in student.state_dict().items() if not k.startswith("head")}
+    distill(teacher_of(setup), student, setup["pool"], DistillConfig(epochs=2, batch_size=3, lr=0.05), tmp_path / "s.safetensors",
+            progress=False)
+    state = load_file(str(tmp_path / "s.safetensors"))
+    assert state["head.weight"].shape == state["head_dist.weight"].shape == (5, 64)
+    assert all(torch.equal(state[k], v) for k, v in backbone.items())
+
+
+def _quantized(setup):
+    teacher = teacher_of(setup)
+    q = copy.deepcopy(teacher)
+    config = QuantConfig.for_method("recon", 4, 4)
+    quantize_(q, replace(config, recon=replace(config.recon, iters=2)), pool_batches(q, str(setup["pool"]), "test_vit", num=6),
+              progress=False)
+    return teacher, q
+
+
+def test_qat_starts_where_post_training_ends(setup):
+    _, q = _quantized(setup)
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        before = q(x)
+        start_qat(q)
+        assert torch.equal(q(x), before)
+
+
+def test_a_quantized_student_learns_and_saves_a_file_that_loads_to_the_same_model(setup, tmp_path):
+    teacher, q = _quantized(setup)
+    x = torch.rand(4, 3, 160, 160)
+    with torch.no_grad():
+        start_logits = q(x)
+    biases = {n: p.clone() for n, p in q.named_parameters() if n.endswith("bias")}
+    scales_before = torch.cat([m.scale.flatten() for m in q.modules() if type(m).__name__ == "ActQuantizer" and m.scale.numel()])
+    out = tmp_path / "q.safetensors"
+    distill(teacher, q, setup["pool"], DistillConfig(mode="full", epochs=3, batch_size=3, lr=1e-3), out, student_name="test_vit",
+            progress=False)
+    with torch.no_grad():
+        after = q(x)
+    assert (after - start_logits).abs().max() > 1e-3  # training changed what it computes...
+    assert all(torch.equal(p, biases[n]) for n, p in q.named_parameters() if n.endswith("bias"))  # ...not through biases
+    scales_after = torch.cat([m.scale.flatten() for m in q.modules() if type(m).__name__ == "ActQuantizer" and m.scale.numel()])
+    assert not torch.equal(scales_after, scales_before)  # step sizes were learned
+    back = load_quantized(load_model("test_vit", setup["ckpt"]), out, "test_vit")
+    with torch.no_grad():
+        assert torch.equal(back(x), after)
+
+
+def test_a_quantized_student_refuses_the_linear_probe(setup, tmp_path):
+    teacher, q = _quantized(setup)
+    with pytest.raises(UsageError, match="full mode"):
+        distill(teacher, q, setup["pool"], DistillConfig(mode="linear-probe"), tmp_path / "q.safetensors", progress=False)
+
+
+def test_sparse_forward_of_a_shallow_copy_feeds_kept_tokens(setup):
+    student = shallow_copy(teacher_of(setup), spread_blocks(6, 3))
+    lengths = []
+    student.blocks[0].register_forward_hook(lambda m, i, o: lengths.append(i[0].shape[1]))
+    sparse_forward(student, torch.randn(1, 3, 160, 160), torch.arange(10)[None])
+    assert lengths == [11]
+
+
+# ---------------------------------------------------------------- checkpoints of fine-tuned models
+
+
+@pytest.mark.parametrize("wrap", ["plain", "module", "ema", "state_dict"])
+def test_a_fine_tuned_checkpoint_loads_with_its_own_class_count(tmp_path, wrap):
+    torch.manual_seed(3)
+    state = timm.create_model("test_vit", num_classes=37).state_dict()
+    if wrap == "module":
+        state = {f"module.{k}": v for k, v in state.items()}
+    path = tmp_path / "c.pth"
+    if wrap == "ema":
+        torch.save({"state_dict": {k: torch.zeros_like(v) for k, v in state.items()}, "state_dict_ema": state}, path)
+    elif wrap == "state_dict":
+        torch.save({"state_dict": state, "epoch": 3}, path)
+    else:
+        torch.save(state, path)
+    model = load_model("test_vit", path)
+    assert model.num_classes == 37
+    expected = state["module.head.weight" if wrap == "module" else "head.weight"]
+    assert torch.equal(model.head.weight, expected)  # the EMA weights where there are some
