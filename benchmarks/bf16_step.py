@@ -19,7 +19,7 @@ from common import DEIT_TINY, DEIT_TINY_CKPT, machine, write_results
 
 from sparseinv import InversionConfig, PruneSchedule, invert, invert_batch, load_model
 from sparseinv.demo import IMAGENETTE
-from sparseinv.precision import bf16_speedup
+from sparseinv.inversion.precision import bf16_speedup
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ import argparse
 import copy
 import json
 import math
+import statistics
 import subprocess
 import time
 from dataclasses import replace
@@ -54,6 +55,7 @@ from sparseinv.quant import QuantConfig, pool_batches, quantize_
 SIZES = (32, 128, 512)
 BATCH = 32
 TRAINED_ON_32 = 32  # calibration images of the post-training start
+QAT_LRS = (2e-5, 1e-4)  # candidate learning rates of the quantized student
 
 
 def pools() -> dict[str, Path]:
@@ -101,8 +103,10 @@ def dense_sources(sources: list[Source], name: str) -> Images:
 
 
 def inversion_seconds(pool: Path, n: int) -> float:
-    batches = sorted(json.loads((pool / "run.json").read_text())["batches"], key=lambda b: b["index"])
-    return sum(b["wall_seconds"] for b in batches[: math.ceil(n / 32)])
+    """Seconds to invert ``n`` images: the pool's median batch time per batch of 32 (a median, so a
+    batch slowed by another process on a shared machine does not move the equal-time comparison)."""
+    times = [b["wall_seconds"] for b in json.loads((pool / "run.json").read_text())["batches"]]
+    return statistics.median(times) * math.ceil(n / 32)
 
 
 def cells(p: dict[str, Path]) -> dict[str, tuple[Images, float | None]]:
@@ -147,9 +151,19 @@ def images_per_second(model, batch: int = 64, repeats: int = 3) -> float:
     return batch / best
 
 
-def train_config(steps: int, n: int, mode_lr: float | None = None) -> DistillConfig:
-    epochs = max(1, math.ceil(steps * BATCH / n))
-    return DistillConfig(mode="full", epochs=epochs, batch_size=BATCH, lr=mode_lr, warmup=0.05)
+# Every cell lists its images up to this many entries (a 32-image pool 16 times), so every
+# cell has the same epochs and schedule; a repeated image gets a fresh crop at each entry.
+ENTRIES = 512
+
+
+def repeated(images: Images) -> Images:
+    n = len(images.sources)
+    return replace(images, sources=(images.sources * math.ceil(ENTRIES / n))[: max(ENTRIES, n)])
+
+
+def train_config(steps: int, entries: int, **overrides) -> DistillConfig:
+    epochs = max(1, round(steps * BATCH / entries))
+    return DistillConfig(mode="full", epochs=epochs, batch_size=BATCH, **overrides)
 
 
 def quantized_start(teacher, p: dict[str, Path], w_bits: int, a_bits: int):
@@ -166,8 +180,10 @@ def quantized_start(teacher, p: dict[str, Path], w_bits: int, a_bits: int):
     return model
 
 
-def run_cell(name: str, protocol: str, images: Images, teacher, p, val, steps: int, bits=(4, 4)) -> dict:
-    key = f"{protocol}-{'w%da%d-' % bits if protocol == 'quantized' else ''}{name}".replace(" ", "_").replace("(", "").replace(")", "").replace("=", "eq").replace("'", "")
+def run_cell(name: str, protocol: str, images: Images, teacher, p, val, steps: int, bits=(4, 4), **overrides) -> dict:
+    tag = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+    key = f"{protocol}-{'w%da%d-' % bits if protocol == 'quantized' else ''}{name}{tag}"
+    key = key.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "eq").replace("'", "")
     cache = CACHE / "distill_cells" / f"{key}-steps{steps}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
@@ -178,11 +194,12 @@ def run_cell(name: str, protocol: str, images: Images, teacher, p, val, steps: i
     out = CACHE / "distill_cells" / key / "student.safetensors"
     for stale in out.parent.glob("student.*"):
         stale.unlink()
-    config = train_config(steps, len(images.sources))
+    data = repeated(images)
+    config = train_config(steps, len(data.sources), **overrides)
     start = time.perf_counter()
-    summary = distill(teacher, student, images, config, out, teacher_name=DEIT_TINY, student_name=DEIT_TINY, progress=False)
+    summary = distill(teacher, student, data, config, out, teacher_name=DEIT_TINY, student_name=DEIT_TINY, progress=False)
     seconds = time.perf_counter() - start
-    result = {"cell": name, "protocol": protocol, "images": len(images.sources), "steps": steps, "train_seconds": seconds,
+    result = {"cell": name + tag, "protocol": protocol, "images": len(images.sources), "steps": steps, "train_seconds": seconds,
               "top1": evaluate_tensors(student, *val, progress=False)["top1"], "agreement": agreement(student, teacher, p["heldout"]),
               "final_loss": summary["history"][-1]["loss"], "config": summary["settings"]["config"]}
     if protocol == "quantized":
@@ -225,6 +242,8 @@ def main() -> None:
                "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
                "scaled_down": "400 inversion steps instead of 4000; pools of at most 512 images; a fixed number of training steps per cell"}
     chosen = {k: v for k, v in cells(p).items() if not args.cells or any(k.startswith(c) for c in args.cells)}
+    all_cells = cells(p)
+    payload["choices"] = {}
     if "compression" in args.protocols:
         six = shallow_copy(teacher, spread_blocks(len(teacher.blocks), 6))
         payload["start"]["compression"] = {"6-block copy": {"top1": evaluate_tensors(six, *val, progress=False)["top1"],
@@ -234,8 +253,18 @@ def main() -> None:
         for name, (images, seconds) in chosen.items():
             rows.append({**run_cell(name, "compression", images, teacher, p, val, args.steps), "inversion_seconds": seconds})
         payload["protocols"]["compression"] = rows
+        # Online teacher targets (each crop labelled) against cached ones (each image once), equal steps.
+        images, _ = all_cells["sparse 512"]
+        payload["choices"]["targets"] = {"online": run_cell("sparse 512", "compression", images, teacher, p, val, args.steps),
+                                         "cached": run_cell("sparse 512", "compression", images, teacher, p, val, args.steps,
+                                                            targets="cached")}
     if "quantized" in args.protocols:
         payload["start"]["quantized"] = {}
+        # The quantized student's learning rate, chosen by held-out synthetic agreement (no real image involved).
+        images, _ = all_cells["sparse 128"]
+        trials = [run_cell("sparse 128", "quantized", images, teacher, p, val, args.steps, lr=lr) for lr in QAT_LRS]
+        lr = max(trials, key=lambda r: r["agreement"])["config"]["lr"]
+        payload["choices"]["quantized_lr"] = {"trials": trials, "chosen": lr}
         rows = []
         for bits in ((4, 4), (4, 8)):
             start = quantized_start(teacher, p, *bits)
@@ -244,7 +273,7 @@ def main() -> None:
             names = list(chosen) if bits == (4, 4) else [n for n in chosen if n == "sparse 512"]
             for name in names:
                 images, seconds = chosen[name]
-                row = run_cell(name, "quantized", images, teacher, p, val, args.steps, bits)
+                row = run_cell(name, "quantized", images, teacher, p, val, args.steps, bits, lr=lr)
                 rows.append({**row, "cell": f"W{bits[0]}/A{bits[1]} {name}", "inversion_seconds": seconds})
         payload["protocols"]["quantized"] = rows
     path = write_results("distill", payload)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from common import DEIT_TINY, DEIT_TINY_CKPT, RESULTS, machine, scaled_schedule, write_results
 
 from sparseinv import InversionConfig, PruneSchedule, invert_batch, load_model, sparse_forward, vit_info
-from sparseinv.precision import resolve_precision
+from sparseinv.inversion.precision import resolve_precision
 
 MODELS = {
     # key: (timm name, checkpoint or None for random weights, batch)

@@ -40,7 +40,7 @@ from safetensors.torch import save_file  # noqa: E402
 from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, SYNSETS, TRAIN100, VAL  # noqa: E402
 from sparseinv import load_model  # noqa: E402
 from sparseinv.data import ImageFolder, load_images, read_class_index  # noqa: E402
-from sparseinv.sparse_forward import embed_tokens  # noqa: E402
+from sparseinv.inversion.sparse_forward import embed_tokens  # noqa: E402
 
 TEACHER_DIR = CACHE / "teacher"
 TEACHER_CKPT = TEACHER_DIR / "deit_tiny_imagenette10.safetensors"

@@ -29,9 +29,9 @@ from torch.profiler import ProfilerActivity, profile
 from sparseinv import InversionConfig, PruneSchedule, invert_batch, load_model
 
 STEPS = 20
-forward_module = sys.modules["sparseinv.sparse_forward"]
-inversion_module = sys.modules["sparseinv.inversion"]
-precision_module = sys.modules["sparseinv.precision"]
+forward_module = sys.modules["sparseinv.inversion.sparse_forward"]
+inversion_module = sys.modules["sparseinv.inversion.loop"]
+precision_module = sys.modules["sparseinv.inversion.precision"]
 
 
 def run(model, labels, config) -> float:

@@ -16,11 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from sparseinv import InversionConfig, PruneSchedule, invert, load_model, read_pool
 from sparseinv.cli import main
-from sparseinv.distill import DistillConfig, RoundsConfig, TrainImages, distill, distill_with_rounds, kd_loss, pool_sources
-from sparseinv.errors import UsageError
+from sparseinv.distill import DistillConfig, RoundsConfig, distill, distill_with_rounds, kd_loss
 from sparseinv.inversion import run_record
 from sparseinv.models import timm
-from sparseinv.pool import PoolWriter, open_pool
+from sparseinv.pool import PoolWriter
 
 TEACHER_CLASSES, STUDENT_CLASSES = 5, 7
 KEPT = 49  # 100 -> 70 -> 49 while inverting; the final mask (last-phase, the default) keeps those 49

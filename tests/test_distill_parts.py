@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sparseinv import InversionConfig, InversionLoss, PruneSchedule, invert, load_model, read_pool
+from sparseinv import InversionConfig, InversionLoss, PruneSchedule, invert, load_model
 from sparseinv.distill import (
     DistillConfig,
     RoundsConfig,
@@ -31,7 +31,7 @@ from sparseinv.errors import UsageError
 from sparseinv.models import timm
 from sparseinv.pool import open_pool
 from sparseinv.quant import QuantConfig, load_quantized, pool_batches, quantize_
-from sparseinv.sparse_forward import sparse_forward
+from sparseinv.inversion.sparse_forward import sparse_forward
 
 SCHEDULE = PruneSchedule((2, 4), (0.3, 0.3))
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-import sparseinv.inversion as inversion
-from sparseinv import InversionConfig, PruneSchedule, invert, invert_batch, read_pool, sparse_forward, vit_info
+import sparseinv.inversion.loop as inversion
+from sparseinv import InversionConfig, InversionLoss, PruneSchedule, invert, invert_batch, read_pool, sparse_forward, vit_info
 
 SPARSE = PruneSchedule(steps=(2, 4), ratios=(0.5, 0.5))  # 100 -> 50 -> 25 patches; mask keeps 25
 
@@ -59,7 +59,7 @@ def test_seeded_runs_reproduce(tiny_vit):
     assert not torch.equal(a.images, c.images)
 
 
-class _RisingLoss(inversion.InversionLoss):
+class _RisingLoss(InversionLoss):
     """A loss whose value rises every step while its gradient moves every pixel.
 
     The pixel term (``1e-3 * sum``) gives Adam a real gradient, so the images change
@@ -218,7 +218,7 @@ def test_kept_pixels_keep_their_adam_moments_across_a_stop(tiny_vit):
     pixels must instead go on with the moments they had before the stop."""
     seen = []
 
-    class Recording(inversion.InversionLoss):  # the default loss, whose gradient changes from step to step
+    class Recording(InversionLoss):  # the default loss, whose gradient changes from step to step
         def __call__(self, inputs):
             seen.append(inputs.images.detach().clone())
             return super().__call__(inputs)

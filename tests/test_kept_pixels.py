@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparseinv.kept_pixels import KeptPixels
-from sparseinv.losses import tv_l2
+from sparseinv.inversion.kept_pixels import KeptPixels
+from sparseinv.inversion.losses import tv_l2
 
 
 @settings(max_examples=40, deadline=None)

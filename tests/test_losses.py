@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparseinv.losses import InversionLoss, LossInputs, _neighbour_diffs, tv_l1, tv_l2
+from sparseinv.inversion.losses import InversionLoss, LossInputs, _neighbour_diffs, tv_l1, tv_l2
 
 
 def _tv_l2_autograd(x):

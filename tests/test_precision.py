@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sparseinv import InversionConfig, PruneSchedule, UsageError, invert, read_pool
-from sparseinv import precision as precision_module
-from sparseinv.precision import resolve_precision
+from sparseinv.inversion import precision as precision_module
+from sparseinv.inversion.precision import resolve_precision
 
 SPARSE = PruneSchedule((2, 4), (0.5, 0.5))
 

@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import save_test_vit
-from sparseinv import InversionConfig, PruneSchedule, UsageError, invert, load_model
-from sparseinv import inversion as inversion_module
+from sparseinv import InversionConfig, InversionLoss, PruneSchedule, UsageError, invert, load_model
+from sparseinv.inversion import loop as inversion_module
 from sparseinv.cli import main
 from sparseinv.files import FolderLock, atomic_path, atomic_write, check_writable
 from sparseinv.models import timm
@@ -382,7 +382,7 @@ def test_second_writer_of_a_pool_is_refused(capsys, tmp_path, fixtures):
     assert main(argv) == 0
 
 
-class _NaNLoss(inversion_module.InversionLoss):
+class _NaNLoss(InversionLoss):
     def __call__(self, inputs):
         return inputs.logits.sum(1) * float("nan")
 

@@ -7,12 +7,12 @@ patches the model does not attend to and drop them from the token sequence.
 from sparseinv.distill import DistillConfig, distill, kd_loss
 from sparseinv.errors import UsageError
 from sparseinv.inversion import BatchResult, InversionConfig, InversionResult, invert, invert_batch
-from sparseinv.losses import InversionLoss, LossInputs
+from sparseinv.inversion.losses import InversionLoss, LossInputs
 from sparseinv.models import ViTInfo, load_model, vit_info
 from sparseinv.pool import Pool, read_pool
 from sparseinv.quant import QuantConfig, calibrate, calibration_batches, load_quantized, quantize_, save_quantized
-from sparseinv.schedule import PruneSchedule
-from sparseinv.sparse_forward import SparseOutput, sparse_forward
+from sparseinv.inversion.schedule import PruneSchedule
+from sparseinv.inversion.sparse_forward import SparseOutput, sparse_forward
 
 __version__ = "0.1.0"
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from sparseinv.errors import UsageError, first_line
 from sparseinv.models import timm
-from sparseinv.sparse_forward import sparse_forward
+from sparseinv.inversion.sparse_forward import sparse_forward
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 

@@ -32,7 +32,7 @@ from sparseinv.inversion import InversionConfig, invert
 from sparseinv.models import load_model, timm
 from sparseinv.pool import read_pool
 from sparseinv.quant import QuantConfig, calibration_batches, pool_batches, quantize_
-from sparseinv.schedule import PruneSchedule
+from sparseinv.inversion.schedule import PruneSchedule
 
 MODEL = "deit_tiny_patch16_224"
 # ImageNet indices of the ten Imagenette classes, in synset order (the val folders' sorted order).
@@ -194,7 +194,7 @@ def ten_way_top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, b
     its fresh head, so a 1000-way score would flatter it; teacher and students are
     compared on the same ten-way footing.
     """
-    from sparseinv.sparse_forward import sparse_forward
+    from sparseinv.inversion.sparse_forward import sparse_forward
 
     device = next(model.parameters()).device
     classes = torch.tensor(IMAGENETTE, device=device)

@@ -24,6 +24,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from PIL import Image
 
 from sparseinv.errors import UsageError, first_line
 from sparseinv.files import FolderLock, atomic_save, atomic_write, atomic_write_json, check_writable
+
+if TYPE_CHECKING:  # the record's settings; sparseinv.inversion itself writes pools
+    from sparseinv.inversion.config import InversionConfig
 
 FORMAT = "sparseinv-pool/1"
 
@@ -215,7 +219,7 @@ class PoolRecord:
     num_patches: int
     patch_size: tuple[int, int]
     input_size: tuple[int, int, int]
-    settings: "InversionConfig"
+    settings: InversionConfig
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -228,7 +232,7 @@ class PoolRecord:
         Raises:
             UsageError: settings that cannot be rebuilt into an :class:`InversionConfig`.
         """
-        from sparseinv.inversion import InversionConfig
+        from sparseinv.inversion.config import InversionConfig
 
         try:
             settings = InversionConfig.from_record(run.get("settings") or {})
@@ -273,6 +277,25 @@ class PoolIndex:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def check_headers(self) -> None:
+        """Every image file opens as an image of the pool's size (headers only; pixels are read later).
+
+        Raises:
+            UsageError: a missing, unreadable or wrongly sized image, named.
+        """
+        size = tuple(self.run["input_size"][1:])
+        for entry in self.entries:
+            path = self.root / entry["file"]
+            try:
+                with Image.open(path) as img:
+                    found = (img.height, img.width)
+            except FileNotFoundError:
+                raise UsageError(f"image '{path}' does not exist.") from None
+            except (OSError, ValueError, SyntaxError) as err:
+                raise UsageError(f"image '{path}' cannot be read ({first_line(err)}).") from None
+            if found != size:
+                raise UsageError(f"image '{path}' is not {size[0]}x{size[1]} pixels, the size {self.run['model']} was inverted at.")
 
     def read(self, i: int) -> torch.Tensor:
         """Image ``i`` as (3, H, W) floats in [0, 1], checked for the pool's size."""

@@ -7,10 +7,10 @@ import argparse
 from sparseinv import distributed
 from sparseinv.cli.common import add_device, add_model, config_from_args, model_from_args, resolve_device
 from sparseinv.inversion import FINAL_MASKS, InversionConfig, invert, run_record
-from sparseinv.losses import InversionLoss
+from sparseinv.inversion.losses import InversionLoss
 from sparseinv.pool import PoolWriter
-from sparseinv.precision import PRECISIONS
-from sparseinv.schedule import PruneSchedule
+from sparseinv.inversion.precision import PRECISIONS
+from sparseinv.inversion.schedule import PruneSchedule
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -24,7 +24,7 @@ from sparseinv.errors import UsageError
 from sparseinv.models import timm, vit_info
 from sparseinv.quant.model import act_quantizers, is_quantized, weight_modules
 from sparseinv.quant.quantizers import Log2Quantizer
-from sparseinv.sparse_forward import sparse_forward
+from sparseinv.inversion.sparse_forward import sparse_forward
 
 
 def is_vit(model: nn.Module) -> bool:

@@ -95,6 +95,8 @@ class Images:
         for pool, rec in zip(pools[1:], records[1:]):
             if (rec.model, rec.input_size, rec.patch_size, rec.num_classes) != (first.model, first.input_size, first.patch_size, first.num_classes):
                 raise UsageError(f"pool '{pool.root}' was inverted from another model or at another size than '{pools[0].root}'.")
+        for pool in pools:
+            pool.check_headers()  # a missing or wrongly sized image is refused now, not mid-training
         sources = pool_sources(pools)
         num_keep = min(p.num_kept for p in pools) if pools[0].is_sparse else None
         return cls(sources, tuple(first.input_size[1:]), tuple(first.patch_size), num_keep, [str(Path(p.root).resolve()) for p in pools])

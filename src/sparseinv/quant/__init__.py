@@ -13,7 +13,8 @@ rebuilds the same model from the file.
 from sparseinv.quant.calibrate import calibrate, calibration_batches, fit, folder_batches, noise_batches, pool_batches
 from sparseinv.quant.config import CALIBRATORS, DEFAULT_METHOD, METHODS, SCHEMES, QuantConfig, ReconConfig
 from sparseinv.quant.io import fingerprint, load_quantized, read_header, save_quantized
-from sparseinv.quant.model import QuantAttention, default_filter, quantize_, set_quant_mode
+from sparseinv.quant.model import QuantAttention, default_filter, prepare_, set_quant_mode
+from sparseinv.quant.quantize import quantize_
 from sparseinv.quant.quantizers import (
     ActQuantizer,
     Log2Quantizer,
@@ -51,6 +52,7 @@ __all__ = [
     "load_quantized",
     "noise_batches",
     "pool_batches",
+    "prepare_",
     "quantize_",
     "read_header",
     "reconstruct",

@@ -2,7 +2,7 @@
 
 A calibration source yields ``(images, keep)`` batches: normalised images and, for
 a sparse pool, the kept patch indices (``None`` feeds every patch). Everything is
-fed through :func:`sparseinv.sparse_forward`, so a sparse synthetic image enters as
+fed through :func:`sparseinv.inversion.sparse_forward`, so a sparse synthetic image enters as
 its kept tokens only, never as a picture with black squares.
 """
 
@@ -25,7 +25,7 @@ from sparseinv.quant.model import act_quantizers, quant_modules, set_quant_mode,
 from sparseinv.quant.quantizers import ActQuantizer, QuantLinear
 from sparseinv.quant.reconstruct import reconstruct
 from sparseinv.quant.reparam import fold_layernorms
-from sparseinv.sparse_forward import sparse_forward
+from sparseinv.inversion.sparse_forward import sparse_forward
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
 

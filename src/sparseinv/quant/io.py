@@ -24,7 +24,7 @@ from torch import nn
 from sparseinv.errors import UsageError, first_line
 from sparseinv.files import atomic_save
 from sparseinv.quant.config import QuantConfig
-from sparseinv.quant.model import is_quantized, quant_modules, quantize_, set_quant_mode
+from sparseinv.quant.model import is_quantized, prepare_, quant_modules, set_quant_mode
 from sparseinv.quant.quantizers import ActQuantizer, _QuantWeight, weight_qrange
 from sparseinv.quant.reparam import refold_layernorms
 
@@ -123,7 +123,8 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, model_name: str) -
     header = read_header(path)
     if header["model"] != model_name:
         raise UsageError(f"quantized file '{path}' was made for {header['model']}, not for {model_name}.")
-    if header["fingerprint"] != fingerprint(model):
+    fp = fingerprint(model)
+    if header["fingerprint"] != fp:
         raise UsageError(f"quantized file '{path}' does not match the weights of {model_name} (another checkpoint?).")
     try:
         config = QuantConfig.from_record(header["config"]).validate()
@@ -132,7 +133,8 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, model_name: str) -
         raise UsageError(f"quantized file '{path}' records settings that cannot be used: {err}") from None
     except (TypeError, KeyError, ValueError, SafetensorError, OSError) as err:
         raise UsageError(f"quantized file '{path}' is damaged ({type(err).__name__}).") from None
-    quantize_(model, config)
+    prepare_(model, config)
+    model._fp_fingerprint = fp
     required = {f"{n}.{b}" for n, m in quant_modules(model) for b in _required(m)}
     optional = {f"{n}.{b}" for n, m in quant_modules(model) for b in OPTIONAL}
     if not required <= set(state) <= required | optional:

@@ -1,4 +1,4 @@
-"""``quantize_``: turn a timm ViT into a fake-quantized one, in place.
+"""``prepare_``: turn a timm ViT into a fake-quantized one, in place (no data yet).
 
 Nothing of timm is rewritten: Linears (chosen by a filter) and the patch-embedding
 conv are wrapped, each attention module of a known kind is swapped for a wrapper that
@@ -10,7 +10,7 @@ Anything that stays in full precision is named in a warning.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -111,38 +111,26 @@ def is_quantized(model: nn.Module) -> bool:
     return getattr(model, "quant_config", None) is not None
 
 
-def quantize_(
+def prepare_(
     model: nn.Module,
     config: QuantConfig,
-    calibration: Iterable | None = None,
     *,
     filter_fn: Callable[[nn.Module, str], bool] = default_filter,
-    progress: bool = True,
 ) -> nn.Module:
-    """Make ``model`` fake-quantized in place; returns it for chaining.
+    """Wrap ``model``'s layers with the quantizers ``config`` asks for, in place.
 
-    Without ``calibration`` this only prepares the model (weight scales need no data;
-    activation quantizers stay off until :func:`sparseinv.quant.calibrate.fit` or
-    :func:`load_quantized`). With it, the model comes back ready to run: ranges
-    calibrated, LayerNorms folded and blocks reconstructed as ``config`` says::
-
-        model = load_model("deit_tiny_patch16_224", checkpoint)
-        batches = calibration_batches(model, "pools/sparse", "deit_tiny_patch16_224")
-        quantize_(model, QuantConfig.for_method("recon", w_bits=4, a_bits=4), batches)
+    Weight scales need no data; activation quantizers stay off until
+    :func:`sparseinv.quant.calibrate.fit` or :func:`sparseinv.quant.io.load_quantized`
+    sets them. :func:`sparseinv.quant.quantize_` is this plus the fitting.
 
     Args:
         model: A timm ViT.
-        config: Scheme, bit-widths, quantizers, reconstruction.
-        calibration: ``(images, keep)`` batches (see :mod:`sparseinv.quant.calibrate`).
+        config: Scheme, bit-widths, quantizers.
         filter_fn: ``(module, name) -> bool``: which Linear-like modules to wrap.
-        progress: Show progress bars while fitting.
     """
     config.validate()
     if is_quantized(model):
         raise UsageError("the model is already quantized.")
-    from sparseinv.quant.io import fingerprint
-
-    model._fp_fingerprint = fingerprint(model)
     # Wrap every chosen Linear first, so the attention swap below picks up the wrapped qkv and proj.
     linears = [(n, m) for n, m in model.named_modules() if n and filter_fn(m, n)]
     for name, linear in linears:
@@ -178,10 +166,6 @@ def quantize_(
         handles.append(model.norm_pre.register_forward_hook(_output_hook(model.embed_quant)))
     model.quant_config = config
     model._quant_hooks = handles
-    if calibration is not None:
-        from sparseinv.quant.calibrate import fit
-
-        fit(model, calibration, progress=progress)
     return model
 
 

@@ -119,7 +119,7 @@ def tv_l2_patches(kept: torch.Tensor, image: torch.Tensor, halos: torch.Tensor, 
         pairs: (4, K, B, 1, ph, pw) per direction of ``_NEIGHBOURS``, how many pairs
             each pixel of ``kept`` is in (2, fewer on the image's edge).
 
-    See :class:`sparseinv.kept_pixels.KeptPixels`, which lays these out.
+    See :class:`sparseinv.inversion.kept_pixels.KeptPixels`, which lays these out.
     """
     return _TVL2Patches.apply(kept, image, halos, pairs)
 

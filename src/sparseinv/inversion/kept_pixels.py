@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparseinv.augment import RollFlip
-from sparseinv.losses import _NEIGHBOURS, tv_l2_patches
+from sparseinv.inversion.augment import RollFlip
+from sparseinv.inversion.losses import _NEIGHBOURS, tv_l2_patches
 from sparseinv.models import ViTInfo
 
 
@@ -75,7 +75,7 @@ class KeptPixels:
         self._cells(self.canvas)[self.index] = kept.detach().permute(0, 2, 1, 3, 4)
 
     def tv_l2(self, kept: torch.Tensor) -> torch.Tensor:
-        """:func:`sparseinv.losses.tv_l2` of the whole image, differentiable in ``kept`` (the canvas must hold ``kept``)."""
+        """:func:`sparseinv.inversion.losses.tv_l2` of the whole image, differentiable in ``kept`` (the canvas must hold ``kept``)."""
         return tv_l2_patches(kept, self.canvas, self._halos(), self._pairs)
 
     def gather(self, image: torch.Tensor) -> torch.Tensor:
@@ -96,7 +96,7 @@ class KeptPixels:
         """What the fed cells of ``aug.apply(compose(kept))`` show of ``kept``, as (B, F, 3, ph, pw).
 
         A frozen pixel shows as zero: the result carries the gradient to the kept
-        pixels (see :func:`sparseinv.sparse_forward`), not the image's values.
+        pixels (see :func:`sparseinv.inversion.sparse_forward`), not the image's values.
         """
         (rows, cols), (ph, pw) = self.grid, self.patch
         height, width = rows * ph, cols * pw
@@ -116,7 +116,7 @@ class KeptPixels:
 
 
 class KeptImages:
-    """A batch's optimised pixels as the loss sees them (:class:`sparseinv.losses.Pixels`)."""
+    """A batch's optimised pixels as the loss sees them (:class:`sparseinv.inversion.losses.Pixels`)."""
 
     def __init__(self, pixels: KeptPixels, kept: torch.Tensor) -> None:
         self.pixels, self.kept = pixels, kept

@@ -1,0 +1,68 @@
+"""The package's layout: no module imports, at any depth (local imports included), one that imports it back."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import sparseinv
+
+PACKAGE = Path(sparseinv.__file__).resolve().parent
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the sparseinv modules it imports anywhere in its source (a package's own __init__ aside)."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(("sparseinv", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+        modules[name] = path
+    graph = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            # A submodule importing its parent package only reaches names the parent re-exports.
+            graph[name] |= {t for t in targets if t in modules and t != name and not name.startswith(t + ".")}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found, state, stack = [], {}, []
+
+    def visit(node: str) -> None:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                found.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    return found
+
+
+def test_no_import_circles():
+    assert cycles(import_graph()) == []
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_subpackages_hold_their_concepts():
+    graph = import_graph()
+    for name in ("config", "loop", "sparse_forward", "kept_pixels", "losses", "augment", "schedule", "precision"):
+        assert f"sparseinv.inversion.{name}" in graph
+    for name in ("config", "data", "students", "train", "rounds"):
+        assert f"sparseinv.distill.{name}" in graph
+    # Only the rounds loop calls the inverter; the training loop never does.
+    assert not any(t.startswith("sparseinv.inversion.loop") or t == "sparseinv.inversion" for t in graph["sparseinv.distill.train"])
