@@ -332,6 +332,21 @@ def test_output_that_cannot_be_written_is_refused_before_work(capsys, tmp_path, 
     assert blocker.read_text() == "a file where a folder should be"
 
 
+@pytest.mark.parametrize("command", ["invert", "quantize", "evaluate", "distill", "export"])
+def test_output_on_a_file_system_that_refuses_writes_is_refused_in_one_line(capsys, fixtures, command):
+    """/proc lets nobody, not even root, make a folder or a file: permission bits do not say so."""
+    out = "/proc/sparseinv-cannot/out"
+    argv = {
+        "invert": ["invert", *fixtures["model"], "--iterations", "2", "--num-images", "1", "--out", out],
+        "quantize": _quantize(fixtures, fixtures["pool"], out)[:-1],
+        "evaluate": _evaluate(fixtures, extra=["--json", out]),
+        "distill": ["distill", "--teacher", f"test_vit:{fixtures['ckpt']}", "--student", f"test_vit:{fixtures['ckpt']}",
+                    "--pool", str(fixtures["pool"]), "--out", out],
+        "export": ["export", *fixtures["model"], "--out", out],
+    }[command]
+    _refused(capsys, argv if command == "export" else [*argv, "--quiet"], "cannot be written")
+
+
 def test_check_writable_refuses_a_folder_given_as_file(tmp_path):
     with pytest.raises(UsageError, match="is a folder, not a file"):
         check_writable(tmp_path)

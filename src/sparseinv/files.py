@@ -13,10 +13,11 @@ import contextlib
 import fcntl
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from sparseinv.errors import UsageError
+from sparseinv.errors import UsageError, first_line
 
 
 @contextlib.contextmanager
@@ -83,6 +84,34 @@ def check_writable(path: str | os.PathLike, flag: str = "--out", folder: bool = 
         raise UsageError(f"{flag} '{path}' cannot be written: no permission to write in '{existing}'.")
     if not folder and path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"{flag} '{path}' cannot be written: the file is read-only.")
+    _probe(parent, path, flag)
+
+
+def _probe(folder: Path, path: Path, flag: str) -> None:
+    """Make ``folder`` (and the missing ones above it) and a file in it, then remove what was made.
+
+    Permission bits do not tell everything (a read-only or virtual file system, root's
+    rights, a full disk): trying is the only check that answers for every reason.
+    """
+    made = []
+    try:
+        missing = []
+        for candidate in (folder, *folder.parents):
+            if candidate.exists():
+                break
+            missing.append(candidate)
+        for candidate in reversed(missing):
+            candidate.mkdir()
+            made.append(candidate)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".sparseinv-probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise UsageError(f"{flag} '{path}' cannot be written ({first_line(err)}).") from None
+    finally:
+        for candidate in reversed(made):
+            with contextlib.suppress(OSError):
+                candidate.rmdir()
 
 
 class FolderLock:
@@ -98,8 +127,11 @@ class FolderLock:
         self._file = None
 
     def acquire(self) -> "FolderLock":
-        self.folder.mkdir(parents=True, exist_ok=True)
-        file = open(self.folder / ".lock", "a")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            file = open(self.folder / ".lock", "a")
+        except OSError as err:
+            raise UsageError(f"{self.flag} '{self.folder}' cannot be written ({first_line(err)}).") from None
         try:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
