@@ -22,6 +22,7 @@ from sparseinv.distill import (
     distill,
     distill_with_rounds,
     pool_sources,
+    prepare_student,
     shallow_copy,
     spread_blocks,
     start_qat,
@@ -233,10 +234,13 @@ def test_a_distilled_deit_student_trains_both_heads(setup, tmp_path):
     heads = classifiers(student)
     assert len(heads) == 2
     backbone = {k: v.clone() for k, v in student.state_dict().items() if not k.startswith("head")}
+    fresh = prepare_student(copy.deepcopy(student), 5, "linear-probe", seed=0).state_dict()  # the heads training starts from
     distill(teacher_of(setup), student, setup["pool"], DistillConfig(epochs=2, batch_size=3, lr=0.05), tmp_path / "s.safetensors",
             progress=False)
     state = load_file(str(tmp_path / "s.safetensors"))
     assert state["head.weight"].shape == state["head_dist.weight"].shape == (5, 64)
+    assert not torch.equal(state["head.weight"], fresh["head.weight"])
+    assert not torch.equal(state["head_dist.weight"], fresh["head_dist.weight"])  # both heads learned
     assert all(torch.equal(state[k], v) for k, v in backbone.items())
 
 

@@ -428,3 +428,24 @@ def test_models_we_cannot_invert_are_refused(name, kwargs, message):
 
     with pytest.raises(UsageError, match=message):
         vit_info(timm.create_model(name, **kwargs))
+
+
+def test_a_pool_from_other_weights_is_refused_unless_allowed(capsys, tmp_path, fixtures):
+    """A pool from one checkpoint (or random weights) does not calibrate another, nor teach for another teacher, unnoticed."""
+    other = save_test_vit(tmp_path / "other.safetensors", seed=1)
+    model = ["--model", "test_vit", "--checkpoint", str(other)]
+    q = tmp_path / "q.safetensors"
+    quantize = ["quantize", *model, "--calib", str(fixtures["pool"]), "--method", "calib", "--num-calib", "2", "--out", str(q), "--quiet"]
+    err = _refused(capsys, quantize, "other weights")
+    assert "--allow-other-weights" in err and not q.exists()
+    assert main([*quantize, "--allow-other-weights"]) == 0
+    assert "(allowed)" in capsys.readouterr().err
+    distill = ["distill", "--teacher", f"test_vit:{other}", "--depth", "1", "--pool", str(fixtures["pool"]), "--epochs", "1",
+               "--batch-size", "2", "--out", str(tmp_path / "s.safetensors"), "--quiet"]
+    _refused(capsys, distill, "other weights")
+    assert main([*distill, "--allow-other-weights"]) == 0
+    assert "(allowed)" in capsys.readouterr().err
+    # Continuing it from the other checkpoint is refused too: its images would come from two models.
+    pool = _copy_pool(fixtures, tmp_path)
+    config = ["--iterations", "4", "--num-images", str(NUM_IMAGES), "--batch-size", "2", "--prune-at", "1", "2", "--prune-ratio", "0.5", "0.5"]
+    _refused(capsys, ["invert", *model, *config, "--out", str(pool), "--quiet"], "other weights")

@@ -6,6 +6,7 @@ read from the model itself, never from constants or its name.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,8 +147,7 @@ def load_model(
     Raises:
         UsageError: unknown model, missing checkpoint, or weights that do not match.
     """
-    if name not in timm.list_models() and name not in timm.list_pretrained():
-        raise UsageError(f"unknown model '{name}': not a timm model name (see timm.list_models()).")
+    check_model_name(name)
     state = read_state_dict(checkpoint) if checkpoint is not None else None
     shape = checkpoint_shape(state) if state is not None else {}
     kwargs = {}
@@ -170,12 +170,52 @@ def load_model(
     if "depth" in shape and isinstance(blocks, nn.Sequential) and len(blocks) != shape["depth"]:
         model = create(depth=shape["depth"])  # a shallower copy (sparseinv distill --depth)
     if state is not None:
-        try:
-            model.load_state_dict(state, strict=True)
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise UsageError(f"checkpoint '{checkpoint}' does not match model '{name}': {first_line(err)}") from None
+        mismatch = state_mismatch(model, state)
+        if mismatch:
+            raise UsageError(f"checkpoint '{checkpoint}' does not match model '{name}': {mismatch}.")
+        model.load_state_dict(state, strict=True)
     vit_info(model)  # refuse models we cannot invert before anyone spends time on them
     return model.to(device).eval()
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a name timm cannot create: a model name, a pretrained tag (``name.tag``) or ``hf-hub:org/repo``."""
+    if name.startswith("hf-hub:"):
+        if "/" not in name[len("hf-hub:"):]:
+            raise UsageError(f"'{name}' is not a hub name: write hf-hub:ORGANISATION/REPOSITORY.")
+        return
+    if name not in timm.list_models() and name not in timm.list_pretrained():
+        raise UsageError(f"unknown model '{name}': not a timm model name or pretrained tag (see timm.list_models()).")
+
+
+def state_mismatch(model: nn.Module, state: dict[str, torch.Tensor], limit: int = 3) -> str | None:
+    """What keeps ``state`` from loading into ``model``: the tensors and shapes that differ, or ``None``."""
+    own = model.state_dict()
+    shapes = [f"{k} is {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
+              for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    parts = shapes[:limit] + ([f"{len(shapes) - limit} more shapes differ"] if len(shapes) > limit else [])
+    for what, keys in (("missing from the file", missing), ("not in the model", unexpected)):
+        if keys:
+            shown = ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+            parts.append(f"{len(keys)} {'tensor' if len(keys) == 1 else 'tensors'} {what} ({shown})")
+    return "; ".join(parts) or None
+
+
+def fingerprint_tensors(items) -> str:
+    """sha256 of (name, tensor) pairs, in the order given: names, shapes, dtypes and values."""
+    digest = hashlib.sha256()
+    for name, tensor in items:
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """The identity of a model's weights (every parameter and buffer), for records that must
+    tell one checkpoint from another: a pool says which weights it was inverted from."""
+    return fingerprint_tensors(sorted(model.state_dict().items()))
 
 
 def checkpoint_shape(state: dict[str, torch.Tensor], classifier: str = "head") -> dict[str, int]:

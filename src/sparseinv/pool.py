@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from sparseinv.errors import UsageError, first_line
 from sparseinv.files import FolderLock, atomic_save, atomic_write, atomic_write_json, check_writable
@@ -95,12 +97,34 @@ class Pool:
     def record(self) -> "PoolRecord":
         return PoolRecord.from_run(self.run, self.root)
 
+    def check_weights(self, model: nn.Module, role: str = "model", allow_other: bool = False) -> None:
+        """Refuse a pool inverted from other weights than ``model``'s (see :func:`check_weights`)."""
+        check_weights(self.root, self.run, model, role, allow_other)
+
     def check_model(self, model_name: str, role: str = "model") -> None:
         """Refuse a pool inverted from another architecture than ``model_name``."""
         if self.model_name != model_name:
             raise UsageError(
                 f"pool '{self.root}' was inverted from {self.model_name}, not from the {role} {model_name}."
             )
+
+
+def check_weights(root: Path, run: dict, model: nn.Module, role: str, allow_other: bool = False) -> None:
+    """Refuse a pool whose record names other weights than ``model``'s, unless ``allow_other``.
+
+    Inverting from random weights and calibrating the real checkpoint, or distilling a
+    teacher from another checkpoint's pool, is sometimes meant; it must never pass unnoticed.
+    A pool made before weights were recorded cannot be checked and is accepted.
+    """
+    from sparseinv.models import weights_fingerprint
+
+    recorded = run.get("weights")
+    if recorded is None or recorded == weights_fingerprint(model):
+        return
+    where = f"pool '{root}' was inverted from other weights of {run['model']} than the {role}'s"
+    if not allow_other:
+        raise UsageError(f"{where}; pass --allow-other-weights if that is what you mean.")
+    print(f"sparseinv: note: {where} (allowed).", file=sys.stderr)
 
 
 def _read_json(path: Path, what: str):
@@ -416,6 +440,8 @@ class PoolWriter:
             diff = sorted(k for k in set(settings) | set(self.run["settings"]) if settings.get(k) != self.run["settings"].get(k))
             what = "model" if existing.get("model") != self.run["model"] else ", ".join(diff)
             raise UsageError(f"--out '{self.root}' holds a pool made with different settings ({what}); choose another folder.")
+        if existing.get("weights") not in (None, self.run.get("weights")):
+            raise UsageError(f"--out '{self.root}' holds a pool inverted from other weights of {self.run['model']}; choose another folder.")
 
     def _batch_of(self, entry: dict) -> int | None:
         stem = Path(entry["file"]).stem

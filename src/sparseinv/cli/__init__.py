@@ -38,7 +38,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from sparseinv.cli import demo, distill, evaluate, export, invert, quantize
 
+    from sparseinv import __version__
+
     parser = _Parser(prog="sparseinv", description="Invert timm ViTs into synthetic training data, sparsely.")
+    parser.add_argument("--version", action="version", version=f"sparseinv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for module in (invert, quantize, evaluate, export, distill, demo):
         module.register(sub)

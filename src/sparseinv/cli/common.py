@@ -37,8 +37,9 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
 
 def split_model_spec(spec: str) -> tuple[str, str | None]:
     """``NAME[:CHECKPOINT]`` to (name, checkpoint or None)."""
-    name, _, checkpoint = spec.partition(":")
-    return name, (checkpoint or None)
+    prefix = "hf-hub:" if spec.startswith("hf-hub:") else ""
+    name, _, checkpoint = spec[len(prefix):].partition(":")
+    return prefix + name, (checkpoint or None)
 
 
 def add_model(parser: argparse.ArgumentParser) -> None:
@@ -46,11 +47,14 @@ def add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="timm model name, e.g. deit_tiny_patch16_224")
     parser.add_argument("--checkpoint", help=".safetensors or .pth weights (default: timm's pretrained weights from the hub)")
     parser.add_argument("--random-weights", action="store_true", help="keep random weights (speed tests only)")
+    parser.add_argument("--num-classes", type=int, default=None, help="the classifier's size (default: the checkpoint's own)")
 
 
 def model_from_args(args: argparse.Namespace, device: torch.device):
     """The model :func:`add_model`'s arguments name, on ``device``."""
-    return load_model(args.model, args.checkpoint, device=device, pretrained=not args.random_weights)
+    if args.checkpoint and args.random_weights:
+        raise UsageError("give --checkpoint or --random-weights, not both.")
+    return load_model(args.model, args.checkpoint, device=device, pretrained=not args.random_weights, num_classes=args.num_classes)
 
 
 def config_from_args(cls, args: argparse.Namespace, **converted):

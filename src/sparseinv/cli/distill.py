@@ -12,9 +12,9 @@ from sparseinv import distributed
 from sparseinv.cli.common import add_device, config_from_args, resolve_device, split_model_spec
 from sparseinv.distill import MODES, DistillConfig, RoundsConfig, distill_with_rounds, is_vit, shallow_copy, spread_blocks
 from sparseinv.distill.config import OPTIMIZERS, TARGETS
-from sparseinv.errors import UsageError, first_line
+from sparseinv.errors import UsageError
 from sparseinv.files import check_writable
-from sparseinv.models import checkpoint_shape, load_model, read_state_dict, timm
+from sparseinv.models import check_model_name, checkpoint_shape, load_model, read_state_dict, state_mismatch, timm
 from sparseinv.pool import open_pool
 
 D = DistillConfig()
@@ -64,6 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-limit-per-class", type=int, help="evaluate on only the first N images of each class")
     p.add_argument("--invert-every", type=int, default=0, metavar="K", help="invert a new round of images from the teacher every K epochs (the first pool's settings)")
     p.add_argument("--images-per-round", type=int, default=0, metavar="M", help="images inverted per round")
+    p.add_argument("--allow-other-weights", action="store_true", help="accept pools inverted from other weights than the teacher's")
     p.add_argument("--random-student", action="store_true", help="start a --student from random weights (no checkpoint)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_device(p)
@@ -83,8 +84,7 @@ def load_student(spec: str, device, random_weights: bool):
     checkpoint loads as such before its head is rebuilt.
     """
     name, checkpoint = split_model_spec(spec)
-    if name not in timm.list_models() and name not in timm.list_pretrained():
-        raise UsageError(f"unknown model '{name}': not a timm model name (see timm.list_models()).")
+    check_model_name(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random weights the same in every process of a run
         skeleton = timm.create_model(name, pretrained=False)
@@ -97,10 +97,10 @@ def load_student(spec: str, device, random_weights: bool):
     state = read_state_dict(checkpoint)
     num_classes = checkpoint_shape(state, skeleton.default_cfg.get("classifier", "head")).get("num_classes")
     model = timm.create_model(name, pretrained=False, **({"num_classes": num_classes} if num_classes else {}))
-    try:
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, KeyError, ValueError) as err:
-        raise UsageError(f"checkpoint '{checkpoint}' does not match model '{name}': {first_line(err)}") from None
+    mismatch = state_mismatch(model, state)
+    if mismatch:
+        raise UsageError(f"checkpoint '{checkpoint}' does not match model '{name}': {mismatch}.")
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval(), name
 
 
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     if pools[0].is_sparse and not is_vit(student):
         print(f"sparseinv: note: the student {student_name} is not a token-sequence ViT: it sees the sparse images whole, "
               "stopped patches black.", file=sys.stderr)
-    common = dict(teacher_name=teacher_name, student_name=student_name, progress=not args.quiet)
+    common = dict(teacher_name=teacher_name, student_name=student_name, allow_other_weights=args.allow_other_weights, progress=not args.quiet)
     if rounds.invert_every:
         summary = distill_with_rounds(teacher, student, args.pool[0], config, rounds, args.out, val, teacher_checkpoint=teacher_ckpt, **common)
     else:

@@ -66,6 +66,7 @@ def distill_with_rounds(
     teacher_name: str | None = None,
     student_name: str | None = None,
     teacher_checkpoint: str | None = None,
+    allow_other_weights: bool = False,
     progress: bool = True,
 ) -> dict:
     """:func:`distill` on ``pool``, inverting a new round before every ``invert_every``-th epoch.
@@ -90,7 +91,7 @@ def distill_with_rounds(
         until = min(config.epochs, (r + 1) * rounds.invert_every) if rounds.invert_every else config.epochs
         if until > done or until == config.epochs:
             summary = distill(teacher, student, pools, config, out, val, teacher_name=teacher_name,
-                              student_name=student_name, until_epoch=until, progress=progress)
+                              student_name=student_name, until_epoch=until, allow_other_weights=allow_other_weights, progress=progress)
         if until >= config.epochs:
             break
         r += 1

@@ -51,6 +51,7 @@ from sparseinv.distill.students import (
 )
 from sparseinv.errors import UsageError
 from sparseinv.files import atomic_save, atomic_write_json
+from sparseinv.pool import check_weights
 from sparseinv.quant.model import is_quantized
 
 
@@ -248,6 +249,7 @@ def distill(
     teacher_name: str | None = None,
     student_name: str | None = None,
     until_epoch: int | None = None,
+    allow_other_weights: bool = False,
     progress: bool = True,
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> dict:
@@ -266,6 +268,7 @@ def distill(
             epoch, or a callable ``student -> {"top1": ...}``; ``None`` skips it.
         teacher_name: Checked against the pools' model when given; recorded.
         student_name: Recorded with the student (the timm name it loads as).
+        allow_other_weights: Accept pools inverted from other weights than the teacher's.
         until_epoch: Stop after this epoch (the schedule still spans ``config.epochs``);
             a later call with the same ``out`` resumes.
         progress: Progress bars and one line per epoch.
@@ -290,6 +293,7 @@ def distill(
                 raise UsageError(f"pool '{pool.root}' was inverted from {pool.record.model}, not from the teacher {teacher_name}.")
     num_classes = int(teacher.num_classes)
     for pool in pools:
+        check_weights(pool.root, pool.run, teacher, "teacher", allow_other_weights)
         if pool.record.num_classes != num_classes:
             raise UsageError(f"pool '{pool.root}' was inverted from a {pool.record.num_classes}-class model, "
                              f"but the teacher has {num_classes} classes.")

@@ -22,7 +22,7 @@ from sparseinv.errors import UsageError
 from sparseinv.inversion.config import InversionConfig
 from sparseinv.inversion.precision import Precision, resolve_precision
 from sparseinv.inversion.losses import LossInputs
-from sparseinv.models import ViTInfo, vit_info
+from sparseinv.models import ViTInfo, vit_info, weights_fingerprint
 from sparseinv.inversion.kept_pixels import KeptImages, KeptPixels
 from sparseinv.inversion.sparse_forward import _patch_projection, sparse_forward
 
@@ -291,6 +291,7 @@ def run_record(model: nn.Module, config: InversionConfig, model_name: str | None
     return {
         "model": model_name or getattr(model, "default_cfg", {}).get("architecture", type(model).__name__),
         "checkpoint": None if checkpoint is None else str(checkpoint),
+        "weights": weights_fingerprint(model),
         "settings": config.record(),
         "input_size": list(info.input_size),
         "patch_size": list(info.patch_size),

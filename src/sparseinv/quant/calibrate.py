@@ -43,14 +43,17 @@ def _split(images: torch.Tensor, keep: torch.Tensor | None, batch_size: int) -> 
     ]
 
 
-def pool_batches(model: nn.Module, root: str | os.PathLike, model_name: str, num: int = 32, batch_size: int = 32) -> list[Batch]:
+def pool_batches(model: nn.Module, root: str | os.PathLike, model_name: str, num: int = 32, batch_size: int = 32,
+                 allow_other_weights: bool = False) -> list[Batch]:
     """The first ``num`` images of a pool, normalised for ``model``, with their kept patches.
 
     Raises:
-        UsageError: the pool was inverted from another model.
+        UsageError: the pool was inverted from another model, or from other weights
+            (unless ``allow_other_weights``).
     """
     pool = read_pool(root)
     pool.check_model(model_name, "model being quantized")
+    pool.check_weights(model, "model being quantized", allow_other_weights)
     images = _normalise(model, pool.images[:num])
     return _split(images, pool.kept_patches[:num] if pool.is_sparse else None, batch_size)
 
@@ -82,7 +85,8 @@ def folder_batches(model: nn.Module, root: str | os.PathLike, num: int = 32, bat
     return _split(images, None, batch_size)
 
 
-def calibration_batches(model: nn.Module, source: str, model_name: str, num: int = 32, batch_size: int = 32, seed: int = 0) -> list[Batch]:
+def calibration_batches(model: nn.Module, source: str, model_name: str, num: int = 32, batch_size: int = 32, seed: int = 0,
+                        allow_other_weights: bool = False) -> list[Batch]:
     """Resolve ``--calib``: ``noise``, a pool folder, or a folder of real images in class sub-folders."""
     if num < 1:
         raise UsageError(f"--num-calib {num} must be at least 1.")
@@ -93,7 +97,7 @@ def calibration_batches(model: nn.Module, source: str, model_name: str, num: int
         raise UsageError(f"--calib '{source}' is neither 'noise' nor a folder.")
     # A manifest without a run record is a damaged pool, not a folder of real images.
     if read_run(path) is not None or (path / "manifest.jsonl").exists():
-        return pool_batches(model, path, model_name, num, batch_size)
+        return pool_batches(model, path, model_name, num, batch_size, allow_other_weights)
     return folder_batches(model, path, num, batch_size)
 
 

@@ -11,7 +11,6 @@ re-folded from them); the fingerprint refuses any other weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 
 from sparseinv.errors import UsageError, first_line
 from sparseinv.files import atomic_save
+from sparseinv.models import fingerprint_tensors
 from sparseinv.quant.config import QuantConfig
 from sparseinv.quant.model import is_quantized, prepare_, quant_modules, set_quant_mode
 from sparseinv.quant.quantizers import ActQuantizer, _QuantWeight, weight_qrange
@@ -36,15 +36,11 @@ QUANT_BUFFERS = ("scale", "zero_point", "w_scale", "w_int", *OPTIONAL)
 
 def fingerprint(model: nn.Module) -> str:
     """sha256 of the model's full-precision parameters and buffers (names, shapes, values)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if name.rpartition(".")[2] in QUANT_BUFFERS and is_quantized(model):
-            continue
-        # Wrapped modules add ".linear"/".conv" to their parameter names; hash the original names.
-        name = name.replace(".linear.", ".").replace(".conv.", ".")
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    quantized = is_quantized(model)
+    # Wrapped modules add ".linear"/".conv" to their parameter names; hash the original names.
+    return fingerprint_tensors((name.replace(".linear.", ".").replace(".conv.", "."), tensor)
+                               for name, tensor in sorted(model.state_dict().items())
+                               if not (quantized and name.rpartition(".")[2] in QUANT_BUFFERS))
 
 
 def _required(module: nn.Module) -> tuple[str, ...]:

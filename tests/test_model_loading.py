@@ -1,0 +1,82 @@
+"""Bringing your own model: fine-tuned checkpoints, hub names, and what a mismatch says."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sparseinv.cli import main
+from sparseinv.cli.common import split_model_spec
+from sparseinv.errors import UsageError
+from sparseinv.models import check_model_name, load_model, timm
+
+
+@pytest.fixture(scope="module")
+def ten_classes(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "test_vit10.safetensors"
+    save_file(timm.create_model("test_vit", num_classes=10).state_dict(), str(path))
+    return path
+
+
+def test_a_fine_tuned_checkpoint_inverts_from_the_command_line(ten_classes, tmp_path):
+    assert main(["invert", "--model", "test_vit", "--checkpoint", str(ten_classes), "--iterations", "2", "--num-images", "2",
+                 "--batch-size", "2", "--out", str(tmp_path / "pool"), "--quiet"]) == 0
+    assert '"num_classes": 10' in (tmp_path / "pool" / "run.json").read_text()
+
+
+def test_num_classes_can_be_given_and_a_wrong_one_names_the_shapes(ten_classes, tmp_path, capsys):
+    assert load_model("test_vit", ten_classes, num_classes=10).num_classes == 10
+    capsys.readouterr()
+    assert main(["invert", "--model", "test_vit", "--checkpoint", str(ten_classes), "--num-classes", "7", "--iterations", "2",
+                 "--out", str(tmp_path / "pool"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "head.weight is (10, 64) in the file, (7, 64) in the model" in err and err.count("\n") == 1
+
+
+def test_a_mismatch_names_missing_and_unexpected_tensors(tmp_path):
+    state = timm.create_model("test_vit").state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["norm.bias"]
+    path = tmp_path / "odd.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(UsageError) as err:
+        load_model("test_vit", path)
+    assert "1 tensor missing from the file (norm.bias)" in str(err.value) and "1 tensor not in the model (extra.weight)" in str(err.value)
+
+
+def test_hub_names_and_pretrained_tags_are_names_timm_resolves():
+    check_model_name("hf-hub:timm/deit_tiny_patch16_224.fb_in1k")
+    check_model_name("deit_tiny_patch16_224.fb_in1k")
+    with pytest.raises(UsageError, match="ORGANISATION/REPOSITORY"):
+        check_model_name("hf-hub:deit")
+    with pytest.raises(UsageError, match="unknown model"):
+        check_model_name("deit_nano")
+    assert split_model_spec("hf-hub:timm/deit_tiny_patch16_224.fb_in1k:w.safetensors") == \
+        ("hf-hub:timm/deit_tiny_patch16_224.fb_in1k", "w.safetensors")
+    assert split_model_spec("hf-hub:timm/deit_tiny_patch16_224.fb_in1k") == ("hf-hub:timm/deit_tiny_patch16_224.fb_in1k", None)
+    assert split_model_spec("test_vit:a.safetensors") == ("test_vit", "a.safetensors")
+
+
+def test_a_hub_name_offline_says_what_to_pass(capsys, tmp_path):
+    assert main(["invert", "--model", "hf-hub:timm/deit_tiny_patch16_224.fb_in1k", "--iterations", "2",
+                 "--out", str(tmp_path / "pool"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "could not fetch pretrained weights" in err and "--checkpoint" in err and err.count("\n") == 1
+
+
+def test_checkpoint_and_random_weights_together_are_refused(ten_classes, tmp_path, capsys):
+    assert main(["invert", "--model", "test_vit", "--checkpoint", str(ten_classes), "--random-weights",
+                 "--out", str(tmp_path / "pool"), "--quiet"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("sparseinv ")
