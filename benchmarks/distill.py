@@ -210,6 +210,19 @@ def run_cell(name: str, protocol: str, images: Images, teacher, p, val, steps: i
     return result
 
 
+def onnx_check(teacher, quantized_file: Path, val) -> dict:
+    """The W4/A8 quantized student exported to integer ONNX, its top-1 in ONNX Runtime beside PyTorch's."""
+    from sparseinv.export import export_onnx, onnx_logits, onnx_session
+    from sparseinv.quant import load_quantized
+
+    model = load_quantized(copy.deepcopy(teacher), quantized_file, DEIT_TINY)
+    path = quantized_file.with_suffix(".onnx")
+    export_onnx(model, path)
+    logits = onnx_logits(onnx_session(path), val[0])
+    onnx_top1 = 100.0 * float((logits.argmax(1) == val[1]).float().mean())
+    return {"file": str(quantized_file), "pytorch_top1": evaluate_tensors(model, *val, progress=False)["top1"], "onnx_top1": onnx_top1}
+
+
 def markdown(payload: dict) -> str:
     lines = [f"# Data-free knowledge transfer (`{payload['command']}`)", "",
              f"Teacher DeiT-Tiny: top-1 {payload['teacher_top1']:.1f} on {payload['val_images']} val images (1000-way), "
@@ -223,7 +236,24 @@ def markdown(payload: dict) -> str:
         if extra:
             lines += ["", "Starting points: " + ", ".join(f"{k} top-1 {v['top1']:.1f}, agreement {v['agreement']:.1f}" for k, v in extra.items())]
         lines.append("")
-    return "\n".join(lines)
+    if "student_images_per_second" in payload:
+        lines.append(f"6-block student: {payload['student_images_per_second']:.1f} images/s, "
+                     f"{payload['student_images_per_second'] / payload['teacher_images_per_second']:.2f}x the teacher's (batch 64).")
+    choices = payload.get("choices", {})
+    if "targets" in choices:
+        t = choices["targets"]
+        lines.append(f"Teacher targets (compression, sparse 512): online top-1 {t['online']['top1']:.1f}, agreement "
+                     f"{t['online']['agreement']:.1f}, {t['online']['train_seconds']:.0f} s; cached {t['cached']['top1']:.1f}, "
+                     f"{t['cached']['agreement']:.1f}, {t['cached']['train_seconds']:.0f} s.")
+    if "quantized_lr" in choices:
+        q = choices["quantized_lr"]
+        trials = ", ".join(f"lr {r['config']['lr']:g}: agreement {r['agreement']:.1f} (top-1 {r['top1']:.1f})" for r in q["trials"])
+        lines.append(f"Quantized student's learning rate, chosen by held-out synthetic agreement: {trials}; chosen {q['chosen']:g}.")
+    if "onnx" in payload:
+        o = payload["onnx"]
+        lines.append(f"W4/A8 quantized student exported to integer ONNX: top-1 {o['onnx_top1']:.1f} in ONNX Runtime, "
+                     f"{o['pytorch_top1']:.1f} in PyTorch.")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -231,7 +261,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="training steps of 32 images per cell")
     parser.add_argument("--per-class", type=int, default=100, help="val images per Imagenette class")
     parser.add_argument("--protocols", nargs="+", default=["compression", "quantized"], choices=["compression", "quantized"])
-    parser.add_argument("--cells", nargs="*", help="only these cells (by name prefix)")
+    parser.add_argument("--quantized-cells", nargs="*", help="the quantized protocol's cells (by name; default: every cell)")
     args = parser.parse_args()
     torch.manual_seed(0)
     p = pools()
@@ -241,8 +271,8 @@ def main() -> None:
                "teacher_images_per_second": images_per_second(teacher), "protocols": {}, "start": {},
                "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
                "scaled_down": "400 inversion steps instead of 4000; pools of at most 512 images; a fixed number of training steps per cell"}
-    chosen = {k: v for k, v in cells(p).items() if not args.cells or any(k.startswith(c) for c in args.cells)}
     all_cells = cells(p)
+    chosen = all_cells
     payload["choices"] = {}
     if "compression" in args.protocols:
         six = shallow_copy(teacher, spread_blocks(len(teacher.blocks), 6))
@@ -270,12 +300,15 @@ def main() -> None:
             start = quantized_start(teacher, p, *bits)
             payload["start"]["quantized"][f"W{bits[0]}/A{bits[1]} post-training"] = {
                 "top1": evaluate_tensors(start, *val, progress=False)["top1"], "agreement": agreement(start, teacher, p["heldout"])}
-            names = list(chosen) if bits == (4, 4) else [n for n in chosen if n == "sparse 512"]
+            names = [n for n in chosen if not args.quantized_cells or n in args.quantized_cells] if bits == (4, 4) else ["sparse 512"]
             for name in names:
                 images, seconds = chosen[name]
                 row = run_cell(name, "quantized", images, teacher, p, val, args.steps, bits, lr=lr)
                 rows.append({**row, "cell": f"W{bits[0]}/A{bits[1]} {name}", "inversion_seconds": seconds})
         payload["protocols"]["quantized"] = rows
+        w4a8 = CACHE / "distill_cells" / f"quantized-w4a8-sparse_512-lr{lr}" / "student.safetensors"
+        if w4a8.is_file():
+            payload["onnx"] = onnx_check(teacher, w4a8, val)
     path = write_results("distill", payload)
     (RESULTS / "distill.md").write_text(markdown({**payload, "command": "python benchmarks/distill.py"}))
     print(f"wrote {path}")

@@ -68,7 +68,7 @@ def test_linear_probe_rebuilds_head_and_freezes_backbone(files, tmp_path):
     teacher, student = _models(files)
     backbone = {k: v.clone() for k, v in student.state_dict().items() if not k.startswith("head.")}
     out = tmp_path / "s.safetensors"
-    config = DistillConfig(epochs=6, batch_size=2, lr=0.05, warmup=0, crop_scale=(1.0, 1.0), flip=False)
+    config = DistillConfig(epochs=6, batch_size=2, lr=0.05, warmup=0, shift_patches=0, flip=False)
     summary = distill(teacher, student, read_pool(files["pool"]), config, out,
                       teacher_name="test_vit", student_name="test_vit", progress=False)
     assert student.num_classes == TEACHER_CLASSES
@@ -198,7 +198,7 @@ def test_a_cnn_student_learns_from_a_dense_pool(files, tmp_path):
     assert not pool.is_sparse
     torch.manual_seed(0)
     student = timm.create_model("test_resnet").eval()
-    config = DistillConfig(mode="full", epochs=8, batch_size=2, lr=1e-3, warmup=0, crop_scale=(1.0, 1.0), flip=False)
+    config = DistillConfig(mode="full", epochs=8, batch_size=2, lr=1e-3, warmup=0, shift_patches=0, flip=False)
     summary = distill(teacher, student, pool, config, tmp_path / "s.safetensors", progress=False)
     assert student.num_classes == TEACHER_CLASSES and summary["epoch"] == 8
     losses = [r["loss"] for r in summary["history"]]
@@ -230,7 +230,7 @@ def test_cli_depth_student_is_the_teachers_shallow_copy_and_evaluates(files, tmp
     state = load_file(str(out))
     assert {int(k.split(".")[1]) for k in state if k.startswith("blocks.")} == {0, 1, 2}
     teacher = load_file(files["teacher"])
-    assert not torch.equal(state["blocks.0.attn.qkv.weight"], teacher["blocks.1.attn.qkv.weight"])  # trained from block 1
+    assert not torch.equal(state["blocks.1.attn.qkv.weight"], teacher["blocks.2.attn.qkv.weight"])  # block 2 of 6, trained
     val = _val_folder(tmp_path / "val")
     assert main(["evaluate", "--model", "test_vit", "--checkpoint", str(out), "--data", val, "--quiet",
                  "--json", str(tmp_path / "e.json")]) == 0

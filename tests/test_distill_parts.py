@@ -124,21 +124,21 @@ def _images(setup, **kwargs) -> TrainImages:
     return TrainImages(pool_sources([pool]), (160, 160), (16, 16), pool.num_kept, **kwargs)
 
 
-def test_crops_are_fresh_each_epoch_and_the_same_for_the_same_epoch(setup):
-    images = _images(setup, seed=1)
+def test_views_are_fresh_each_epoch_and_the_same_for_the_same_epoch(setup):
+    images = _images(setup, seed=1, crop_scale=(0.3, 0.9))
     first = images[2][0]
     images.set_epoch(1)
     assert not torch.equal(images[2][0], first)
     images.set_epoch(0)
     assert torch.equal(images[2][0], first)
-    assert not torch.equal(_images(setup, seed=2)[2][0], first)
+    assert not torch.equal(_images(setup, seed=2, crop_scale=(0.3, 0.9))[2][0], first)
 
 
 def test_uncropped_kept_cells_are_the_pools_own_and_follow_a_mirror(setup):
     pool = open_pool(setup["pool"])
-    plain = _images(setup, crop_scale=(1.0, 1.0), flip=False)
+    plain = _images(setup, shift_patches=0, flip=False)
     mirrored = 0
-    flipping = _images(setup, crop_scale=(1.0, 1.0), flip=True)
+    flipping = _images(setup, shift_patches=0, flip=True)
     for i in range(len(pool)):
         keep = torch.tensor(pool.entries[i]["kept_patches"])
         image, cells, _ = plain[i]
@@ -149,6 +149,23 @@ def test_uncropped_kept_cells_are_the_pools_own_and_follow_a_mirror(setup):
             assert torch.equal(image, pool.read(i).flip(-1))
             assert torch.equal(cells, (keep // 10 * 10 + 9 - keep % 10).sort().values)
     assert 0 < mirrored < len(pool)  # both cases were checked
+
+
+def test_whole_patch_shifts_move_the_kept_cells_with_the_pixels(setup):
+    """The default view: a circular shift by whole patches (up to 2 each way), no mirror here."""
+    pool = open_pool(setup["pool"])
+    images = _images(setup, flip=False, seed=3)
+    shifts = set()
+    for i in range(len(pool)):
+        image, cells, _ = images[i]
+        original, keep = pool.read(i), torch.tensor(pool.entries[i]["kept_patches"])
+        found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if torch.equal(image, torch.roll(original, (16 * dy, 16 * dx), (1, 2)))]
+        assert found, "not a whole-patch shift of the image"
+        dy, dx = found[0]
+        moved = ((keep // 10 + dy) % 10) * 10 + (keep % 10 + dx) % 10
+        assert torch.equal(cells, moved.sort().values)
+        shifts.add((dy, dx))
+    assert len(shifts) > 1  # shifts are drawn, not fixed
 
 
 def test_a_cropped_sparse_image_feeds_the_cells_most_covered_by_kept_pixels(setup):
@@ -204,9 +221,10 @@ def test_whole_networks_train_with_adamw_and_a_probe_with_sgd():
 # ---------------------------------------------------------------- students
 
 
-def test_spread_blocks_keeps_every_other_block_and_the_last():
-    assert spread_blocks(12, 6) == [1, 3, 5, 7, 9, 11]
-    assert spread_blocks(12, 12) == list(range(12)) and spread_blocks(12, 1) == [11]
+def test_spread_blocks_keeps_every_other_block_from_the_first():
+    assert spread_blocks(12, 6) == [0, 2, 4, 6, 8, 10]
+    assert spread_blocks(12, 12) == list(range(12)) and spread_blocks(12, 1) == [0]
+    assert spread_blocks(6, 4) == [0, 1, 3, 4]
     with pytest.raises(UsageError, match="--depth"):
         spread_blocks(12, 13)
 
@@ -317,3 +335,27 @@ def test_a_fine_tuned_checkpoint_loads_with_its_own_class_count(tmp_path, wrap):
     assert model.num_classes == 37
     expected = state["module.head.weight" if wrap == "module" else "head.weight"]
     assert torch.equal(model.head.weight, expected)  # the EMA weights where there are some
+
+
+def test_the_feature_term_matches_final_tokens_and_is_refused_where_it_cannot(setup, tmp_path):
+    teacher = teacher_of(setup)
+    # A student that is the teacher itself: logits and final tokens agree, both terms are zero.
+    same = copy.deepcopy(teacher)
+    summary = distill(teacher, same, setup["pool"], DistillConfig(mode="full", epochs=1, batch_size=3, feature_weight=1.0),
+                      tmp_path / "same.safetensors", progress=False)
+    assert summary["history"][0]["loss"] == pytest.approx(0.0, abs=1e-6)
+    # A shallower copy: the feature term adds to the loss and changes what is learned.
+    losses, heads = {}, {}
+    for weight in (0.0, 1.0):
+        student = shallow_copy(teacher, [0, 3])
+        summary = distill(teacher, student, setup["pool"], DistillConfig(mode="full", epochs=1, batch_size=3, feature_weight=weight),
+                          tmp_path / f"w{weight}.safetensors", progress=False)
+        losses[weight], heads[weight] = summary["history"][0]["loss"], student.blocks[1].mlp.fc2.weight.detach().clone()
+    assert losses[1.0] > losses[0.0] and not torch.equal(heads[0.0], heads[1.0])
+    with pytest.raises(UsageError, match="--targets online"):
+        DistillConfig(feature_weight=1.0, targets="cached").validate()
+    torch.manual_seed(0)
+    narrow = timm.create_model("test_vit", embed_dim=32, num_heads=2, num_classes=5).eval()
+    with pytest.raises(UsageError, match="as wide as the teacher"):
+        distill(teacher, narrow, setup["pool"], DistillConfig(mode="full", epochs=1, feature_weight=1.0), tmp_path / "n.safetensors",
+                progress=False)

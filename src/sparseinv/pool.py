@@ -20,6 +20,7 @@ number of processes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -287,7 +288,7 @@ class PoolIndex:
     run: dict
     entries: list[dict]
 
-    @property
+    @functools.cached_property
     def record(self) -> PoolRecord:
         return PoolRecord.from_run(self.run, self.root)
 

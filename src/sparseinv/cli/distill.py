@@ -51,9 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--momentum", type=float, default=D.momentum, help=f"SGD momentum (default: {D.momentum:g})")
     p.add_argument("--warmup", type=float, default=D.warmup, metavar="FRACTION",
                    help=f"fraction of the run in linear warm-up, then cosine decay to 0 (default: {D.warmup:g})")
-    p.add_argument("--crop-scale", type=float, nargs=2, default=D.crop_scale, metavar=("LO", "HI"),
-                   help=f"random-resized-crop area range (default: {D.crop_scale[0]:g} {D.crop_scale[1]:g}; 1 1: no crops)")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="random-resized-crop area range, as timm's training transform (default: no crops; inverted images rarely keep their label under them)")
+    p.add_argument("--shift-patches", type=int, default=D.shift_patches, metavar="N",
+                   help=f"random circular shift by up to N whole patches each way (default: {D.shift_patches})")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flips")
+    p.add_argument("--feature-weight", type=float, default=D.feature_weight, metavar="W",
+                   help=f"add W x the mean squared difference of the final-norm tokens (students as wide as the teacher; default: {D.feature_weight:g})")
     p.add_argument("--targets", choices=TARGETS, default=D.targets,
                    help=f"online: the teacher labels every augmented view; cached: each image once (default: {D.targets})")
     p.add_argument("--seed", type=int, default=D.seed, help="seeds the fresh head, the crops and the shuffling")
@@ -131,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
               "(--crop-scale, --no-flip).", file=sys.stderr)
     if args.mode is None:
         args.mode = "linear-probe" if args.student else "full"
-    config = config_from_args(DistillConfig, args, crop_scale=tuple(args.crop_scale)).validate()
+    config = config_from_args(DistillConfig, args, crop_scale=None if args.crop_scale is None else tuple(args.crop_scale)).validate()
     rounds = RoundsConfig(args.invert_every, args.images_per_round).validate()
     if len(args.pool) > 1 and rounds.invert_every:
         raise UsageError("--invert-every grows one pool: give a single --pool.")

@@ -41,10 +41,17 @@ class DistillConfig:
         momentum: SGD momentum.
         warmup: Fraction of the run spent in a linear warm-up from 0 to ``lr``; a cosine
             decay to 0 follows. A fraction, not epochs: an epoch of 32 images is one step.
-        crop_scale: Random-resized-crop area range. The lower end is 0.25, not timm's
-            0.08: a sparse image keeps about a quarter of its patches, so a smaller crop
-            often shows stopped (black) patches only.
+        crop_scale: Random-resized-crop area range (timm's training crop), or ``None`` for
+            none (the default): inverted images are made under shifts and mirrors only, and
+            the teacher often gives a crop of one another label than the image's
+            (``benchmarks/distill_augment.py``), so crops teach the teacher's answers to noise.
+        shift_patches: Random circular shift by a whole number of patches, up to this many
+            each way. Whole patches: inverted images are made on the patch grid and keep
+            their label under whole-patch shifts, not always under a few pixels' shift.
         flip: Random horizontal flips.
+        feature_weight: Weight of a second term, the mean squared difference between the
+            student's and the teacher's final-norm tokens (every fed token, not only the
+            class token); for students as wide as the teacher (0: logits only).
         targets: ``online``: the teacher labels every augmented view the student sees;
             ``cached``: the teacher labels each image once, un-augmented, and that label
             is reused for all of its views (cheaper, less faithful).
@@ -62,8 +69,10 @@ class DistillConfig:
     weight_decay: float | None = None
     momentum: float = 0.9
     warmup: float = 0.05
-    crop_scale: tuple[float, float] = (0.25, 1.0)
+    crop_scale: tuple[float, float] | None = None
+    shift_patches: int = 2
     flip: bool = True
+    feature_weight: float = 0.0
     targets: str = "online"
     seed: int = 0
     workers: int = 0
@@ -111,9 +120,16 @@ class DistillConfig:
             raise UsageError(f"the weight decay cannot be negative, got {self.weight_decay}.")
         if not 0 <= self.warmup < 1:
             raise UsageError(f"--warmup is a fraction of the run, 0 <= f < 1, got {self.warmup}.")
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise UsageError(f"--crop-scale must be two fractions 0 < lo <= hi <= 1, got {lo} {hi}.")
+        if self.crop_scale is not None:
+            lo, hi = self.crop_scale
+            if not 0 < lo <= hi <= 1:
+                raise UsageError(f"--crop-scale must be two fractions 0 < lo <= hi <= 1, got {lo} {hi}.")
+        if self.shift_patches < 0:
+            raise UsageError(f"--shift-patches cannot be negative, got {self.shift_patches}.")
+        if self.feature_weight < 0:
+            raise UsageError(f"--feature-weight cannot be negative, got {self.feature_weight}.")
+        if self.feature_weight and self.targets == "cached":
+            raise UsageError("--feature-weight needs the teacher's tokens on every view: use --targets online.")
         if self.workers < 0:
             raise UsageError(f"--workers cannot be negative, got {self.workers}.")
         return self
@@ -122,7 +138,7 @@ class DistillConfig:
         """JSON-able settings with the defaults resolved (what the run really used)."""
         out = asdict(self)
         out.update(optimizer=self.optimizer_name(), lr=self.learning_rate(quantized), weight_decay=self.decay(quantized),
-                   crop_scale=list(self.crop_scale))
+                   crop_scale=None if self.crop_scale is None else list(self.crop_scale))
         return out
 
 

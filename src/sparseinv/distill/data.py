@@ -1,16 +1,16 @@
-"""Training images for distillation, streamed from disk with fresh random crops every epoch.
+"""Training images for distillation, streamed from disk with fresh random augmentation every epoch.
 
 A run holds file names and kept-patch lists, never the pixels of the whole set: each
 step reads its batch from disk, so memory does not grow with the pool. Every image is
-cropped at random (area and aspect ratio as timm's training transform draws them) and
-maybe mirrored, drawn anew each epoch from a generator seeded by (seed, epoch, index):
-a resumed run, or one split over processes, sees exactly the crops an uninterrupted
-single process would.
+shifted and maybe mirrored at random (optionally first cropped, area and aspect ratio as
+timm's training transform draws them), drawn anew each epoch from a generator seeded by
+(seed, epoch, index): a resumed run, or one split over processes, sees exactly the views
+an uninterrupted single process would.
 
 A sparse image's stopped patches are black and carry nothing the teacher put there.
-The crop moves the kept patches off the patch grid, so after cropping each model is fed
-the ``num_keep`` grid cells most covered by kept pixels (the same count for every image,
-so batches stack), and nothing else.
+A shift or a crop moves the kept patches off the patch grid, so each model is fed the
+``num_keep`` grid cells most covered by kept pixels (the same count for every image, so
+batches stack), and nothing else.
 """
 
 from __future__ import annotations
@@ -101,25 +101,36 @@ def kept_pixel_mask(keep: Sequence[int], grid: tuple[int, int], height: int, wid
 
 
 class TrainImages(torch.utils.data.Dataset):
-    """``sources`` as (image, kept cells, index) samples, freshly cropped every epoch.
+    """``sources`` as (image, kept cells, index) samples, freshly augmented every epoch.
+
+    Each draw: a random-resized crop (if ``crop_scale`` is given), a random circular shift
+    by a whole number of patches, up to ``shift_patches`` each way, and a mirror with
+    probability one half. Whole patches, because inverted images are made on the patch
+    grid: the teacher keeps its label on its images shifted by whole patches, not always
+    on images shifted by a few pixels (``benchmarks/distill_augment.py``).
 
     Args:
         sources: The images (see :func:`pool_sources`, :func:`folder_sources`).
         size: (height, width) the models take.
         patch_size: The models' patch size, which the kept cells index.
         num_keep: Cells to feed per sparse image (``None``: images are fed whole).
-        crop_scale: Area range of the random crop (``(1, 1)``: no cropping).
-        flip: Mirror half of the crops.
+        crop_scale: Area range of the random crop (``None``: no cropping, the image resized whole).
+        shift_patches: Largest shift, in patches (0: none).
+        flip: Mirror half of the samples.
         seed: With the epoch (:meth:`set_epoch`) and the index, decides every draw.
     """
 
     def __init__(self, sources: Sequence[Source], size: tuple[int, int], patch_size: tuple[int, int], num_keep: int | None,
-                 crop_scale: tuple[float, float] = (0.25, 1.0), flip: bool = True, seed: int = 0) -> None:
+                 crop_scale: tuple[float, float] | None = None, shift_patches: int = 2, flip: bool = True, seed: int = 0) -> None:
         ensure_torchvision_importable()
         self.sources, self.size, self.patch_size, self.num_keep = list(sources), tuple(size), tuple(patch_size), num_keep
-        self.crop_scale, self.flip, self.seed = tuple(crop_scale), flip, seed
+        self.crop_scale = None if crop_scale is None else tuple(crop_scale)
+        self.shift_patches, self.flip, self.seed = shift_patches, flip, seed
         self.epoch = 0
-        self.augment = self.crop_scale != (1.0, 1.0) or flip
+
+    @property
+    def augment(self) -> bool:
+        return self.crop_scale is not None or self.shift_patches > 0 or self.flip
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -134,16 +145,21 @@ class TrainImages(torch.utils.data.Dataset):
         image = read_image(source.path)
         height, width = image.shape[1:]
         mask = kept_pixel_mask(source.keep, source.grid, height, width) if source.keep is not None else None
+        top, left, h, w, shift, mirror = 0, 0, height, width, (0, 0), False
         if self.augment:
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
-            top, left, h, w = crop_box(generator, height, width, self.crop_scale)
+            if self.crop_scale is not None:
+                top, left, h, w = crop_box(generator, height, width, self.crop_scale)
+            r = self.shift_patches
+            shift = tuple(int(torch.randint(-r, r + 1, (1,), generator=generator)) * p for p in self.patch_size)
             mirror = self.flip and bool(torch.randint(0, 2, (1,), generator=generator))
-        else:
-            top, left, h, w, mirror = 0, 0, height, width, False
         if (top, left, h, w) != (0, 0, height, width) or (height, width) != self.size:
             image = TF.resized_crop(image, top, left, h, w, list(self.size), antialias=True).clamp(0, 1)
             if mask is not None:
                 mask = TF.resized_crop(mask, top, left, h, w, list(self.size), antialias=True)
+        if shift != (0, 0):
+            image = torch.roll(image, shift, dims=(1, 2))
+            mask = torch.roll(mask, shift, dims=(1, 2)) if mask is not None else None
         if mirror:
             image = image.flip(-1)
             mask = mask.flip(-1) if mask is not None else None

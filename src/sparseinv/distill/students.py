@@ -61,14 +61,16 @@ def prepare_student(student: nn.Module, num_classes: int, mode: str, seed: int =
 
 
 def spread_blocks(depth: int, keep: int) -> list[int]:
-    """``keep`` block indices spread evenly over ``depth``, the last block always among them.
+    """``keep`` block indices spread evenly over ``depth``, starting with the first block.
 
-    12 -> 6 gives 1, 3, 5, 7, 9, 11 (every other block): the last block's output is what
-    the copied norm and head were trained to read.
+    12 -> 6 gives 0, 2, 4, 6, 8, 10 (every other block). The first block is the one that
+    reads the patch embedding; DeiT-Tiny's copy that keeps it agrees with the teacher on
+    held-out inverted images twice as often before training as the copy that keeps the
+    last block instead (3.1% vs 1.6%; on real images 14.5% vs 0.5%).
     """
     if not 1 <= keep <= depth:
         raise UsageError(f"--depth {keep} is out of range: the teacher has {depth} blocks.")
-    return [round((i + 1) * depth / keep) - 1 for i in range(keep)]
+    return [(i * depth) // keep for i in range(keep)]
 
 
 def shallow_copy(model: nn.Module, blocks: Sequence[int]) -> nn.Module:
@@ -212,6 +214,23 @@ class Feeder:
             tokens = keep.to(self.device) if keep is not None and self.takes_tokens else None
             return sparse_forward(self.model, x, tokens).logits
         return self.model(x)
+
+
+class FinalTokens:
+    """Records a ViT's final-norm output, every fed token, with a forward hook (register, read, remove)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.module, self.value, self._handle = model.norm, None, None
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.value = output
+
+    def __enter__(self) -> "FinalTokens":
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
 
 
 class StudentLogits(nn.Module):

@@ -23,6 +23,7 @@ and the averaged gradient are those of one process. Rank 0 evaluates and saves.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
@@ -42,6 +44,7 @@ from sparseinv.distill.config import DistillConfig, kd_loss
 from sparseinv.distill.data import Source, TrainImages, loader
 from sparseinv.distill.students import (
     Feeder,
+    FinalTokens,
     StudentLogits,
     clamp_step_sizes,
     end_qat,
@@ -110,7 +113,7 @@ class Images:
 def cached_targets(teacher: Feeder, images: TrainImages, batch_size: int = 64) -> torch.Tensor:
     """The teacher's logits on every image, un-augmented, each rank a slice (``targets="cached"``)."""
     plain = copy.copy(images)
-    plain.crop_scale, plain.flip, plain.augment = (1.0, 1.0), False, False
+    plain.crop_scale, plain.shift_patches, plain.flip = None, 0, False
     rank = distributed.current()
     per = -(-len(plain) // rank.world_size)
     mine = range(rank.rank * per, min(len(plain), (rank.rank + 1) * per))
@@ -143,27 +146,43 @@ def train_epoch(
     """
     total, seen = 0.0, 0
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", total=steps, disable=not progress, leave=False)
-    for step, (images, keep, index) in enumerate(bar):
-        factor = config.lr_factor(epoch + step / max(1, steps))
-        for group, base in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base * factor
-        keep = keep if keep.numel() else None
-        if targets is None:
-            with torch.no_grad():
-                t_logits = teacher.logits(images, keep)
-        else:
-            t_logits = targets[index]
-        s_logits = trained(images, keep)
-        loss = kd_loss(s_logits, t_logits.to(s_logits.device), config.temperature)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if after_step is not None:
-            after_step()
-        total += loss.item() * len(index)
-        seen += len(index)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+    features = config.feature_weight > 0
+    with contextlib.ExitStack() as stack:
+        if features:
+            teacher_tokens = stack.enter_context(FinalTokens(teacher.model))
+            student_tokens = stack.enter_context(FinalTokens(_unwrap(trained).student))
+        for step, (images, keep, index) in enumerate(bar):
+            factor = config.lr_factor(epoch + step / max(1, steps))
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * factor
+            keep = keep if keep.numel() else None
+            if targets is None:
+                with torch.no_grad():
+                    t_logits = teacher.logits(images, keep)
+            else:
+                t_logits = targets[index]
+            s_logits = trained(images, keep)
+            loss = kd_loss(s_logits, t_logits.to(s_logits.device), config.temperature)
+            if features:
+                loss = loss + config.feature_weight * F.mse_loss(student_tokens.value, teacher_tokens.value.to(s_logits.device))
+            total += _step(loss, optimizer, after_step) * len(index)
+            seen += len(index)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
     return total, seen
+
+
+def _unwrap(trained: nn.Module) -> nn.Module:
+    return trained.module if isinstance(trained, DistributedDataParallel) else trained
+
+
+def _step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, after_step: Callable[[], None] | None) -> float:
+    """One optimiser step on ``loss``; returns its value."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if after_step is not None:
+        after_step()
+    return loss.item()
 
 
 def evaluate_student(student: nn.Module, val, progress: bool = False) -> dict:
@@ -315,7 +334,11 @@ def distill(
     teacher_feed = Feeder(teacher, data.size, data.patch_size)
     student_feed = Feeder(student, data.size, data.patch_size)
     num_keep = data.num_keep if (teacher_feed.takes_tokens or student_feed.takes_tokens) else None
-    train_images = TrainImages(data.sources, data.size, data.patch_size, num_keep, config.crop_scale, config.flip, config.seed)
+    if config.feature_weight and not (student_feed.vit and student_feed.takes_tokens == teacher_feed.takes_tokens
+                                      and getattr(student, "embed_dim", None) == getattr(teacher, "embed_dim", None)):
+        raise UsageError("--feature-weight compares final tokens: it needs a ViT student as wide as the teacher, on the same patch grid.")
+    train_images = TrainImages(data.sources, data.size, data.patch_size, num_keep, config.crop_scale, config.shift_patches, config.flip,
+                               config.seed)
 
     settings = {"config": config.record(quantized), "images": data.names or [str(s.path) for s in data.sources],
                 "student": student_name, "teacher": teacher_name, "quantized": quantized}
