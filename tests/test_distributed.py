@@ -122,7 +122,9 @@ def test_a_killed_rank_loses_only_its_batch_and_any_process_count_finishes(setup
 def test_distributed_distillation_trains_the_weights_one_process_does(setup, mode):
     ckpt = setup["ckpt"]
     args = ["distill", "--teacher", f"test_vit:{setup['other']}", "--student", f"test_vit:{ckpt}", "--pool", str(setup["reference"]),
-            "--mode", mode, "--epochs", "2", "--batch-size", "4", "--lr", "0.05", "--quiet", "--allow-other-weights",
+            "--mode", mode, "--epochs", "2", "--batch-size", "4", "--quiet", "--allow-other-weights",
+            # a fresh head moves slowly at T = 20 (its gradient is the softmax difference over T)
+            "--lr", "0.05" if mode == "full" else "0.5",
             # SGD: Adam's normalised step turns float-rounding noise in near-zero gradients into whole steps
             "--optimizer", "sgd"]
     one, two = setup["root"] / f"one-{mode}.safetensors", setup["root"] / f"two-{mode}.safetensors"
