@@ -54,7 +54,8 @@ def main() -> None:
     plain = None
     for name, kwargs in kinds.items():
         data = TrainImages(sources, (224, 224), (16, 16), pool.num_kept, seed=0, **kwargs)
-        x, keep, _ = (torch.stack(t) for t in zip(*[data[i] for i in range(N)]))
+        samples = [data[i] for i in range(N)]
+        x, keep = torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
         plain = (x, keep) if plain is None else plain
         with torch.no_grad():
             rows[name] = {"tokens": 100.0 * float((feed.logits(x, keep).argmax(1) == labels).float().mean()),
