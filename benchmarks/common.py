@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,11 +41,7 @@ POOL_ITERATIONS = 400
 
 def scaled_schedule(iterations: int) -> PruneSchedule:
     """The reference stop steps scaled by ``iterations / 4000``, so each phase keeps its share of the run."""
-    reference = PruneSchedule.reference()
-    steps = tuple(max(1, round(s * iterations / 4000)) for s in reference.steps)
-    for i in range(1, len(steps)):  # keep them strictly increasing at tiny lengths
-        steps = steps[:i] + (max(steps[i], steps[i - 1] + 1),) + steps[i + 1 :]
-    return PruneSchedule(steps, reference.ratios)
+    return PruneSchedule.reference(iterations)
 
 
 def pool_config(sparse: bool, num_images: int = 32, batch_size: int = 32, iterations: int = POOL_ITERATIONS,
@@ -89,6 +86,7 @@ def write_results(name: str, payload: dict) -> Path:
     """Write ``benchmarks/results/<name>.json`` with the command and machine stamped in."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"command": "python " + " ".join(sys.argv), "machine": machine(), **payload}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    payload = {"command": "python " + " ".join(sys.argv), "machine": machine(), "commit": commit, **payload}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -1,29 +1,32 @@
-"""Data-free knowledge transfer from the ImageNet DeiT-Tiny: compression and quantized students.
+"""Data-free knowledge transfer: the paper's protocol, compression and quantized students.
 
-    python benchmarks/distill.py [--steps 400] [--protocols compression quantized]
+    python benchmarks/distill.py [--steps 400] [--protocols paper compression quantized]
 
-Teacher: the real ImageNet DeiT-Tiny (1000 classes). Two protocols share one set of pools,
-inverted from it over all 1000 classes (400 steps, the reference stops scaled to them,
-``precision=auto``, last-phase masks; the first N images of the 512-image pool are the
-N-image pool, since batches are seeded by index):
-
-* compression: the student is the teacher's 6-block copy (blocks 1, 3, ..., 11,
-  initialised from the teacher), trained with AdamW on the teacher's online soft labels;
-* quantized: the student is the default W4/A4 (and W4/A8) ``recon`` model calibrated on
-  the pool's first 32 images, then trained against the teacher (straight-through
-  weights, learned step sizes).
-
-Each is taught from: sparse pools of 32, 128 and 512 images; a dense pool of 128 images
-(equal images); as many sparse images as dense inversion's 128 took time to make (equal
-inversion time); Gaussian noise (floor); and train100's real images (a reference that
-covers exactly the ten evaluated classes, so it flatters itself). Every cell trains the
+Three protocols, each taught from sparse inverted images against Gaussian noise (floor),
+dense inversion at equal images and at equal inversion time, and real images (ceiling).
+Pools are inverted with 400 steps (the reference stops scaled to them), ``precision=auto``
+and last-phase masks, over all of the teacher's classes; the first N images of a pool are
+the N-image pool, since batches are seeded by index. Every cell of a protocol trains the
 same number of steps, so rows differ only by their images.
 
-Reported per cell: 1000-way top-1 on the first ``--per-class`` val images of each
-Imagenette class, the student's top-1 agreement with the teacher on 64 fresh inverted
-images of all classes (another seed, never trained on), training seconds, and for the
-compression student its images/s against the teacher's. Cells are cached in
-``benchmarks/cache/distill_cells/``; a rerun measures only what is missing.
+* paper: a 10-class Imagenette teacher fine-tuned end to end from the ImageNet DeiT-Tiny
+  on train100 (``make_teacher.py``); the student is the ImageNet DeiT-Tiny with its
+  backbone frozen under a fresh 10-way head (linear probe); 10-way top-1 on val. Its own
+  pools: sparse (up to dense 128's inversion time), dense 128, held-out sparse 64.
+* compression: teacher the ImageNet DeiT-Tiny (1000 classes); the student its 6-block copy
+  (blocks 0, 2, ..., 10, initialised from the teacher), trained with AdamW on the
+  teacher's online soft labels; 1000-way top-1;
+* quantized: the student is the default W4/A4 (and W4/A8) ``recon`` model calibrated on
+  the pool's first 32 images, then trained against the teacher (straight-through weights,
+  learned step sizes). Compression and quantized share the ImageNet teacher's pools:
+  sparse 512 (cells of 32, 128, 512), a second seed of 128, dense 128, held-out 64.
+
+Real images are train100's, which cover exactly the ten evaluated classes and so flatter
+the 1000-way protocols. Reported per cell: top-1 on the first ``--per-class`` val images of
+each Imagenette class, the student's top-1 agreement with the teacher on fresh held-out
+inverted images of all the teacher's classes (another seed, never trained on), training
+seconds, and for the compression student its images/s against the teacher's. Cells are
+cached in ``benchmarks/cache/distill_cells/``; a rerun measures only what is missing.
 """
 
 from __future__ import annotations
@@ -33,19 +36,18 @@ import copy
 import json
 import math
 import statistics
-import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, RESULTS, TRAIN100, ensure_pool, pool_config, scaled_schedule, write_results
+from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, RESULTS, SYNSETS, TRAIN100, ensure_pool, pool_config, scaled_schedule, write_results
 from PIL import Image
 from quantization import val_subset
 
 from sparseinv import load_model, sparse_forward
-from sparseinv.data import ImageFolder, evaluate_tensors
+from sparseinv.data import ImageFolder, evaluate_tensors, read_class_index
 from sparseinv.distill import DistillConfig, Images, distill, folder_sources, shallow_copy, spread_blocks
 from sparseinv.distill.data import Source
 from sparseinv.models import vit_info
@@ -56,27 +58,44 @@ SIZES = (32, 128, 512)
 BATCH = 32
 TRAINED_ON_32 = 32  # calibration images of the post-training start
 QAT_LRS = (2e-5, 1e-4)  # candidate learning rates of the quantized student
+# Dense inversion's batches took 3.1x sparse's on this benchmark's ImageNet pools (medians of
+# 195 s and 62 s per 32), so 384 sparse images cover dense 128's time; the cell takes as many
+# of them as the 10-class pools' own timings allow.
+PAPER_SPARSE = 384
 
 
-def pools() -> dict[str, Path]:
-    """The cached pools every cell draws from (made here if missing; resumable)."""
-    def cfg(sparse: bool, n: int, seed: int):
-        base = pool_config(sparse=sparse, num_images=n, batch_size=32, seed=seed)
-        return replace(base, schedule=scaled_schedule(400) if sparse else base.schedule, precision="auto", final_mask="last-phase")
+def _config(sparse: bool, n: int, seed: int):
+    base = pool_config(sparse=sparse, num_images=n, batch_size=32, seed=seed)
+    return replace(base, schedule=scaled_schedule(400) if sparse else base.schedule, precision="auto", final_mask="last-phase")
 
-    model = load_model(DEIT_TINY, DEIT_TINY_CKPT)
-    wanted = {"sparse": ("kt_sparse_512_s0", cfg(True, 512, 0)), "sparse_s1": ("kt_sparse_128_s1", cfg(True, 128, 1)),
-              "dense": ("kt_dense_128_s0", cfg(False, 128, 0)), "heldout": ("kt_sparse_64_s7", cfg(True, 64, 7))}
+
+def cached_pools(wanted: dict[str, tuple[str, object]], checkpoint: Path) -> dict[str, Path]:
+    """Make (or reuse, resumably) each pool; a cached pool is reused only if made with the same settings."""
+    model = load_model(DEIT_TINY, checkpoint)
     out = {}
     for key, (name, config) in wanted.items():
         path = CACHE / "pools" / name
         run_file = path / "run.json"
-        if run_file.is_file():  # a cached pool is reused only if it was made with these settings
+        if run_file.is_file():
             recorded = json.loads(run_file.read_text())["settings"]
             if recorded != config.record():
                 raise SystemExit(f"cached pool {path} was made with other settings; delete it to remake it.")
-        out[key] = ensure_pool(name, DEIT_TINY, DEIT_TINY_CKPT, config, model)
+        out[key] = ensure_pool(name, DEIT_TINY, checkpoint, config, model)
     return out
+
+
+def pools() -> dict[str, Path]:
+    """The ImageNet teacher's pools every compression and quantized cell draws from."""
+    return cached_pools({"sparse": ("kt_sparse_512_s0", _config(True, 512, 0)), "sparse_s1": ("kt_sparse_128_s1", _config(True, 128, 1)),
+                         "dense": ("kt_dense_128_s0", _config(False, 128, 0)), "heldout": ("kt_sparse_64_s7", _config(True, 64, 7))},
+                        DEIT_TINY_CKPT)
+
+
+def paper_pools(checkpoint: Path) -> dict[str, Path]:
+    """The 10-class teacher's pools: sparse up to dense 128's inversion time, dense 128, held-out 64."""
+    return cached_pools({"dense": ("kt10_dense_128_s0", _config(False, 128, 0)),
+                         "sparse": (f"kt10_sparse_{PAPER_SPARSE}_s0", _config(True, PAPER_SPARSE, 0)),
+                         "heldout": ("kt10_sparse_64_s7", _config(True, 64, 7))}, checkpoint)
 
 
 def noise_images(n: int) -> Path:
@@ -109,15 +128,17 @@ def inversion_seconds(pool: Path, n: int) -> float:
     return statistics.median(times) * math.ceil(n / 32)
 
 
-def cells(p: dict[str, Path]) -> dict[str, tuple[Images, float | None]]:
+def cells(p: dict[str, Path], sizes=SIZES, seed1: bool = True) -> dict[str, tuple[Images, float | None]]:
     """name -> (training images, their inversion seconds)."""
     dense_seconds = inversion_seconds(p["dense"], 128)
-    per_sparse = inversion_seconds(p["sparse"], 512) / 512
-    equal_time = min(512, int(dense_seconds / per_sparse) // 32 * 32)
-    out = {f"sparse {n}": (sparse_images(p["sparse"], n), inversion_seconds(p["sparse"], n)) for n in SIZES}
+    available = len(open_pool(p["sparse"]).entries)
+    per_sparse = inversion_seconds(p["sparse"], available) / available
+    equal_time = min(available, int(dense_seconds / per_sparse) // 32 * 32)
+    out = {f"sparse {n}": (sparse_images(p["sparse"], n), inversion_seconds(p["sparse"], n)) for n in sizes}
     out["dense 128"] = (Images.from_pools([open_pool(p["dense"])]), dense_seconds)
     out[f"sparse {equal_time} (= dense 128's time)"] = (sparse_images(p["sparse"], equal_time), inversion_seconds(p["sparse"], equal_time))
-    out["sparse 128 seed 1"] = (sparse_images(p["sparse_s1"], 128), inversion_seconds(p["sparse_s1"], 128))
+    if seed1:
+        out["sparse 128 seed 1"] = (sparse_images(p["sparse_s1"], 128), inversion_seconds(p["sparse_s1"], 128))
     out["noise 128"] = (dense_sources([Source(f) for f in sorted(noise_images(128).glob("*.png"))], "gaussian noise"), None)
     out["real train100 (1000)"] = (dense_sources(folder_sources(ImageFolder.scan(TRAIN100)), "train100"), None)
     return out
@@ -161,9 +182,9 @@ def repeated(images: Images) -> Images:
     return replace(images, sources=(images.sources * math.ceil(ENTRIES / n))[: max(ENTRIES, n)])
 
 
-def train_config(steps: int, entries: int, **overrides) -> DistillConfig:
+def train_config(steps: int, entries: int, mode: str = "full", **overrides) -> DistillConfig:
     epochs = max(1, round(steps * BATCH / entries))
-    return DistillConfig(mode="full", epochs=epochs, batch_size=BATCH, **overrides)
+    return DistillConfig(mode=mode, epochs=epochs, batch_size=BATCH, **overrides)
 
 
 def quantized_start(teacher, p: dict[str, Path], w_bits: int, a_bits: int):
@@ -189,13 +210,15 @@ def run_cell(name: str, protocol: str, images: Images, teacher, p, val, steps: i
         return json.loads(cache.read_text())
     if protocol == "compression":
         student = shallow_copy(teacher, spread_blocks(len(teacher.blocks), 6))
+    elif protocol == "paper":
+        student = load_model(DEIT_TINY, DEIT_TINY_CKPT)  # the ImageNet backbone, frozen, under a fresh head
     else:
         student = quantized_start(teacher, p, *bits)
     out = CACHE / "distill_cells" / key / "student.safetensors"
     for stale in out.parent.glob("student.*"):
         stale.unlink()
     data = repeated(images)
-    config = train_config(steps, len(data.sources), **overrides)
+    config = train_config(steps, len(data.sources), "linear-probe" if protocol == "paper" else "full", **overrides)
     start = time.perf_counter()
     summary = distill(teacher, student, data, config, out, teacher_name=DEIT_TINY, student_name=DEIT_TINY, progress=False)
     seconds = time.perf_counter() - start
@@ -208,6 +231,24 @@ def run_cell(name: str, protocol: str, images: Images, teacher, p, val, steps: i
     cache.write_text(json.dumps(result, indent=2))
     print(f"{protocol} {name}: top-1 {result['top1']:.1f}, agreement {result['agreement']:.1f} ({seconds:.0f} s)", flush=True)
     return result
+
+
+def paper_protocol(imagenet_teacher, val, steps: int) -> dict:
+    """(a): a 10-class teacher fine-tuned end to end; the ImageNet backbone frozen under a fresh 10-way head."""
+    import make_teacher
+
+    meta = make_teacher.main(val)
+    teacher = load_model(DEIT_TINY, make_teacher.TEACHER_CKPT)
+    p = paper_pools(make_teacher.TEACHER_CKPT)
+    val10 = (val[0], make_teacher.ten_way(val[1], meta["classes"]))
+    # Reference: the ImageNet model's own head restricted to the ten classes (no training at all).
+    rows = torch.tensor([read_class_index(SYNSETS)[c] for c in meta["classes"]])
+    with torch.no_grad():
+        own = torch.cat([imagenet_teacher(val[0][i : i + 100])[:, rows].argmax(1) for i in range(0, len(val[0]), 100)])
+    out = {"teacher": meta, "imagenet_head_ten_rows_top1": 100.0 * float((own == val10[1]).float().mean()), "rows": []}
+    for name, (images, seconds) in cells(p, sizes=(128,), seed1=False).items():
+        out["rows"].append({**run_cell(name, "paper", images, teacher, p, val10, steps), "inversion_seconds": seconds})
+    return out
 
 
 def onnx_check(teacher, quantized_file: Path, val) -> dict:
@@ -232,7 +273,11 @@ def markdown(payload: dict) -> str:
         for row in rows:
             inv = "" if row.get("inversion_seconds") is None else f"{row['inversion_seconds']:.0f}"
             lines.append(f"| {row['cell']} | {inv} | {row['top1']:.1f} | {row['agreement']:.1f} | {row['train_seconds']:.0f} |")
-        extra = payload.get("start", {}).get(protocol)
+        if protocol == "paper" and "paper" in payload:
+            a = payload["paper"]
+            lines += ["", f"10-way top-1. Teacher (fine-tuned end to end on train100): {a['teacher'].get('val_top1', float('nan')):.1f}; "
+                          f"the ImageNet model's own head restricted to the ten classes, untrained: {a['imagenet_head_ten_rows_top1']:.1f}."]
+        extra = (payload.get("start") or {}).get(protocol)
         if extra:
             lines += ["", "Starting points: " + ", ".join(f"{k} top-1 {v['top1']:.1f}, agreement {v['agreement']:.1f}" for k, v in extra.items())]
         lines.append("")
@@ -260,20 +305,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=400, help="training steps of 32 images per cell")
     parser.add_argument("--per-class", type=int, default=100, help="val images per Imagenette class")
-    parser.add_argument("--protocols", nargs="+", default=["compression", "quantized"], choices=["compression", "quantized"])
+    parser.add_argument("--protocols", nargs="+", default=["paper", "compression", "quantized"], choices=["paper", "compression", "quantized"])
     parser.add_argument("--quantized-cells", nargs="*", help="the quantized protocol's cells (by name; default: every cell)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    p = pools()
     teacher = load_model(DEIT_TINY, DEIT_TINY_CKPT)
     val = val_subset(teacher, args.per_class)
     payload = {"steps": args.steps, "val_images": len(val[1]), "teacher_top1": evaluate_tensors(teacher, *val, progress=False)["top1"],
                "teacher_images_per_second": images_per_second(teacher), "protocols": {}, "start": {},
-               "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
                "scaled_down": "400 inversion steps instead of 4000; pools of at most 512 images; a fixed number of training steps per cell"}
+    payload["choices"] = {}
+    old = json.loads((RESULTS / "distill.json").read_text()) if (RESULTS / "distill.json").is_file() else {}
+    for kept in ("paper", "compression", "quantized"):  # protocols not measured this run keep their rows
+        if kept not in args.protocols and kept in old.get("protocols", {}):
+            payload["protocols"][kept] = old["protocols"][kept]
+            payload["start"][kept] = old.get("start", {}).get(kept)
+    if "paper" in args.protocols:
+        payload["paper"] = paper_protocol(teacher, val, args.steps)
+        payload["protocols"]["paper"] = payload["paper"].pop("rows")
+    if not {"compression", "quantized"} & set(args.protocols):
+        write_results("distill", {**old, **payload})
+        (RESULTS / "distill.md").write_text(markdown({**old, **payload, "command": "python benchmarks/distill.py"}))
+        return
+    p = pools()
     all_cells = cells(p)
     chosen = all_cells
-    payload["choices"] = {}
     if "compression" in args.protocols:
         six = shallow_copy(teacher, spread_blocks(len(teacher.blocks), 6))
         payload["start"]["compression"] = {"6-block copy": {"top1": evaluate_tensors(six, *val, progress=False)["top1"],

@@ -12,7 +12,7 @@ from sparseinv import UsageError, read_pool, sparse_forward, vit_info
 from sparseinv.cli import main
 from sparseinv.models import timm
 
-TINY = ["--model", "test_vit", "--random-weights", "--iterations", "4", "--num-images", "2", "--batch-size", "2", "--quiet"]
+TINY = ["--model", "test_vit", "--random-weights", "--iterations", "8", "--num-images", "2", "--batch-size", "2", "--quiet"]
 
 
 def _fails(capsys, argv, message):
@@ -26,7 +26,7 @@ def _fails(capsys, argv, message):
     "extra, message",
     [
         (["--prune-at", "3", "2", "--prune-ratio", "0.3", "0.3"], "strictly increasing"),
-        (["--prune-at", "2", "4", "--prune-ratio", "0.3", "0.3"], "must lie in 1..3"),
+        (["--prune-at", "2", "8", "--prune-ratio", "0.3", "0.3"], "must lie in 1..7"),
         (["--prune-at", "2", "--prune-ratio", "1.0"], "[0, 1)"),
         (["--prune-at", "1", "2", "--prune-ratio", "0.3"], "one ratio per step"),
         (["--classes", "1000"], "unknown class index 1000"),
@@ -97,3 +97,32 @@ def test_real_deit_tiny_sparse_pool(capsys, tmp_path, deit_tiny):
     with torch.no_grad():
         probs = sparse_forward(deit_tiny, x, pool.kept_patches).logits.softmax(1)
     assert torch.allclose(probs[torch.arange(2), pool.labels], pool.target_prob, atol=1e-4)
+
+
+def test_invert_is_sparse_by_default_with_the_reference_schedule_scaled_to_the_run(capsys, tmp_path):
+    sparse, dense = tmp_path / "sparse", tmp_path / "dense"
+    assert main(["invert", *TINY, "--out", str(sparse)]) == 0
+    assert "sparse inversion" in capsys.readouterr().out
+    settings = json.loads((sparse / "run.json").read_text())["settings"]
+    assert settings["schedule"] == {"steps": [1, 2, 3, 4], "ratios": [0.3] * 4}  # 50/100/200/300 of 4000, at 8 steps
+    assert main(["invert", *TINY, "--dense", "--out", str(dense)]) == 0
+    assert "dense inversion" in capsys.readouterr().out
+    assert json.loads((dense / "run.json").read_text())["settings"]["schedule"] == {"steps": [], "ratios": []}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dense", "--prune-at", "2", "--prune-ratio", "0.5"], "takes no --prune-at"),
+    (["--iterations", "4"], "too short for the reference schedule"),
+    (["--classes", "crane"], "ambiguous"),
+    (["--num-classes", "10", "--classes", "tench"], "have none: give class indices"),
+])
+def test_schedule_and_class_mistakes_are_refused(capsys, tmp_path, extra, message):
+    out = tmp_path / "pool"
+    _fails(capsys, ["invert", *TINY, "--out", str(out), *extra], message)
+    assert not out.exists()
+
+
+def test_classes_by_imagenet_name_and_synset(capsys, tmp_path):
+    out = tmp_path / "pool"
+    assert main(["invert", *TINY, "--out", str(out), "--classes", "tench", "n01443537"]) == 0
+    assert read_pool(out).labels.tolist() == [0, 1]

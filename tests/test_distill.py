@@ -205,20 +205,20 @@ def test_a_cnn_student_learns_from_a_dense_pool(files, tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses  # it learns the teacher's outputs on its images
 
 
-def test_cli_val_class_index_and_limit(files, tmp_path, capsys):
-    """--val-class-index maps folders to the teacher's classes; a folder missing from it is refused."""
+def test_cli_val_class_map_and_limit(files, tmp_path, capsys):
+    """--val-class-map maps folders to the teacher's classes; a folder missing from it is refused."""
     val = _val_folder(tmp_path / "val")
     index = tmp_path / "index.txt"
     index.write_text("".join(f"class{c} name\n" for c in reversed(range(TEACHER_CLASSES))))
     out = tmp_path / "student.safetensors"
     argv = ["distill", "--teacher", f"test_vit:{files['teacher']}", "--student", f"test_vit:{files['student']}",
             "--pool", files["pool"], "--epochs", "1", "--batch-size", "2", "--val", val,
-            "--val-class-index", str(index), "--val-limit-per-class", "1", "--out", str(out), "--quiet"]
+            "--val-class-map", str(index), "--val-limit-per-class", "1", "--out", str(out), "--quiet"]
     assert main(argv) == 0
     assert json.loads((tmp_path / "student.json").read_text())["history"][0]["val_top1"] is not None
     index.write_text("class0 name\n")
     err = _refused(capsys, argv)
-    assert "not in the class index" in err
+    assert "not in the class map" in err
 
 
 def test_cli_depth_student_is_the_teachers_shallow_copy_and_evaluates(files, tmp_path, capsys):

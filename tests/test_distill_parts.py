@@ -28,6 +28,8 @@ from sparseinv.distill import (
     start_qat,
 )
 from sparseinv.distill import data as distill_data
+from sparseinv.distill.students import feature_loss, matched_blocks
+from sparseinv.inversion.sparse_forward import OutputRecorder
 from sparseinv.errors import UsageError
 from sparseinv.models import timm
 from sparseinv.pool import open_pool
@@ -63,6 +65,7 @@ def teacher_of(setup):
                     loss=InversionLoss(ce=0.5, tv_l2=2e-4, tv_l1=1e-5, l2=1e-6), classes=(3, 1), jitter=0.25, flip=False,
                     precision="bf16", final_mask="rescore"),
     InversionConfig(precision="auto", final_mask="last-phase", schedule=PruneSchedule.reference()),
+    InversionConfig(schedule=PruneSchedule.reference(400), iterations=400, color_shift=0.5, loss=InversionLoss(patch_entropy=0.1)),
 ])
 def test_inversion_config_round_trips_through_its_record(config):
     back = InversionConfig.from_record(json.loads(json.dumps(config.record())))
@@ -76,6 +79,13 @@ def test_a_record_from_before_precision_and_final_mask_reads_as_fp32_rescore():
     assert (back.precision, back.final_mask) == ("fp32", "last-phase")  # last-phase is recorded; absent means rescore
     del record["final_mask"]
     assert InversionConfig.from_record(record).final_mask == "rescore"
+
+
+def test_priors_that_are_off_leave_the_record_as_it_was_before_they_existed():
+    record = InversionConfig().record()
+    assert "color_shift" not in record and "patch_entropy" not in record["loss"]  # old pools still match and continue
+    on = InversionConfig(color_shift=0.25, loss=InversionLoss(patch_entropy=0.1)).record()
+    assert on["color_shift"] == 0.25 and on["loss"]["patch_entropy"] == 0.1
 
 
 def test_a_record_with_extra_loss_terms_or_a_missing_setting_is_refused():
@@ -337,25 +347,53 @@ def test_a_fine_tuned_checkpoint_loads_with_its_own_class_count(tmp_path, wrap):
     assert torch.equal(model.head.weight, expected)  # the EMA weights where there are some
 
 
-def test_the_feature_term_matches_final_tokens_and_is_refused_where_it_cannot(setup, tmp_path):
+@pytest.mark.parametrize("layers", ["final", "blocks"])
+def test_the_feature_term_matches_tokens_and_is_refused_where_it_cannot(setup, tmp_path, layers):
     teacher = teacher_of(setup)
-    # A student that is the teacher itself: logits and final tokens agree, both terms are zero.
+    # A student that is the teacher itself: logits and tokens agree, both terms are zero.
     same = copy.deepcopy(teacher)
-    summary = distill(teacher, same, setup["pool"], DistillConfig(mode="full", epochs=1, batch_size=3, feature_weight=1.0),
-                      tmp_path / "same.safetensors", progress=False)
+    config = DistillConfig(mode="full", epochs=1, batch_size=3, feature_weight=1.0, feature_layers=layers)
+    summary = distill(teacher, same, setup["pool"], config, tmp_path / "same.safetensors", progress=False)
     assert summary["history"][0]["loss"] == pytest.approx(0.0, abs=1e-6)
     # A shallower copy: the feature term adds to the loss and changes what is learned.
     losses, heads = {}, {}
     for weight in (0.0, 1.0):
         student = shallow_copy(teacher, [0, 3])
-        summary = distill(teacher, student, setup["pool"], DistillConfig(mode="full", epochs=1, batch_size=3, feature_weight=weight),
+        summary = distill(teacher, student, setup["pool"], replace(config, feature_weight=weight),
                           tmp_path / f"w{weight}.safetensors", progress=False)
         losses[weight], heads[weight] = summary["history"][0]["loss"], student.blocks[1].mlp.fc2.weight.detach().clone()
     assert losses[1.0] > losses[0.0] and not torch.equal(heads[0.0], heads[1.0])
     with pytest.raises(UsageError, match="--targets online"):
         DistillConfig(feature_weight=1.0, targets="cached").validate()
+    with pytest.raises(UsageError, match="--feature-layers"):
+        DistillConfig(feature_layers="middle").validate()
     torch.manual_seed(0)
     narrow = timm.create_model("test_vit", embed_dim=32, num_heads=2, num_classes=5).eval()
     with pytest.raises(UsageError, match="as wide as the teacher"):
         distill(teacher, narrow, setup["pool"], DistillConfig(mode="full", epochs=1, feature_weight=1.0), tmp_path / "n.safetensors",
                 progress=False)
+
+
+def test_block_matching_pairs_each_student_block_with_the_teacher_depth_it_stands_for():
+    assert matched_blocks(6, 12) == [1, 3, 5, 7, 9, 11]  # the every-other-block copy: block and the dropped one after it
+    assert matched_blocks(12, 12) == list(range(12))
+    assert matched_blocks(4, 12) == [2, 5, 8, 11]
+    assert matched_blocks(1, 12) == [11]
+
+
+def test_block_tokens_record_the_residual_stream_after_each_block_and_the_loss_is_relative():
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=5).eval()
+    x = torch.randn(2, 3, *model.patch_embed.img_size)
+    with OutputRecorder.blocks(model) as every, OutputRecorder.blocks(model, [len(model.blocks) - 1]) as last, torch.no_grad():
+        tokens = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        for block in model.blocks:
+            tokens = block(tokens)
+    assert len(every.values) == len(model.blocks)
+    assert torch.equal(every.values[-1], tokens) and torch.equal(last.values[0], tokens)
+    # Relative: scaling both sides by 10 leaves the loss unchanged; a student off by 10% of the teacher scores 0.01.
+    a, b = OutputRecorder([]), OutputRecorder([])
+    a.values, b.values = [tokens * 1.1], [tokens]
+    assert float(feature_loss(a, b)) == pytest.approx(0.01, rel=1e-4)
+    a.values, b.values = [tokens * 11.0], [tokens * 10.0]
+    assert float(feature_loss(a, b)) == pytest.approx(0.01, rel=1e-4)

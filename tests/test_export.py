@@ -126,7 +126,7 @@ def test_cli_export_and_evaluate_onnx(tmp_path, capsys, files):
     data = tmp_path / "images"
     from PIL import Image
 
-    for i, name in enumerate(("a", "b")):
+    for i, name in enumerate(("n01440764", "n01443537")):
         (data / name).mkdir(parents=True)
         Image.new("RGB", (160, 160), (60 * i, 90, 200)).save(data / name / "0.png")
     common = ["--model", "test_vit", "--checkpoint", str(files["ckpt"]), "--data", str(data), "--quiet"]
@@ -164,10 +164,10 @@ def test_cli_export_refuses_another_models_file_and_unwritable_out(tmp_path, cap
 def test_evaluate_refuses_a_damaged_onnx_file(tmp_path, capsys, files):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not an onnx model")
-    (tmp_path / "images" / "a").mkdir(parents=True)
+    (tmp_path / "images" / "n01440764").mkdir(parents=True)
     from PIL import Image
 
-    Image.new("RGB", (160, 160)).save(tmp_path / "images" / "a" / "0.png")
+    Image.new("RGB", (160, 160)).save(tmp_path / "images" / "n01440764" / "0.png")
     argv = ["evaluate", "--model", "test_vit", "--checkpoint", str(files["ckpt"]), "--data", str(tmp_path / "images"), "--onnx", str(bad)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

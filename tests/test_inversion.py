@@ -233,14 +233,43 @@ def test_kept_pixels_keep_their_adam_moments_across_a_stop(tiny_vit):
     assert ((moved - 0.01).abs() < 1e-5).float().mean() < 0.5
 
 
-def test_fed_patch_gradient_equals_the_whole_image_gradient(tiny_vit, monkeypatch):
-    """The fast path (gradient through the kept pixels each fed cell shows, after the roll and
-    flip) and the plain one (through the whole augmented image and the patch convolution)
-    make the same images: a wrong roll, flip or patch lookup would not."""
-    config = _config(iterations=12, schedule=PruneSchedule((3, 6), (0.4, 0.4)), lr=0.05)
+@pytest.mark.parametrize("color_shift", [0.0, 0.5])
+def test_fed_patch_gradient_equals_the_whole_image_gradient(tiny_vit, monkeypatch, color_shift):
+    """The fast path (gradient through the kept pixels each fed cell shows, after the roll,
+    flip and colour shift) and the plain one (through the whole augmented image and the patch
+    convolution) make the same images: a wrong roll, flip, shift or patch lookup would not."""
+    config = _config(iterations=12, schedule=PruneSchedule((3, 6), (0.4, 0.4)), lr=0.05, color_shift=color_shift)
     fast = invert_batch(tiny_vit, torch.tensor([3, 4]), config, seed=2, progress=False)
     monkeypatch.setattr(inversion, "_patch_projection", lambda model: None)
     plain = invert_batch(tiny_vit, torch.tensor([3, 4]), config, seed=2, progress=False)
     assert torch.equal(fast.kept_patches, plain.kept_patches)
     assert (fast.images - plain.images).abs().max() <= 1.5 / 255  # rounding at most one 8-bit level
     assert (fast.images != plain.images).float().mean() < 0.01
+
+
+def test_priors_change_the_images_and_leave_the_default_run_alone(tiny_vit):
+    """The colour shift and the patch-similarity prior each change what is made; a run with
+    both off makes exactly the images it made before they existed (same random stream)."""
+    labels = torch.tensor([3, 4])
+    base = invert_batch(tiny_vit, labels, _config(), seed=2, progress=False)
+    again = invert_batch(tiny_vit, labels, _config(color_shift=0.0, loss=InversionLoss(patch_entropy=0.0)), seed=2, progress=False)
+    assert torch.equal(base.images, again.images)
+    for changed in (_config(color_shift=0.5), _config(loss=InversionLoss(patch_entropy=1.0))):
+        other = invert_batch(tiny_vit, labels, changed, seed=2, progress=False)
+        assert other.images.shape == base.images.shape and not torch.equal(other.images, base.images)
+
+
+def test_patch_entropy_prior_rewards_a_spread_of_similarities():
+    from sparseinv.inversion.losses import patch_similarity_entropy
+
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(2, 1 + 30, 16, generator=g)  # one class token, 30 patch tokens
+    alike = spread[:, :1].expand(-1, 31, -1) + 0.01 * torch.randn(2, 31, 16, generator=g)
+    assert (patch_similarity_entropy(spread, 1) > patch_similarity_entropy(alike, 1) + 1).all()
+    # Only patch tokens count: changing the class token changes nothing.
+    moved = spread.clone()
+    moved[:, 0] += 5
+    assert torch.equal(patch_similarity_entropy(moved, 1), patch_similarity_entropy(spread, 1))
+    tokens = spread.clone().requires_grad_(True)
+    patch_similarity_entropy(tokens, 1).sum().backward()
+    assert tokens.grad[:, 1:].abs().sum() > 0 and tokens.grad[:, 0].abs().sum() == 0

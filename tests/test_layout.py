@@ -1,9 +1,13 @@
-"""The package's layout: no module imports, at any depth (local imports included), one that imports it back."""
+"""The package's layout: no module imports, at any depth (local imports included), one that imports it back; the command line's parser imports no torch."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import sparseinv
 
@@ -66,3 +70,12 @@ def test_subpackages_hold_their_concepts():
         assert f"sparseinv.distill.{name}" in graph
     # Only the rounds loop calls the inverter; the training loop never does.
     assert not any(t.startswith("sparseinv.inversion.loop") or t == "sparseinv.inversion" for t in graph["sparseinv.distill.train"])
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["invert", "--help"], ["distill", "--help"], ["quantize"], ["evaluate", "--model"]])
+def test_help_and_argument_errors_never_import_torch(argv):
+    """`sparseinv --help` and a mistyped command answer at once: torch and timm load only for real work."""
+    code = (f"import sys\nfrom sparseinv.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', sorted(m for m in ('torch', 'timm', 'numpy', 'PIL') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "LOADED []" in done.stdout, done.stdout[-500:] + done.stderr[-500:]

@@ -25,7 +25,7 @@ def ten_classes(tmp_path_factory):
 
 
 def test_a_fine_tuned_checkpoint_inverts_from_the_command_line(ten_classes, tmp_path):
-    assert main(["invert", "--model", "test_vit", "--checkpoint", str(ten_classes), "--iterations", "2", "--num-images", "2",
+    assert main(["invert", "--model", "test_vit", "--checkpoint", str(ten_classes), "--iterations", "2", "--dense", "--num-images", "2",
                  "--batch-size", "2", "--out", str(tmp_path / "pool"), "--quiet"]) == 0
     assert '"num_classes": 10' in (tmp_path / "pool" / "run.json").read_text()
 
@@ -33,7 +33,7 @@ def test_a_fine_tuned_checkpoint_inverts_from_the_command_line(ten_classes, tmp_
 def test_num_classes_can_be_given_and_a_wrong_one_names_the_shapes(ten_classes, tmp_path, capsys):
     assert load_model("test_vit", ten_classes, num_classes=10).num_classes == 10
     capsys.readouterr()
-    assert main(["invert", "--model", "test_vit", "--checkpoint", str(ten_classes), "--num-classes", "7", "--iterations", "2",
+    assert main(["invert", "--model", "test_vit", "--checkpoint", str(ten_classes), "--num-classes", "7", "--iterations", "2", "--dense",
                  "--out", str(tmp_path / "pool"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "head.weight is (10, 64) in the file, (7, 64) in the model" in err and err.count("\n") == 1
@@ -64,7 +64,7 @@ def test_hub_names_and_pretrained_tags_are_names_timm_resolves():
 
 
 def test_a_hub_name_offline_says_what_to_pass(capsys, tmp_path):
-    assert main(["invert", "--model", "hf-hub:timm/deit_tiny_patch16_224.fb_in1k", "--iterations", "2",
+    assert main(["invert", "--model", "hf-hub:timm/deit_tiny_patch16_224.fb_in1k", "--iterations", "2", "--dense",
                  "--out", str(tmp_path / "pool"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "could not fetch pretrained weights" in err and "--checkpoint" in err and err.count("\n") == 1

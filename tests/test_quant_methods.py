@@ -227,7 +227,7 @@ def test_cli_refuses_a_quantized_file_of_an_older_format(tmp_path, capsys):
 
     old = tmp_path / "old.safetensors"
     save_file({"x": torch.zeros(1)}, str(old), metadata={"format": "sparseinv-quant/1"})
-    data = tmp_path / "data" / "a"
+    data = tmp_path / "data" / "n01440764"
     data.mkdir(parents=True)
     from PIL import Image
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import DEIT_TINY_CKPT, SYNSETS, VAL, random_kept_patches
+from conftest import DEIT_TINY_CKPT, VAL, random_kept_patches
 from sparseinv import InversionConfig, PruneSchedule, invert, load_model, sparse_forward
 from sparseinv.cli import main
 from sparseinv.data import ImageFolder, evaluate, read_class_index
@@ -256,7 +256,7 @@ def cli_files(tmp_path_factory):
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / f"{name}.safetensors"))
         paths[name] = str(root / f"{name}.safetensors")
     rng = np.random.default_rng(0)
-    for cls in ("a", "b"):
+    for cls in ("n01440764", "n01443537"):  # ImageNet synsets: evaluate maps them to classes 0 and 1
         (root / "data" / cls).mkdir(parents=True)
         for i in range(3):
             Image.fromarray(rng.integers(0, 255, (180, 170, 3), dtype=np.uint8)).save(root / "data" / cls / f"{i}.png")
@@ -338,7 +338,9 @@ def test_cli_refuses_a_file_that_is_not_a_quantized_model(cli_files, capsys):
     _one_line_error(capsys, "not a sparseinv quantized model")
 
 
-def test_cli_refuses_classes_missing_from_the_class_index(cli_files, capsys):
-    args = ["evaluate", "--model", "test_vit", "--checkpoint", cli_files["ckpt"], "--data", cli_files["data"], "--class-index", str(SYNSETS)]
+def test_cli_refuses_classes_missing_from_the_class_map(cli_files, capsys, tmp_path):
+    class_map = tmp_path / "classes.txt"
+    class_map.write_text("n01440764\n")  # the fixture's second folder, n01443537, is missing
+    args = ["evaluate", "--model", "test_vit", "--checkpoint", cli_files["ckpt"], "--data", cli_files["data"], "--class-map", str(class_map)]
     assert main(args) == 2
-    _one_line_error(capsys, "not in the class index")
+    _one_line_error(capsys, "not in the class map")

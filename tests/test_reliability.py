@@ -9,6 +9,8 @@ the command must simply work.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import shutil
 from pathlib import Path
 
@@ -43,7 +45,7 @@ def fixtures(tmp_path_factory):
     assert main(["quantize", *model_args, "--calib", str(root / "pool"), "--method", "calib", "--w-bits", "8", "--a-bits", "8",
                  "--num-calib", str(NUM_IMAGES), "--out", str(quantized), "--quiet"]) == 0
     images = root / "images"
-    for i, name in enumerate(("a", "b")):
+    for i, name in enumerate(("n01440764", "n01443537")):  # ImageNet synsets: evaluate maps them to classes 0 and 1
         (images / name).mkdir(parents=True)
         Image.new("RGB", (160, 160), (40 * i, 90, 200)).save(images / name / "0.png")
     return {"root": root, "ckpt": ckpt, "pool": root / "pool", "quantized": quantized, "images": images, "model": model_args}
@@ -282,7 +284,7 @@ def test_damaged_checkpoint_is_refused(capsys, tmp_path, fixtures, case, command
     damage(ckpt)
     out = tmp_path / "out"
     argv = {
-        "invert": ["invert", "--model", "test_vit", "--checkpoint", str(ckpt), "--iterations", "2", "--num-images", "1", "--out", str(out)],
+        "invert": ["invert", "--model", "test_vit", "--checkpoint", str(ckpt), "--iterations", "2", "--dense", "--num-images", "1", "--out", str(out)],
         "quantize": ["quantize", "--model", "test_vit", "--checkpoint", str(ckpt), "--calib", "noise", "--w-bits", "8", "--a-bits", "8", "--out", str(out)],
         "distill": ["distill", "--teacher", f"test_vit:{ckpt}", "--student", "test_vit", "--random-student", "--pool", str(fixtures["pool"]), "--out", str(out)],
     }[command]
@@ -293,24 +295,24 @@ def test_damaged_checkpoint_is_refused(capsys, tmp_path, fixtures, case, command
 def test_unreadable_image_in_a_folder_is_named(capsys, tmp_path, fixtures):
     data = tmp_path / "images"
     shutil.copytree(fixtures["images"], data)
-    (data / "b" / "1.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    assert "b/1.jpg" in _refused(capsys, _evaluate(fixtures, data=data), "cannot be read")
+    (data / "n01443537" / "1.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    assert "n01443537/1.jpg" in _refused(capsys, _evaluate(fixtures, data=data), "cannot be read")
 
 
 def test_files_that_are_not_images_are_skipped_with_a_warning(capsys, tmp_path, fixtures):
     data = tmp_path / "images"
     shutil.copytree(fixtures["images"], data)
-    (data / "a" / "notes.txt").write_text("not an image")
+    (data / "n01440764" / "notes.txt").write_text("not an image")
     with pytest.warns(UserWarning, match="skipped 1 file"):
         assert main(_evaluate(fixtures, data=data, extra=["--json", str(tmp_path / "r.json")])) == 0
     assert json.loads((tmp_path / "r.json").read_text())["num_images"] == 2
 
 
 @pytest.mark.parametrize("content, message", [("", "is empty"), ("a x\nb y\na z\n", "names 'a' twice"), (b"\xff\xfe\x00", "cannot be read")])
-def test_bad_class_index_is_refused(capsys, tmp_path, fixtures, content, message):
+def test_bad_class_map_is_refused(capsys, tmp_path, fixtures, content, message):
     index = tmp_path / "classes.txt"
     index.write_bytes(content if isinstance(content, bytes) else content.encode())
-    _refused(capsys, _evaluate(fixtures, extra=["--class-index", str(index)]), message)
+    _refused(capsys, _evaluate(fixtures, extra=["--class-map", str(index)]), message)
 
 
 # ---------------------------------------------------------------- outputs, interrupts, locks, divergence
@@ -322,7 +324,7 @@ def test_output_that_cannot_be_written_is_refused_before_work(capsys, tmp_path, 
     blocker.write_text("a file where a folder should be")
     out = blocker / "out"
     argv = {
-        "invert": ["invert", *fixtures["model"], "--iterations", "2", "--num-images", "1", "--out", str(out)],
+        "invert": ["invert", *fixtures["model"], "--iterations", "2", "--dense", "--num-images", "1", "--out", str(out)],
         "quantize": _quantize(fixtures, fixtures["pool"], out)[:-1],
         "evaluate": _evaluate(fixtures, extra=["--json", str(out)]),
         "distill": ["distill", "--teacher", f"test_vit:{fixtures['ckpt']}", "--student", f"test_vit:{fixtures['ckpt']}",
@@ -337,7 +339,7 @@ def test_output_on_a_file_system_that_refuses_writes_is_refused_in_one_line(caps
     """/proc lets nobody, not even root, make a folder or a file: permission bits do not say so."""
     out = "/proc/sparseinv-cannot/out"
     argv = {
-        "invert": ["invert", *fixtures["model"], "--iterations", "2", "--num-images", "1", "--out", out],
+        "invert": ["invert", *fixtures["model"], "--iterations", "2", "--dense", "--num-images", "1", "--out", out],
         "quantize": _quantize(fixtures, fixtures["pool"], out)[:-1],
         "evaluate": _evaluate(fixtures, extra=["--json", out]),
         "distill": ["distill", "--teacher", f"test_vit:{fixtures['ckpt']}", "--student", f"test_vit:{fixtures['ckpt']}",
@@ -365,9 +367,23 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_follow_the_umask_whatever_their_writer(tmp_path, fixtures, umask):
+    old = os.umask(umask)
+    try:
+        quantized = tmp_path / "q.safetensors"  # safetensors writes its own files 0600
+        assert main(["quantize", *fixtures["model"], "--calib", str(fixtures["pool"]), "--method", "calib", "--w-bits", "8",
+                     "--a-bits", "8", "--num-calib", "2", "--out", str(quantized), "--quiet"]) == 0
+        atomic_write(tmp_path / "notes.json", "{}")
+    finally:
+        os.umask(old)
+    for path in (quantized, tmp_path / "notes.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
 def test_interrupt_keeps_finished_batches_exits_130_and_continues(capsys, tmp_path, fixtures, monkeypatch):
     out = tmp_path / "pool"
-    argv = ["invert", *fixtures["model"], "--iterations", "3", "--num-images", "4", "--batch-size", "2", "--quiet", "--out", str(out)]
+    argv = ["invert", *fixtures["model"], "--iterations", "3", "--dense", "--num-images", "4", "--batch-size", "2", "--quiet", "--out", str(out)]
     real = inversion_module.invert_batch
     calls = []
 
@@ -390,7 +406,7 @@ def test_interrupt_keeps_finished_batches_exits_130_and_continues(capsys, tmp_pa
 
 def test_second_writer_of_a_pool_is_refused(capsys, tmp_path, fixtures):
     out = tmp_path / "pool"
-    argv = ["invert", *fixtures["model"], "--iterations", "2", "--num-images", "1", "--quiet", "--out", str(out)]
+    argv = ["invert", *fixtures["model"], "--iterations", "2", "--dense", "--num-images", "1", "--quiet", "--out", str(out)]
     with FolderLock(out):
         _refused(capsys, argv, "being written by another sparseinv process")
         assert not (out / "run.json").exists()

@@ -4,15 +4,49 @@ Sparse Model Inversion (Hu et al., ICML 2024): while inverting, stop optimising 
 patches the model does not attend to and drop them from the token sequence.
 """
 
-from sparseinv.distill import DistillConfig, distill, kd_loss
-from sparseinv.errors import UsageError
-from sparseinv.inversion import BatchResult, InversionConfig, InversionResult, invert, invert_batch
-from sparseinv.inversion.losses import InversionLoss, LossInputs
-from sparseinv.models import ViTInfo, load_model, vit_info
-from sparseinv.pool import Pool, read_pool
-from sparseinv.quant import QuantConfig, calibrate, calibration_batches, load_quantized, quantize_, save_quantized
-from sparseinv.inversion.schedule import PruneSchedule
-from sparseinv.inversion.sparse_forward import SparseOutput, sparse_forward
+from typing import TYPE_CHECKING
+
+from sparseinv._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from sparseinv.distill import DistillConfig, distill, kd_loss
+    from sparseinv.errors import UsageError
+    from sparseinv.inversion import BatchResult, InversionConfig, InversionResult, invert, invert_batch
+    from sparseinv.inversion.losses import InversionLoss, LossInputs
+    from sparseinv.models import ViTInfo, load_model, vit_info
+    from sparseinv.pool import Pool, read_pool
+    from sparseinv.quant import QuantConfig, calibrate, calibration_batches, load_quantized, quantize_, save_quantized
+    from sparseinv.inversion.schedule import PruneSchedule
+    from sparseinv.inversion.sparse_forward import SparseOutput, sparse_forward
+
+_EXPORTS = {
+    "DistillConfig": "sparseinv.distill",
+    "distill": "sparseinv.distill",
+    "kd_loss": "sparseinv.distill",
+    "UsageError": "sparseinv.errors",
+    "BatchResult": "sparseinv.inversion",
+    "InversionConfig": "sparseinv.inversion",
+    "InversionResult": "sparseinv.inversion",
+    "invert": "sparseinv.inversion",
+    "invert_batch": "sparseinv.inversion",
+    "InversionLoss": "sparseinv.inversion.losses",
+    "LossInputs": "sparseinv.inversion.losses",
+    "ViTInfo": "sparseinv.models",
+    "load_model": "sparseinv.models",
+    "vit_info": "sparseinv.models",
+    "Pool": "sparseinv.pool",
+    "read_pool": "sparseinv.pool",
+    "QuantConfig": "sparseinv.quant",
+    "calibrate": "sparseinv.quant",
+    "calibration_batches": "sparseinv.quant",
+    "load_quantized": "sparseinv.quant",
+    "quantize_": "sparseinv.quant",
+    "save_quantized": "sparseinv.quant",
+    "PruneSchedule": "sparseinv.inversion.schedule",
+    "SparseOutput": "sparseinv.inversion.sparse_forward",
+    "sparse_forward": "sparseinv.inversion.sparse_forward",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __version__ = "0.1.0"
 

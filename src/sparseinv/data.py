@@ -58,17 +58,23 @@ class ImageFolder:
     labels: list[int]
     classes: list[str]
 
-    @classmethod
-    def scan(cls, root: str | os.PathLike, class_index: dict[str, int] | None = None, limit_per_class: int | None = None) -> "ImageFolder":
+    @staticmethod
+    def class_folders(root: str | os.PathLike) -> list[str]:
+        """The class sub-folders' names, sorted."""
         root = Path(root)
         if not root.is_dir():
             raise UsageError(f"image folder '{root}' does not exist.")
-        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        return sorted(d.name for d in root.iterdir() if d.is_dir())
+
+    @classmethod
+    def scan(cls, root: str | os.PathLike, class_index: dict[str, int] | None = None, limit_per_class: int | None = None) -> "ImageFolder":
+        root = Path(root)
+        classes = cls.class_folders(root)
         if class_index is None:
             class_index = {name: i for i, name in enumerate(classes)}
         missing = [c for c in classes if c not in class_index]
         if missing:
-            raise UsageError(f"class folder '{missing[0]}' of '{root}' is not in the class index.")
+            raise UsageError(f"class folder '{missing[0]}' of '{root}' is not in the class map.")
         files, labels, skipped = [], [], 0
         for name in classes:
             entries = [p for p in (root / name).iterdir() if p.is_file() and not p.name.startswith(".")]

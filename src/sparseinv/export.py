@@ -184,11 +184,19 @@ def onnx_logits(session, images: torch.Tensor, batch_size: int = 32) -> torch.Te
     return torch.cat(out)
 
 
-def evaluate_onnx(path: str | os.PathLike, folder, model: nn.Module, *, batch_size: int = 64, progress: bool = True) -> dict:
-    """Top-1/top-5 of an ONNX model on an image folder, with ``model``'s (timm's) eval transform."""
+def onnx_classes(session) -> int:
+    """The class count of an exported classifier: its output's last dimension."""
+    shape = session.get_outputs()[0].shape
+    if len(shape) != 2 or not isinstance(shape[-1], int):
+        raise UsageError(f"the ONNX model's output has shape {shape}, not (batch, classes): is it a 'sparseinv export' file?")
+    return shape[-1]
+
+
+def evaluate_onnx(path, folder, model: nn.Module, *, batch_size: int = 64, progress: bool = True) -> dict:
+    """Top-1/top-5 of an ONNX model (a file or an open session) on an image folder, with ``model``'s (timm's) eval transform."""
     from sparseinv.data import load_images, topk_accuracy
 
-    session = onnx_session(path)
+    session = onnx_session(path) if isinstance(path, (str, os.PathLike)) else path
     loader = load_images(folder, model, batch_size)
     return topk_accuracy(lambda images: onnx_logits(session, images, batch_size), loader, total=len(loader), progress=progress,
                          desc="evaluate onnx")

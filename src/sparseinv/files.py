@@ -34,9 +34,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # Some writers (safetensors) create their file 0600; outputs follow the umask like any other file.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
@@ -139,6 +147,16 @@ class FolderLock:
             raise UsageError(f"{self.flag} '{self.folder}' is being written by another sparseinv process; wait for it or choose another folder.") from None
         self._file = file
         return self
+
+    @classmethod
+    def refuse_if_held(cls, folder: str | os.PathLike, flag: str = "--out") -> None:
+        """Refuse now if another process holds ``folder``'s lock (before minutes of model loading).
+
+        Only a folder sparseinv has locked before is probed; nothing is created. The real
+        lock is still taken when writing starts.
+        """
+        if (Path(folder) / ".lock").is_file():
+            cls(folder, flag).acquire().release()
 
     def release(self) -> None:
         if self._file is not None:

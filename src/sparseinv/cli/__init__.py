@@ -12,7 +12,6 @@ import signal
 import sys
 import warnings
 
-from sparseinv import distributed
 from sparseinv.errors import UsageError
 
 
@@ -62,6 +61,8 @@ def _join_torchrun(args: argparse.Namespace) -> None:
     When one rank fails, torchrun stops the others with SIGTERM; handled like Ctrl-C,
     their temporary files are removed and their finished batches kept.
     """
+    from sparseinv import distributed
+
     if args.command not in DISTRIBUTED_COMMANDS:
         raise UsageError(f"sparseinv {args.command} runs as one process; start it without torchrun "
                          f"(only {' and '.join(DISTRIBUTED_COMMANDS)} use several).")
@@ -75,7 +76,9 @@ def _join_torchrun(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # torch is not imported yet: --help and argument errors answer at once
+    from sparseinv import distributed
+
     try:
         if distributed.launched_by_torchrun():
             _join_torchrun(args)

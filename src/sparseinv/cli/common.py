@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import TYPE_CHECKING
 
-import torch
-
-from sparseinv import distributed
 from sparseinv.errors import UsageError
-from sparseinv.models import load_model
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:
@@ -17,8 +17,12 @@ def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
 
 
-def resolve_device(args: argparse.Namespace) -> torch.device:
+def resolve_device(args: argparse.Namespace) -> "torch.device":
     """The requested device, refused clearly if this machine does not have it."""
+    import torch
+
+    from sparseinv import distributed
+
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
@@ -50,8 +54,10 @@ def add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, default=None, help="the classifier's size (default: the checkpoint's own)")
 
 
-def model_from_args(args: argparse.Namespace, device: torch.device):
+def model_from_args(args: argparse.Namespace, device: "torch.device"):
     """The model :func:`add_model`'s arguments name, on ``device``."""
+    from sparseinv.models import load_model
+
     if args.checkpoint and args.random_weights:
         raise UsageError("give --checkpoint or --random-weights, not both.")
     return load_model(args.model, args.checkpoint, device=device, pretrained=not args.random_weights, num_classes=args.num_classes)

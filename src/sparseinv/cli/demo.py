@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from sparseinv.cli.common import add_device, resolve_device
-from sparseinv.demo import DemoConfig, run_demo, table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sparseinv.demo import DemoConfig, run_demo, table
+
     device = resolve_device(args)
     preset = DemoConfig.quick if args.quick else DemoConfig.full if args.full else DemoConfig
     config = preset(shared=args.shared, checkpoint=args.checkpoint, device=str(device))

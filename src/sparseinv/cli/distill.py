@@ -6,16 +6,10 @@ import argparse
 import copy
 import sys
 
-import torch
-
-from sparseinv import distributed
 from sparseinv.cli.common import add_device, config_from_args, resolve_device, split_model_spec
-from sparseinv.distill import MODES, DistillConfig, RoundsConfig, distill_with_rounds, is_vit, shallow_copy, spread_blocks
-from sparseinv.distill.config import OPTIMIZERS, TARGETS
+from sparseinv.distill.config import FEATURE_LAYERS, MODES, OPTIMIZERS, TARGETS, DistillConfig
 from sparseinv.errors import UsageError
 from sparseinv.files import check_writable
-from sparseinv.models import check_model_name, checkpoint_shape, load_model, read_state_dict, state_mismatch, timm
-from sparseinv.pool import open_pool
 
 D = DistillConfig()
 
@@ -57,14 +51,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"random circular shift by up to N whole patches each way (default: {D.shift_patches})")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flips")
     p.add_argument("--feature-weight", type=float, default=D.feature_weight, metavar="W",
-                   help=f"add W x the mean squared difference of the final-norm tokens (students as wide as the teacher; default: {D.feature_weight:g})")
+                   help=f"add W x the relative squared difference of the student's and the teacher's tokens "
+                        f"(ViT students as wide as the teacher; default: {D.feature_weight:g})")
+    p.add_argument("--feature-layers", choices=FEATURE_LAYERS, default=D.feature_layers,
+                   help="which tokens --feature-weight compares: the final norm's, or every student block's against the teacher's "
+                        f"at the same relative depth (default: {D.feature_layers})")
     p.add_argument("--targets", choices=TARGETS, default=D.targets,
                    help=f"online: the teacher labels every augmented view; cached: each image once (default: {D.targets})")
     p.add_argument("--seed", type=int, default=D.seed, help="seeds the fresh head, the crops and the shuffling")
     p.add_argument("--workers", type=int, default=D.workers, help="processes reading images (default: 0, in the training process)")
     p.add_argument("--views", type=int, default=None, help=argparse.SUPPRESS)  # replaced by fresh crops; still accepted
     p.add_argument("--val", help="real labelled folder <class>/<images> to evaluate on after every epoch")
-    p.add_argument("--val-class-index", help="file whose line i starts with class i's folder name, e.g. imagenet_synsets.txt (default: sorted folder order)")
+    p.add_argument("--val-class-map", help="file whose line i starts with class i's folder name (default: ImageNet synset folders map "
+                                           "by synset for 1000-class teachers; otherwise sorted folder order, when the counts match)")
+    p.add_argument("--val-class-index", dest="val_class_index_old", help=argparse.SUPPRESS)
     p.add_argument("--val-limit-per-class", type=int, help="evaluate on only the first N images of each class")
     p.add_argument("--invert-every", type=int, default=0, metavar="K", help="invert a new round of images from the teacher every K epochs (the first pool's settings)")
     p.add_argument("--images-per-round", type=int, default=0, metavar="M", help="images inverted per round")
@@ -77,6 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def load_teacher(spec: str, device) -> tuple:
     """The teacher, with its class count read from the checkpoint's head."""
+    from sparseinv.models import load_model
+
     name, checkpoint = split_model_spec(spec)
     return load_model(name, checkpoint, device=device), name, checkpoint
 
@@ -87,6 +89,11 @@ def load_student(spec: str, device, random_weights: bool):
     The class count follows the checkpoint's classifier, so a 1000-class ImageNet
     checkpoint loads as such before its head is rebuilt.
     """
+    import torch
+
+    from sparseinv.distill import is_vit
+    from sparseinv.models import check_model_name, checkpoint_shape, load_model, read_state_dict, state_mismatch, timm
+
     name, checkpoint = split_model_spec(spec)
     check_model_name(name)
     with torch.random.fork_rng(devices=[]):
@@ -109,6 +116,8 @@ def load_student(spec: str, device, random_weights: bool):
 
 
 def _hub(name: str, device):
+    from sparseinv.models import timm
+
     try:
         return timm.create_model(name, pretrained=True).to(device).eval()
     except Exception as err:  # hub errors come in many types; all mean "no weights"
@@ -117,6 +126,8 @@ def _hub(name: str, device):
 
 def make_student(args: argparse.Namespace, teacher, teacher_name: str, device):
     """The student the arguments name, and the timm name it saves as."""
+    from sparseinv.distill import shallow_copy, spread_blocks
+
     if args.student:
         return load_student(args.student, device, args.random_student)
     if args.random_student:
@@ -130,6 +141,10 @@ def make_student(args: argparse.Namespace, teacher, teacher_name: str, device):
 
 
 def run(args: argparse.Namespace) -> int:
+    from sparseinv import distributed
+    from sparseinv.distill import RoundsConfig, distill_with_rounds, is_vit
+    from sparseinv.pool import open_pool
+
     if args.views is not None:
         print("sparseinv: note: --views is no longer used: every epoch draws fresh random crops and flips "
               "(--crop-scale, --no-flip).", file=sys.stderr)
@@ -150,14 +165,21 @@ def run(args: argparse.Namespace) -> int:
         pool.record  # noqa: B018  (refuses a record whose settings cannot be read)
         if pool.run["model"] != teacher_name:
             raise UsageError(f"pool '{pool.root}' was inverted from {pool.run['model']}, not from the teacher {teacher_name}.")
-    val = None
+    if args.val_class_index_old:
+        print("note: --val-class-index is now --val-class-map.", file=sys.stderr)
+        args.val_class_map = args.val_class_map or args.val_class_index_old
     if args.val:
-        from sparseinv.data import ImageFolder, read_class_index
+        from sparseinv.data import ImageFolder
 
-        index = read_class_index(args.val_class_index) if args.val_class_index else None
-        val = ImageFolder.scan(args.val, index, limit_per_class=args.val_limit_per_class)
+        val_folders = ImageFolder.class_folders(args.val)
     device = resolve_device(args)
     teacher, teacher_name, teacher_ckpt = load_teacher(args.teacher, device)
+    val = None
+    if args.val:
+        from sparseinv.classes import folder_class_index
+
+        index, _ = folder_class_index(val_folders, teacher.num_classes, args.val_class_map, f"--val '{args.val}'")
+        val = ImageFolder.scan(args.val, index, limit_per_class=args.val_limit_per_class)
     student, student_name = make_student(args, teacher, teacher_name, device)
     if pools[0].is_sparse and not is_vit(student):
         print(f"sparseinv: note: the student {student_name} is not a token-sequence ViT: it sees the sparse images whole, "

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from sparseinv.cli.common import add_device, add_model, model_from_args, resolve_device
-from sparseinv.data import ImageFolder, evaluate, read_class_index
 from sparseinv.errors import UsageError
 from sparseinv.files import atomic_write_json, check_writable
-from sparseinv.quant import load_quantized, read_header
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,9 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_model(p)
     p.add_argument("--quantized", help="a .safetensors file written by 'sparseinv quantize'")
-    p.add_argument("--onnx", help="evaluate this ONNX model (from 'sparseinv export') with ONNX Runtime instead; --model gives the transform")
+    p.add_argument("--onnx", help="evaluate this ONNX model (from 'sparseinv export') with ONNX Runtime instead; --model gives only "
+                                  "the transform, no weights are loaded")
     p.add_argument("--data", required=True, help="folder of class sub-folders of images")
-    p.add_argument("--class-index", help="file whose line i starts with class i's folder name, e.g. imagenet_synsets.txt (default: sorted folder order)")
+    p.add_argument("--class-map", help="file whose line i starts with class i's folder name (default: ImageNet synset folders map "
+                                       "by synset for 1000-class models; otherwise sorted folder order, when the counts match)")
+    p.add_argument("--class-index", dest="class_index_old", help=argparse.SUPPRESS)
     p.add_argument("--limit-per-class", type=int, help="only the first N images of each class")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--json", help="also write the result to this JSON file")
@@ -31,26 +33,40 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sparseinv.classes import folder_class_index
+    from sparseinv.data import ImageFolder, evaluate
+    from sparseinv.models import load_model
+    from sparseinv.quant import load_quantized, read_header
+
     if args.limit_per_class is not None and args.limit_per_class < 1:
         raise UsageError(f"--limit-per-class {args.limit_per_class} must be at least 1.")
+    if args.class_index_old:
+        print("note: --class-index is now --class-map.", file=sys.stderr)
+        args.class_map = args.class_map or args.class_index_old
     if args.json:
         check_writable(args.json, "--json")
-    class_index = read_class_index(args.class_index) if args.class_index else None
-    folder = ImageFolder.scan(args.data, class_index, args.limit_per_class)
     if args.quantized and args.onnx:
         raise UsageError("give --quantized or --onnx, not both: an exported model carries its quantization.")
     if args.quantized:
         read_header(args.quantized)  # a wrong file fails before the model loads
+    folders = ImageFolder.class_folders(args.data)
     device = resolve_device(args)
-    model = model_from_args(args, device)
+    if args.onnx:
+        from sparseinv.export import evaluate_onnx, onnx_classes, onnx_session
+
+        session = onnx_session(args.onnx)
+        # The ONNX file carries the weights: the timm model only gives the eval transform.
+        model = load_model(args.model, None, pretrained=False, num_classes=onnx_classes(session))
+    else:
+        model = model_from_args(args, device)
+    class_index, note = folder_class_index(folders, model.num_classes, args.class_map, f"'{args.data}'")
+    folder = ImageFolder.scan(args.data, class_index, args.limit_per_class)
     if max(folder.labels) >= model.num_classes:
         raise UsageError(f"'{args.data}' has class index {max(folder.labels)}, but {args.model} has only {model.num_classes} classes.")
     if args.quantized:
         load_quantized(model, args.quantized, args.model)
     if args.onnx:
-        from sparseinv.export import evaluate_onnx
-
-        result = evaluate_onnx(args.onnx, folder, model, batch_size=args.batch_size, progress=not args.quiet)
+        result = evaluate_onnx(session, folder, model, batch_size=args.batch_size, progress=not args.quiet)
     else:
         result = evaluate(model, folder, batch_size=args.batch_size, progress=not args.quiet)
     config = getattr(model, "quant_config", None)
@@ -68,4 +84,6 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_json(args.json, record)
     label = f"ONNX {args.onnx}" if args.onnx else "full precision" if config is None else config.name
     print(f"{args.model} ({label}) on {result['num_images']} images: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}")
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     return 0

@@ -5,12 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
-
 from sparseinv.cli.common import add_model, model_from_args
 from sparseinv.errors import UsageError
 from sparseinv.files import check_writable
-from sparseinv.quant import load_quantized, read_header
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from sparseinv.quant import load_quantized, read_header
+
     batch = None
     if args.batch_size != "dynamic":
         try:

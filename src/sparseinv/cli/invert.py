@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
-from sparseinv import distributed
 from sparseinv.cli.common import add_device, add_model, config_from_args, model_from_args, resolve_device
-from sparseinv.inversion import FINAL_MASKS, InversionConfig, invert, run_record
-from sparseinv.inversion.losses import InversionLoss
-from sparseinv.pool import PoolWriter
-from sparseinv.inversion.precision import PRECISIONS
+from sparseinv.errors import UsageError
+from sparseinv.files import FolderLock
+from sparseinv.inversion.config import FINAL_MASKS, PRECISIONS, InversionConfig
 from sparseinv.inversion.schedule import PruneSchedule
+
+SCHEDULES = ("reference",)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "invert",
         help="invert a ViT into a pool of labelled synthetic images",
-        description="Invert a timm ViT into labelled synthetic images. No --prune-at gives dense inversion.",
+        description="Invert a timm ViT into labelled synthetic images: sparse by default (the paper's schedule, scaled to "
+                    "--iterations); --dense for the baseline, --prune-at/--prune-ratio for a schedule of your own.",
     )
     add_model(p)
     p.add_argument("--out", required=True, help="pool folder; an unfinished pool with the same settings is continued")
@@ -28,9 +30,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tv-l2", type=float, default=1e-4, help="weight of the L2 total variation (default 1e-4)")
     p.add_argument("--tv-l1", type=float, default=0.0, help="weight of the L1 total variation (default off)")
     p.add_argument("--l2", type=float, default=0.0, help="weight of the pixels' L2 norm (default off)")
-    p.add_argument("--prune-at", type=int, nargs="*", default=[], metavar="STEP", help="stop steps, e.g. 50 100 200 300 (default: none, which is dense inversion)")
-    p.add_argument("--prune-ratio", type=float, nargs="*", default=[], metavar="R", help="fraction stopped at each, e.g. 0.3 0.3 0.3 0.3 (default: none)")
-    p.add_argument("--classes", type=int, nargs="+", help="class indices to invert (default: random, balanced)")
+    p.add_argument("--patch-entropy", type=float, default=0.0, metavar="W",
+                   help="weight of PSAQ-ViT's patch-similarity prior: rewards a spread of similarities between the fed patch "
+                        "tokens in every block (default off)")
+    p.add_argument("--color-shift", type=float, default=0.0, metavar="S",
+                   help="Plug-In Inversion's colour shift: each step sees every image's channels scaled by exp(U(-S, S)) and "
+                        "offset by U(-S, S) (default off)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--schedule", choices=SCHEDULES, default="reference",
+                      help="reference: the paper's stops at steps 50/100/200/300 of 4000, 30%% of the kept patches each "
+                           "(196 -> 46), scaled to --iterations (default: reference)")
+    kind.add_argument("--dense", action="store_true", help="dense inversion, every patch every step (the slow baseline)")
+    p.add_argument("--prune-at", type=int, nargs="*", default=[], metavar="STEP", help="a schedule of your own: stop steps, e.g. 50 100 200 300")
+    p.add_argument("--prune-ratio", type=float, nargs="*", default=[], metavar="R", help="fraction of the kept patches stopped at each, e.g. 0.3 0.3 0.3 0.3")
+    p.add_argument("--classes", nargs="+", metavar="CLASS",
+                   help="classes to invert: indices, or for ImageNet models synsets or names such as tench or 'golden retriever' "
+                        "(default: all classes, balanced)")
     p.add_argument("--final-mask", choices=FINAL_MASKS, default="last-phase",
                    help="the output mask of sparse images: last-phase (the patches the last phase optimised) or rescore (the "
                         "paper's: one dense pass keeps the top int(N*prod(1-r)) of all patches) (default: last-phase)")
@@ -43,17 +58,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def schedule_from_args(args: argparse.Namespace) -> PruneSchedule:
+    """--dense, --prune-at/--prune-ratio, or the named --schedule at --iterations."""
+    custom = bool(args.prune_at or args.prune_ratio)
+    if args.dense and custom:
+        raise UsageError("--dense inverts every patch: it takes no --prune-at/--prune-ratio.")
+    if args.dense:
+        return PruneSchedule()
+    if custom:
+        return PruneSchedule(tuple(args.prune_at), tuple(args.prune_ratio))
+    schedule = PruneSchedule.reference(args.iterations)
+    if args.iterations <= schedule.steps[-1]:
+        raise UsageError(f"--iterations {args.iterations} is too short for the reference schedule's {len(schedule.steps)} stops: "
+                         f"use at least {schedule.steps[-1] + 1}, or --dense.")
+    return schedule
+
+
 def run(args: argparse.Namespace) -> int:
+    from sparseinv import distributed
+    from sparseinv.classes import resolve_classes
+    from sparseinv.inversion import invert, run_record
+    from sparseinv.inversion.losses import InversionLoss
+    from sparseinv.pool import PoolWriter
+
     config = config_from_args(
         InversionConfig,
         args,
-        schedule=PruneSchedule(tuple(args.prune_at), tuple(args.prune_ratio)),
-        loss=InversionLoss(tv_l2=args.tv_l2, tv_l1=args.tv_l1, l2=args.l2),
-        classes=None if args.classes is None else tuple(args.classes),
+        schedule=schedule_from_args(args),
+        loss=InversionLoss(tv_l2=args.tv_l2, tv_l1=args.tv_l1, l2=args.l2, patch_entropy=args.patch_entropy),
+        classes=None,
     )
     config.validate()  # before the model loads: cheap mistakes first
+    FolderLock.refuse_if_held(args.out)
     device = resolve_device(args)
     model = model_from_args(args, device)
+    if args.classes:
+        config = replace(config, classes=resolve_classes(args.classes, model.num_classes))
     config.validate(model.num_classes)
     rank = distributed.current()
     rank.on_main(PoolWriter(args.out, run_record(model, config, args.model, args.checkpoint)).check)

@@ -9,18 +9,7 @@ import time
 from sparseinv.cli.common import add_device, add_model, model_from_args, resolve_device
 from sparseinv.errors import UsageError
 from sparseinv.files import check_writable
-from sparseinv.quant import (
-    CALIBRATORS,
-    DEFAULT_METHOD,
-    METHODS,
-    SCHEMES,
-    QuantConfig,
-    ReconConfig,
-    calibration_batches,
-    fingerprint,
-    quantize_,
-    save_quantized,
-)
+from sparseinv.quant.config import CALIBRATORS, DEFAULT_METHOD, METHODS, SCHEMES, QuantConfig, ReconConfig
 
 METHOD_HELP = (
     "psaq: PSAQ-ViT's baseline (scheme psaq, min/max ranges observed in full precision); "
@@ -92,6 +81,8 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sparseinv.quant import calibration_batches, fingerprint, quantize_, save_quantized
+
     config = config_from_args(args)  # before the model loads: cheap mistakes first
     check_writable(args.out)
     device = resolve_device(args)

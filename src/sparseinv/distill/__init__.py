@@ -10,19 +10,49 @@
 * :mod:`~sparseinv.distill.rounds`: growing the pool between epochs (calls the inverter).
 """
 
-from sparseinv.distill.config import MODES, DistillConfig, kd_loss
-from sparseinv.distill.data import Source, TrainImages, folder_sources, pool_sources
-from sparseinv.distill.rounds import RoundsConfig, distill_with_rounds, round_folder
-from sparseinv.distill.students import (
-    classifiers,
-    end_qat,
-    is_vit,
-    prepare_student,
-    shallow_copy,
-    spread_blocks,
-    start_qat,
-)
-from sparseinv.distill.train import Images, distill, evaluate_student, sibling
+from typing import TYPE_CHECKING
+
+from sparseinv._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from sparseinv.distill.config import MODES, DistillConfig, kd_loss
+    from sparseinv.distill.data import Source, TrainImages, folder_sources, pool_sources
+    from sparseinv.distill.rounds import RoundsConfig, distill_with_rounds, round_folder
+    from sparseinv.distill.students import (
+        classifiers,
+        end_qat,
+        is_vit,
+        prepare_student,
+        shallow_copy,
+        spread_blocks,
+        start_qat,
+    )
+    from sparseinv.distill.train import Images, distill, evaluate_student, sibling
+
+_EXPORTS = {
+    "MODES": "sparseinv.distill.config",
+    "DistillConfig": "sparseinv.distill.config",
+    "kd_loss": "sparseinv.distill.config",
+    "Source": "sparseinv.distill.data",
+    "TrainImages": "sparseinv.distill.data",
+    "folder_sources": "sparseinv.distill.data",
+    "pool_sources": "sparseinv.distill.data",
+    "RoundsConfig": "sparseinv.distill.rounds",
+    "distill_with_rounds": "sparseinv.distill.rounds",
+    "round_folder": "sparseinv.distill.rounds",
+    "classifiers": "sparseinv.distill.students",
+    "end_qat": "sparseinv.distill.students",
+    "is_vit": "sparseinv.distill.students",
+    "prepare_student": "sparseinv.distill.students",
+    "shallow_copy": "sparseinv.distill.students",
+    "spread_blocks": "sparseinv.distill.students",
+    "start_qat": "sparseinv.distill.students",
+    "Images": "sparseinv.distill.train",
+    "distill": "sparseinv.distill.train",
+    "evaluate_student": "sparseinv.distill.train",
+    "sibling": "sparseinv.distill.train",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "MODES",

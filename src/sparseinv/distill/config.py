@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from sparseinv.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 MODES = ("linear-probe", "full")
 OPTIMIZERS = ("sgd", "adamw")
 TARGETS = ("online", "cached")
+FEATURE_LAYERS = ("final", "blocks")
 # Learning rates by optimiser. SGD 0.01 for the linear probe: the paper's 0.1 diverged on
 # DeiT-Tiny features (norm ~23) with T = 20 and the T^2 factor (training loss 6.9 -> 713).
 # AdamW 2e-4 for whole networks: a fine-tuning rate for a pretrained ViT (DeiT's 5e-4 at
@@ -49,9 +51,14 @@ class DistillConfig:
             each way. Whole patches: inverted images are made on the patch grid and keep
             their label under whole-patch shifts, not always under a few pixels' shift.
         flip: Random horizontal flips.
-        feature_weight: Weight of a second term, the mean squared difference between the
-            student's and the teacher's final-norm tokens (every fed token, not only the
-            class token); for students as wide as the teacher (0: logits only).
+        feature_weight: Weight of a second term, the squared difference between the
+            student's and the teacher's tokens (every fed token, not only the class
+            token), relative to the teacher's mean square; for ViT students as wide as
+            the teacher (0: logits only).
+        feature_layers: Which tokens that term compares: ``final`` (the final norm's
+            output) or ``blocks`` (the residual stream after every student block against
+            the teacher's at the proportional depth, see
+            :func:`~sparseinv.distill.students.matched_blocks`).
         targets: ``online``: the teacher labels every augmented view the student sees;
             ``cached``: the teacher labels each image once, un-augmented, and that label
             is reused for all of its views (cheaper, less faithful).
@@ -73,6 +80,7 @@ class DistillConfig:
     shift_patches: int = 2
     flip: bool = True
     feature_weight: float = 0.0
+    feature_layers: str = "final"
     targets: str = "online"
     seed: int = 0
     workers: int = 0
@@ -128,6 +136,8 @@ class DistillConfig:
             raise UsageError(f"--shift-patches cannot be negative, got {self.shift_patches}.")
         if self.feature_weight < 0:
             raise UsageError(f"--feature-weight cannot be negative, got {self.feature_weight}.")
+        if self.feature_layers not in FEATURE_LAYERS:
+            raise UsageError(f"unknown --feature-layers '{self.feature_layers}': use {' or '.join(FEATURE_LAYERS)}.")
         if self.feature_weight and self.targets == "cached":
             raise UsageError("--feature-weight needs the teacher's tokens on every view: use --targets online.")
         if self.workers < 0:
@@ -155,6 +165,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     Returns:
         A scalar tensor.
     """
+    import torch.nn.functional as F  # here, not at the top: `sparseinv --help` reads this module's defaults
+
     t = float(temperature)
     log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=1)

@@ -24,7 +24,7 @@ from sparseinv.errors import UsageError
 from sparseinv.models import timm, vit_info
 from sparseinv.quant.model import act_quantizers, is_quantized, weight_modules
 from sparseinv.quant.quantizers import Log2Quantizer
-from sparseinv.inversion.sparse_forward import sparse_forward
+from sparseinv.inversion.sparse_forward import OutputRecorder, sparse_forward
 
 
 def is_vit(model: nn.Module) -> bool:
@@ -216,21 +216,28 @@ class Feeder:
         return self.model(x)
 
 
-class FinalTokens:
-    """Records a ViT's final-norm output, every fed token, with a forward hook (register, read, remove)."""
+def matched_blocks(student_depth: int, teacher_depth: int) -> list[int]:
+    """For each student block, the teacher block whose output it should reproduce.
 
-    def __init__(self, model: nn.Module) -> None:
-        self.module, self.value, self._handle = model.norm, None, None
+    Proportional depth: student block ``i`` stands for teacher blocks up to
+    ``(i + 1) * teacher_depth / student_depth - 1``. For the every-other-block copy
+    (blocks 0, 2, ..., 10 of 12) that is 1, 3, ..., 11: each kept block learns to do the
+    work of itself and the dropped block after it. Equal depths pair block with block.
+    """
+    return [(i + 1) * teacher_depth // student_depth - 1 for i in range(student_depth)]
 
-    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self.value = output
 
-    def __enter__(self) -> "FinalTokens":
-        self._handle = self.module.register_forward_hook(self._hook)
-        return self
+def feature_loss(student: OutputRecorder, teacher: OutputRecorder) -> torch.Tensor:
+    """Mean over the recorded pairs of the squared difference, each relative to the teacher's mean square.
 
-    def __exit__(self, *exc) -> None:
-        self._handle.remove()
+    Relative, so a deep block whose residual stream is ten times larger weighs no more than
+    an early one; for a single final-norm pair (unit-scale tokens) it is close to plain MSE.
+    """
+    terms = []
+    for s, t in zip(student.values, teacher.values):
+        t = t.to(s.device)
+        terms.append(F.mse_loss(s, t) / t.detach().pow(2).mean().clamp_min(1e-12))
+    return torch.stack(terms).mean()
 
 
 class StudentLogits(nn.Module):

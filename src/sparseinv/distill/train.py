@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
@@ -44,15 +43,17 @@ from sparseinv.distill.config import DistillConfig, kd_loss
 from sparseinv.distill.data import Source, TrainImages, loader
 from sparseinv.distill.students import (
     Feeder,
-    FinalTokens,
     StudentLogits,
     clamp_step_sizes,
     end_qat,
+    feature_loss,
+    matched_blocks,
     prepare_student,
     start_qat,
     trainable,
 )
 from sparseinv.errors import UsageError
+from sparseinv.inversion.sparse_forward import OutputRecorder
 from sparseinv.files import atomic_save, atomic_write_json
 from sparseinv.pool import check_weights
 from sparseinv.quant.model import is_quantized
@@ -149,8 +150,9 @@ def train_epoch(
     features = config.feature_weight > 0
     with contextlib.ExitStack() as stack:
         if features:
-            teacher_tokens = stack.enter_context(FinalTokens(teacher.model))
-            student_tokens = stack.enter_context(FinalTokens(_unwrap(trained).student))
+            student_tokens, teacher_tokens = _token_recorders(_unwrap(trained).student, teacher.model, config.feature_layers)
+            stack.enter_context(student_tokens)
+            stack.enter_context(teacher_tokens)
         for step, (images, keep, index) in enumerate(bar):
             factor = config.lr_factor(epoch + step / max(1, steps))
             for group, base in zip(optimizer.param_groups, base_lrs):
@@ -164,11 +166,18 @@ def train_epoch(
             s_logits = trained(images, keep)
             loss = kd_loss(s_logits, t_logits.to(s_logits.device), config.temperature)
             if features:
-                loss = loss + config.feature_weight * F.mse_loss(student_tokens.value, teacher_tokens.value.to(s_logits.device))
+                loss = loss + config.feature_weight * feature_loss(student_tokens, teacher_tokens)
             total += _step(loss, optimizer, after_step) * len(index)
             seen += len(index)
             bar.set_postfix(loss=f"{loss.item():.4f}")
     return total, seen
+
+
+def _token_recorders(student: nn.Module, teacher: nn.Module, layers: str) -> tuple[OutputRecorder, OutputRecorder]:
+    """Hooks on the student's and the teacher's tokens that the feature term compares."""
+    if layers == "final":
+        return OutputRecorder.final(student), OutputRecorder.final(teacher)
+    return OutputRecorder.blocks(student), OutputRecorder.blocks(teacher, matched_blocks(len(student.blocks), len(teacher.blocks)))
 
 
 def _unwrap(trained: nn.Module) -> nn.Module:
@@ -336,7 +345,7 @@ def distill(
     num_keep = data.num_keep if (teacher_feed.takes_tokens or student_feed.takes_tokens) else None
     if config.feature_weight and not (student_feed.vit and student_feed.takes_tokens == teacher_feed.takes_tokens
                                       and getattr(student, "embed_dim", None) == getattr(teacher, "embed_dim", None)):
-        raise UsageError("--feature-weight compares final tokens: it needs a ViT student as wide as the teacher, on the same patch grid.")
+        raise UsageError("--feature-weight compares tokens: it needs a ViT student as wide as the teacher, on the same patch grid.")
     train_images = TrainImages(data.sources, data.size, data.patch_size, num_keep, config.crop_scale, config.shift_patches, config.flip,
                                config.seed)
 

@@ -11,7 +11,24 @@
 * :mod:`~sparseinv.inversion.precision`: fp32 or bf16 for the model, and the probes behind ``auto``.
 """
 
-from sparseinv.inversion.config import FINAL_MASKS, InversionConfig
-from sparseinv.inversion.loop import BatchResult, InversionResult, assign_labels, invert, invert_batch, run_record
+from typing import TYPE_CHECKING
+
+from sparseinv._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from sparseinv.inversion.config import FINAL_MASKS, InversionConfig
+    from sparseinv.inversion.loop import BatchResult, InversionResult, assign_labels, invert, invert_batch, run_record
+
+_EXPORTS = {
+    "FINAL_MASKS": "sparseinv.inversion.config",
+    "InversionConfig": "sparseinv.inversion.config",
+    "BatchResult": "sparseinv.inversion.loop",
+    "InversionResult": "sparseinv.inversion.loop",
+    "assign_labels": "sparseinv.inversion.loop",
+    "invert": "sparseinv.inversion.loop",
+    "invert_batch": "sparseinv.inversion.loop",
+    "run_record": "sparseinv.inversion.loop",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = ["FINAL_MASKS", "BatchResult", "InversionConfig", "InversionResult", "assign_labels", "invert", "invert_batch", "run_record"]

@@ -1,4 +1,4 @@
-"""Roll/flip augmentation, and the kept-patch indices that follow the pixels."""
+"""Roll/flip and colour-shift augmentation, and the kept-patch indices that follow the pixels."""
 
 from __future__ import annotations
 
@@ -50,6 +50,31 @@ class RollFlip:
         if self.flip:
             c = cols - 1 - c
         return r * cols + c
+
+
+@dataclass(frozen=True)
+class ColorShift:
+    """Plug-In Inversion's colour shift: each image's channels scaled and offset at random.
+
+    ``x -> x * scale + offset`` in normalised space, per image and channel, with
+    ``offset ~ U(-s, s)`` and ``log(scale) ~ U(-s, s)``. An image the model recognises
+    under any such shift holds shapes, not one exact colour statistic, so it transfers
+    better to models and quantizers that see it unshifted.
+    """
+
+    scale: torch.Tensor  # (B, C)
+    offset: torch.Tensor  # (B, C)
+
+    @classmethod
+    def sample(cls, generator: torch.Generator, batch: int, channels: int, strength: float, device) -> "ColorShift":
+        draws = (torch.rand(2, batch, channels, generator=generator) * 2 - 1) * strength
+        return cls(scale=draws[0].exp().to(device), offset=draws[1].to(device))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Shift (B, C, ...) images or (B, K, C, ph, pw) patches (``channel_dim`` found from the layout)."""
+        if x.dim() == 4:  # (B, C, H, W)
+            return x * self.scale[:, :, None, None] + self.offset[:, :, None, None]
+        return x * self.scale[:, None, :, None, None] + self.offset[:, None, :, None, None]
 
 
 def whole_patch_views(num_views: int, patch_size: tuple[int, int], seed: int = 0) -> list[RollFlip]:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from sparseinv.errors import UsageError
-from sparseinv.inversion.losses import InversionLoss
-from sparseinv.inversion.precision import PRECISIONS
 from sparseinv.inversion.schedule import PruneSchedule
+
+if TYPE_CHECKING:
+    from sparseinv.inversion.losses import InversionLoss
+
+# The model's arithmetic during inversion (see sparseinv.inversion.precision).
+PRECISIONS = ("fp32", "bf16", "auto")
 
 # How the output mask of a sparse image is chosen after the last step: "rescore" (the
 # published rule: one dense pass scores the best image, the top int(N * prod(1 - r))
@@ -16,7 +21,14 @@ from sparseinv.inversion.schedule import PruneSchedule
 # 32, with quantization from either level (benchmarks/final_mask.py, two seeds).
 FINAL_MASKS = ("rescore", "last-phase")
 # Settings added after pools were first written: a record without one was made at this value.
-_ABSENT_MEANS = {"precision": "fp32", "final_mask": "rescore"}
+_ABSENT_MEANS = {"precision": "fp32", "final_mask": "rescore", "color_shift": 0.0}
+
+
+def _loss_class():
+    # Imported on use: the loss terms need torch, and this module is read by `sparseinv --help`.
+    from sparseinv.inversion.losses import InversionLoss
+
+    return InversionLoss
 
 
 @dataclass
@@ -33,13 +45,14 @@ class InversionConfig:
     lr: float = 0.25
     betas: tuple[float, float] = (0.5, 0.99)
     schedule: PruneSchedule = field(default_factory=PruneSchedule)
-    loss: InversionLoss = field(default_factory=InversionLoss)
+    loss: InversionLoss = field(default_factory=lambda: _loss_class()())
     classes: tuple[int, ...] | None = None
     seed: int = 0
     jitter: float = 0.125
     flip: bool = True
     precision: str = "fp32"
     final_mask: str = "last-phase"
+    color_shift: float = 0.0
 
     def validate(self, num_classes: int | None = None) -> None:
         """Raise :class:`UsageError` for settings no run could use."""
@@ -49,6 +62,8 @@ class InversionConfig:
         if not self.lr > 0:
             raise UsageError(f"the learning rate must be positive, got {self.lr}.")
         self.schedule.validate(self.iterations)
+        if not 0 <= self.color_shift <= 2:
+            raise UsageError(f"--color-shift is a strength in [0, 2], got {self.color_shift}.")
         if self.final_mask not in FINAL_MASKS:
             raise UsageError(f"unknown final mask '{self.final_mask}': use one of {', '.join(FINAL_MASKS)}.")
         if self.precision not in PRECISIONS:
@@ -99,13 +114,14 @@ class InversionConfig:
                 lr=float(s["lr"]),
                 betas=tuple(float(b) for b in s["betas"]),
                 schedule=PruneSchedule(tuple(int(x) for x in s["schedule"]["steps"]), tuple(float(r) for r in s["schedule"]["ratios"])),
-                loss=InversionLoss(**{k: float(v) for k, v in loss.items()}),
+                loss=_loss_class()(**{k: float(v) for k, v in loss.items()}),
                 classes=None if s["classes"] is None else tuple(int(c) for c in s["classes"]),
                 seed=int(s["seed"]),
                 jitter=float(s["jitter"]),
                 flip=bool(s["flip"]),
                 precision=str(s["precision"]),
                 final_mask=str(s["final_mask"]),
+                color_shift=float(s["color_shift"]),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise UsageError(f"the pool's recorded settings are incomplete or damaged ({type(err).__name__}: {err}).") from None

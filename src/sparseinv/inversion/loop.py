@@ -9,6 +9,7 @@ them as a pool that survives interruption.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -17,14 +18,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparseinv import distributed
-from sparseinv.inversion.augment import RollFlip
+from sparseinv.inversion.augment import ColorShift, RollFlip
 from sparseinv.errors import UsageError
 from sparseinv.inversion.config import InversionConfig
 from sparseinv.inversion.precision import Precision, resolve_precision
 from sparseinv.inversion.losses import LossInputs
 from sparseinv.models import ViTInfo, vit_info, weights_fingerprint
 from sparseinv.inversion.kept_pixels import KeptImages, KeptPixels
-from sparseinv.inversion.sparse_forward import _patch_projection, sparse_forward
+from sparseinv.inversion.sparse_forward import OutputRecorder, _patch_projection, sparse_forward
 
 
 @dataclass
@@ -176,6 +177,7 @@ def _run_phases(
     best = kept.detach().clone()
     max_dy, max_dx = int(height * config.jitter), int(width * config.jitter)
     seconds_per_phase: list[float] = []
+    attention_recorder = OutputRecorder.attention(model) if config.loss.needs_attention else contextlib.nullcontext()
 
     bar = tqdm(total=config.iterations, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for phase, (start, end) in enumerate(bounds):
@@ -201,14 +203,19 @@ def _run_phases(
         dense = phase == 0
         for step in range(start, end):
             aug = RollFlip.sample(generator, max_dy, max_dx, config.flip)
+            # Drawn only when on, so runs without it keep their random stream (and their images).
+            shift = ColorShift.sample(generator, batch, x.shape[1], config.color_shift, device) if config.color_shift else None
+            colour = (lambda t: t) if shift is None else shift.apply
             cells = every if dense else aug.remap(pixels.keep, info.grid_size, info.patch_size)
-            with precision.autocast(device):
+            with precision.autocast(device), attention_recorder as recorded:
                 if per_patch:
-                    fed = pixels.fed_pixels(kept, cells, aug)
-                    logits = sparse_forward(model, aug.apply(pixels.canvas), None if dense else cells, pixel_grad=fed).logits
+                    fed = colour(pixels.fed_pixels(kept, cells, aug))
+                    logits = sparse_forward(model, colour(aug.apply(pixels.canvas)), None if dense else cells, pixel_grad=fed).logits
                 else:
-                    logits = sparse_forward(model, aug.apply(pixels.compose(kept)), None if dense else cells).logits
-            per_image = config.loss(LossInputs(logits=logits.float(), targets=labels, pixels=KeptImages(pixels, kept)))
+                    logits = sparse_forward(model, colour(aug.apply(pixels.compose(kept))), None if dense else cells).logits
+            per_image = config.loss(LossInputs(logits=logits.float(), targets=labels, pixels=KeptImages(pixels, kept),
+                                               attention=None if recorded is None else recorded.values,
+                                               num_prefix=model.num_prefix_tokens))
             optimizer.zero_grad(set_to_none=True)
             per_image.mean().backward()
             with torch.no_grad():

@@ -6,6 +6,7 @@ terms it sums. Per-image values let the loop keep each image's best pixels.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -134,6 +135,31 @@ def l2_norm(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).norm(dim=1)
 
 
+def patch_similarity_entropy(tokens: torch.Tensor, num_prefix: int, max_pairs: int = 256) -> torch.Tensor:
+    """Per image: the entropy of the cosine similarities between its patch tokens. Shape (B,).
+
+    PSAQ-ViT's patch-similarity prior: real images give a ViT's patch tokens a wide
+    spread of similarities (parts of one object alike, background different), while
+    inverted texture makes them all alike or all different. The similarities of at most
+    ``max_pairs`` token pairs per image (evenly spaced over all pairs) are turned into a
+    density by a Gaussian kernel (Silverman's bandwidth), and its differential entropy
+    ``-mean(log p)`` estimated at the same values. Only the tokens fed are compared, so
+    in sparse inversion the prior sees the kept patches.
+    """
+    f = F.normalize(tokens[:, num_prefix:].float(), dim=-1)
+    sim = f @ f.transpose(1, 2)
+    k = sim.shape[1]
+    rows, cols = torch.triu_indices(k, k, offset=1, device=sim.device)
+    values = sim[:, rows, cols]
+    if values.shape[1] > max_pairs:
+        values = values[:, :: values.shape[1] // max_pairs][:, :max_pairs]
+    n = values.shape[1]
+    bandwidth = (1.06 * values.detach().std(dim=1, keepdim=True) * n ** -0.2).clamp_min(1e-3)
+    z = (values.unsqueeze(2) - values.unsqueeze(1)) / bandwidth.unsqueeze(2)
+    density = torch.exp(-0.5 * z.square()).mean(dim=2) / (bandwidth * math.sqrt(2 * math.pi))
+    return -density.clamp_min(1e-12).log().mean(dim=1)
+
+
 class Pixels(Protocol):
     """The optimised pixels, in whatever layout the optimiser keeps them."""
 
@@ -155,6 +181,9 @@ class LossInputs:
             inversion optimises kept patches and needs no whole image for its own loss.
         logits: (B, classes) the model's output on the augmented, sparse input.
         targets: (B,) the class each image is inverted towards.
+        attention: Each block's attention output on the fed tokens, when a term asked
+            for them (:attr:`InversionLoss.needs_attention`); else ``None``.
+        num_prefix: How many of those tokens are class/register tokens.
     """
 
     def __init__(
@@ -164,10 +193,13 @@ class LossInputs:
         targets: torch.Tensor | None = None,
         *,
         pixels: Pixels | None = None,
+        attention: list[torch.Tensor] | None = None,
+        num_prefix: int = 1,
     ) -> None:
         if (images is None) == (pixels is None) or logits is None or targets is None:
             raise ValueError("LossInputs needs logits, targets and one of images or pixels")
         self.logits, self.targets = logits, targets
+        self.attention, self.num_prefix = attention, num_prefix
         self._images, self._pixels = images, pixels
 
     @property
@@ -191,16 +223,24 @@ class LossTerm(Protocol):
 class InversionLoss:
     """The inversion objective, ``sum_k weight_k * term_k`` per image.
 
-    Defaults are SPEC section 2: cross-entropy plus ``1e-4 * TV_L2``; the other
-    built-in terms are off. ``extra`` takes any (weight, term) pairs, e.g. a
-    feature-statistics prior or an adversarial term against a student.
+    Defaults are the paper's: cross-entropy plus ``1e-4 * TV_L2``; the other built-in
+    terms are off. ``patch_entropy`` subtracts the weighted mean over blocks of
+    :func:`patch_similarity_entropy` (more diverse patch tokens). ``extra`` takes any
+    (weight, term) pairs, e.g. a feature-statistics prior or an adversarial term
+    against a student.
     """
 
     ce: float = 1.0
     tv_l2: float = 1e-4
     tv_l1: float = 0.0
     l2: float = 0.0
+    patch_entropy: float = 0.0
     extra: list[tuple[float, LossTerm]] = field(default_factory=list)
+
+    @property
+    def needs_attention(self) -> bool:
+        """Whether a term reads the blocks' attention outputs (the loop then records them)."""
+        return bool(self.patch_entropy)
 
     def __call__(self, inputs: LossInputs) -> torch.Tensor:
         """Per-image loss, shape (B,)."""
@@ -210,16 +250,18 @@ class InversionLoss:
         for weight, term in ((self.tv_l1, tv_l1), (self.l2, l2_norm)):
             if weight:
                 loss = loss + weight * term(inputs.images)
+        if self.patch_entropy:
+            if inputs.attention is None:
+                raise ValueError("the patch-similarity prior needs LossInputs.attention")
+            entropy = torch.stack([patch_similarity_entropy(t, inputs.num_prefix) for t in inputs.attention]).mean(0)
+            loss = loss - self.patch_entropy * entropy
         for weight, term in self.extra:
             loss = loss + weight * term(inputs)
         return loss
 
     def describe(self) -> dict:
         """The weights, for the run record (extra terms by class name)."""
-        return {
-            "ce": self.ce,
-            "tv_l2": self.tv_l2,
-            "tv_l1": self.tv_l1,
-            "l2": self.l2,
-            "extra": [[w, type(t).__name__] for w, t in self.extra],
-        }
+        out = {"ce": self.ce, "tv_l2": self.tv_l2, "tv_l1": self.tv_l1, "l2": self.l2}
+        if self.patch_entropy:  # left out when off, so records written before it existed still match
+            out["patch_entropy"] = self.patch_entropy
+        return {**out, "extra": [[w, type(t).__name__] for w, t in self.extra]}

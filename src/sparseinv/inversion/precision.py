@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseinv.errors import UsageError
+from sparseinv.inversion.config import PRECISIONS
 
-PRECISIONS = ("fp32", "bf16", "auto")
 # bf16 must beat fp32 by this factor in the probe before ``auto`` picks it.
 PROBE_MARGIN = 1.2
 PROBE_SIZE = 1024

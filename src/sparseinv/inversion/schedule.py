@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from sparseinv.errors import UsageError
 
 
+REFERENCE_ITERATIONS = 4000
+_REFERENCE_STEPS = (50, 100, 200, 300)
+
+
 @dataclass(frozen=True)
 class PruneSchedule:
     """Stop steps ``t_1 < ... < t_n`` and the fraction ``r_k`` of kept patches stopped at each.
@@ -20,9 +24,16 @@ class PruneSchedule:
     ratios: tuple[float, ...] = ()
 
     @classmethod
-    def reference(cls) -> "PruneSchedule":
-        """The paper's schedule: steps 50/100/200/300, ratio 0.3 each (196 -> 46 patches)."""
-        return cls(steps=(50, 100, 200, 300), ratios=(0.3, 0.3, 0.3, 0.3))
+    def reference(cls, iterations: int = REFERENCE_ITERATIONS) -> "PruneSchedule":
+        """The paper's schedule: steps 50/100/200/300 of 4000, ratio 0.3 each (196 -> 46 patches).
+
+        For a run of other length the stop steps are scaled by ``iterations / 4000``, so
+        each phase keeps its share of the run (400 steps: 5/10/20/30).
+        """
+        steps = tuple(max(1, round(s * iterations / REFERENCE_ITERATIONS)) for s in _REFERENCE_STEPS)
+        for i in range(1, len(steps)):  # strictly increasing, even for very short runs
+            steps = steps[:i] + (max(steps[i], steps[i - 1] + 1),) + steps[i + 1 :]
+        return cls(steps=steps, ratios=(0.3,) * len(steps))
 
     @property
     def is_dense(self) -> bool:

@@ -9,6 +9,7 @@ and distillation tokens behave exactly as in ``model(x)``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,46 @@ class AttentionRecorder:
     def __exit__(self, *exc) -> None:
         self._handle.remove()
         self.attn.fused_attn = self._was_fused
+
+
+class OutputRecorder:
+    """Records the outputs of some modules of a ViT with forward hooks (register, read, remove).
+
+    ``values`` holds one tensor per module, in the order given, from the last forward
+    (whatever tokens it was fed: under :func:`sparse_forward`, the kept ones).
+    """
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        self.modules, self.values, self._handles = list(modules), [None] * len(modules), []
+
+    @classmethod
+    def final(cls, model: nn.Module) -> "OutputRecorder":
+        """The final norm's output: every fed token."""
+        return cls([model.norm])
+
+    @classmethod
+    def blocks(cls, model: nn.Module, indices: Sequence[int] | None = None) -> "OutputRecorder":
+        """The residual stream after each block (or after the blocks ``indices``)."""
+        blocks = list(model.blocks)
+        return cls(blocks if indices is None else [blocks[i] for i in indices])
+
+    @classmethod
+    def attention(cls, model: nn.Module) -> "OutputRecorder":
+        """Each block's attention output (before the residual sum)."""
+        return cls([block.attn for block in model.blocks])
+
+    def _hook(self, position: int):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            self.values[position] = output
+        return hook
+
+    def __enter__(self) -> "OutputRecorder":
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def embed_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

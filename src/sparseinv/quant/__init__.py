@@ -10,22 +10,62 @@ folds LayerNorms and reconstructs its blocks as the config says; ``load_quantize
 rebuilds the same model from the file.
 """
 
-from sparseinv.quant.calibrate import calibrate, calibration_batches, fit, folder_batches, noise_batches, pool_batches
-from sparseinv.quant.config import CALIBRATORS, DEFAULT_METHOD, METHODS, SCHEMES, QuantConfig, ReconConfig
-from sparseinv.quant.io import fingerprint, load_quantized, read_header, save_quantized
-from sparseinv.quant.model import QuantAttention, default_filter, prepare_, set_quant_mode
-from sparseinv.quant.quantize import quantize_
-from sparseinv.quant.quantizers import (
-    ActQuantizer,
-    Log2Quantizer,
-    QuantConv2d,
-    QuantLinear,
-    fake_quant,
-    fake_quant_weight,
-    weight_scale,
-)
-from sparseinv.quant.reconstruct import reconstruct
-from sparseinv.quant.reparam import fold_layernorms, ln_linear_pairs
+from typing import TYPE_CHECKING
+
+from sparseinv._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from sparseinv.quant.calibrate import calibrate, calibration_batches, fit, folder_batches, noise_batches, pool_batches
+    from sparseinv.quant.config import CALIBRATORS, DEFAULT_METHOD, METHODS, SCHEMES, QuantConfig, ReconConfig
+    from sparseinv.quant.io import fingerprint, load_quantized, read_header, save_quantized
+    from sparseinv.quant.model import QuantAttention, default_filter, prepare_, set_quant_mode
+    from sparseinv.quant.quantize import quantize_
+    from sparseinv.quant.quantizers import (
+        ActQuantizer,
+        Log2Quantizer,
+        QuantConv2d,
+        QuantLinear,
+        fake_quant,
+        fake_quant_weight,
+        weight_scale,
+    )
+    from sparseinv.quant.reconstruct import reconstruct
+    from sparseinv.quant.reparam import fold_layernorms, ln_linear_pairs
+
+_EXPORTS = {
+    "calibrate": "sparseinv.quant.calibrate",
+    "calibration_batches": "sparseinv.quant.calibrate",
+    "fit": "sparseinv.quant.calibrate",
+    "folder_batches": "sparseinv.quant.calibrate",
+    "noise_batches": "sparseinv.quant.calibrate",
+    "pool_batches": "sparseinv.quant.calibrate",
+    "CALIBRATORS": "sparseinv.quant.config",
+    "DEFAULT_METHOD": "sparseinv.quant.config",
+    "METHODS": "sparseinv.quant.config",
+    "SCHEMES": "sparseinv.quant.config",
+    "QuantConfig": "sparseinv.quant.config",
+    "ReconConfig": "sparseinv.quant.config",
+    "fingerprint": "sparseinv.quant.io",
+    "load_quantized": "sparseinv.quant.io",
+    "read_header": "sparseinv.quant.io",
+    "save_quantized": "sparseinv.quant.io",
+    "QuantAttention": "sparseinv.quant.model",
+    "default_filter": "sparseinv.quant.model",
+    "prepare_": "sparseinv.quant.model",
+    "set_quant_mode": "sparseinv.quant.model",
+    "quantize_": "sparseinv.quant.quantize",
+    "ActQuantizer": "sparseinv.quant.quantizers",
+    "Log2Quantizer": "sparseinv.quant.quantizers",
+    "QuantConv2d": "sparseinv.quant.quantizers",
+    "QuantLinear": "sparseinv.quant.quantizers",
+    "fake_quant": "sparseinv.quant.quantizers",
+    "fake_quant_weight": "sparseinv.quant.quantizers",
+    "weight_scale": "sparseinv.quant.quantizers",
+    "reconstruct": "sparseinv.quant.reconstruct",
+    "fold_layernorms": "sparseinv.quant.reparam",
+    "ln_linear_pairs": "sparseinv.quant.reparam",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "CALIBRATORS",
