@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -80,3 +81,32 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.startswith("sparseinv ")
+
+
+def test_a_fine_tuned_37_class_deit_small_goes_from_inversion_to_an_int8_onnx_file_with_no_python(tmp_path, capsys):
+    """A user's own model, as a timm training checkpoint: invert -> quantize -> export -> evaluate --onnx."""
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_patch16_224", num_classes=37).eval()
+    ckpt = tmp_path / "my_finetuned_37_classes.pth"
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}  # saved from DistributedDataParallel
+    torch.save({"epoch": 3, "state_dict": state, "state_dict_ema": state}, ckpt)
+    data = tmp_path / "pets"
+    for c in range(37):  # 37 class folders, named as the user named them: sorted order is the class order
+        (data / f"breed_{c:02d}").mkdir(parents=True)
+        Image.new("RGB", (240, 240), (7 * c, 90, 200 - 5 * c)).save(data / f"breed_{c:02d}" / "0.jpg")
+    base = ["--model", "deit_small_patch16_224", "--checkpoint", str(ckpt), "--quiet"]
+    pool, quantized, onnx = tmp_path / "pool", tmp_path / "q.safetensors", tmp_path / "q.onnx"
+    assert main(["invert", *base, "--num-images", "2", "--batch-size", "2", "--iterations", "6", "--classes", "0", "36",
+                 "--out", str(pool)]) == 0
+    assert main(["quantize", *base, "--calib", str(pool), "--method", "calib", "--num-calib", "2", "--out", str(quantized)]) == 0
+    assert main(["export", "--model", "deit_small_patch16_224", "--checkpoint", str(ckpt), "--quantized", str(quantized),
+                 "--out", str(onnx)]) == 0
+    capsys.readouterr()
+    report = tmp_path / "onnx.json"
+    assert main(["evaluate", "--model", "deit_small_patch16_224", "--onnx", str(onnx), "--data", str(data), "--json", str(report),
+                 "--quiet"]) == 0
+    result = json.loads(report.read_text())
+    assert result["num_images"] == 37 and 0 <= result["top1"] <= 100
+    assert "ONNX" in capsys.readouterr().out

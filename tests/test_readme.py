@@ -1,0 +1,57 @@
+"""Every `sparseinv` command in the README runs as written, on test_vit with tiny sizes."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from conftest import save_test_vit
+from sparseinv.cli import main
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+# Covered elsewhere, by design: a user's own file (tests/test_model_loading.py builds one) and a
+# hub download (this machine is offline; the offline message is tested there too).
+NOT_RUN = ("my_finetuned_37_classes.pth", "hf-hub:")
+# The README's sizes are for DeiT-Tiny on real weights; the same commands on test_vit, small.
+SMALLER = {"deit_tiny_patch16_224": "test_vit", "--num-images 32": "--num-images 2", "--iterations 400": "--iterations 8",
+           "--epochs 25": "--epochs 1", "--batch-size 32": "--batch-size 2"}
+
+
+def readme_commands() -> list[str]:
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.strip()
+            if line.startswith(("sparseinv ", ".venv/bin/sparseinv ")):
+                commands.append(" ".join(line.removeprefix(".venv/bin/").split()))
+    return commands
+
+
+def test_the_readme_has_the_four_jobs():
+    commands = " | ".join(readme_commands())
+    for job in ("sparseinv invert", "sparseinv quantize", "sparseinv export", "sparseinv distill", "--onnx", "--depth", "--quantized"):
+        assert job in commands, job
+
+
+def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = save_test_vit(tmp_path / "test_vit.safetensors")
+    val = tmp_path / "val"
+    rng = np.random.default_rng(0)
+    for synset in ("n01440764", "n01443537"):  # ImageNet synset folders, as Imagenette's are
+        (val / synset).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (170, 170, 3), dtype=np.uint8)).save(val / synset / "0.png")
+    ran = 0
+    for command in readme_commands():
+        if any(marker in command for marker in NOT_RUN):
+            continue
+        for big, small in SMALLER.items():
+            command = command.replace(big, small)
+        command = command.replace("$CKPT", str(ckpt)).replace("../shared/data/imagenette/val", str(val))
+        assert main(shlex.split(command)[1:]) == 0, command
+        ran += 1
+    assert ran >= 10
