@@ -157,14 +157,36 @@ def test_folding_gives_per_tensor_scales_and_the_per_channel_result(vit, monkeyp
     assert (a - ref).abs().max() > 100 * (a - b).abs().max()  # and quantization did something
 
 
-def test_sequential_calibration_fits_ranges_to_quantized_inputs(vit):
+def _quantizer_inputs(model, x, quantizers) -> list[torch.Tensor]:
+    fed = {}
+    hooks = [q.register_forward_pre_hook(lambda m, args, i=i: fed.__setitem__(i, args[0].detach().clone()))
+             for i, q in enumerate(quantizers)]
+    with torch.no_grad():
+        sparse_forward(model, x)
+    for h in hooks:
+        h.remove()
+    return [fed[i] for i in range(len(quantizers))]
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_sequential_calibration_fits_ranges_to_quantized_inputs(vit, sequential):
+    """Every min/max range is the range of what its quantizer is fed: the full-precision
+    activations (one pass), or, sequentially, the outputs of the already quantized layers."""
+    from sparseinv.quant.quantizers import act_qparams
+
     x = torch.randn(4, 3, 160, 160)
-    ranges = {}
-    for sequential in (False, True):
-        model = quantize_(copy.deepcopy(vit), QuantConfig(3, 3, sequential=sequential))
-        calibrate(model, [(x[:2], None), (x[2:], None)], progress=False)
-        ranges[sequential] = torch.cat([m.scale.flatten() for m in model.modules() if isinstance(m, ActQuantizer)])
-    assert not torch.equal(ranges[False], ranges[True])
+    model = quantize_(copy.deepcopy(vit), QuantConfig(3, 3, sequential=sequential))
+    calibrate(model, [(x[:2], None), (x[2:], None)], progress=False)
+    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    quantized_inputs = _quantizer_inputs(model, x, quantizers)
+    set_quant_mode(model, "off")
+    full_precision_inputs = _quantizer_inputs(model, x, quantizers)
+    expected = quantized_inputs if sequential else full_precision_inputs
+    for q, inputs in zip(quantizers, expected):
+        scale, _ = act_qparams(inputs.amin(), inputs.amax(), q.bits)
+        assert torch.allclose(q.scale.flatten(), scale.flatten(), rtol=1e-5)
+    # The two kinds of input really differ after the first quantizer, so the check above can tell them apart.
+    assert any(not torch.allclose(a, b) for a, b in zip(quantized_inputs[1:], full_precision_inputs[1:]))
 
 
 # ---------------------------------------------------------------- reconstruction
