@@ -20,26 +20,32 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
     assert inv["dense"]["tokens_per_phase"] == [196]
     sparse_tokens = inv["sparse"]["tokens_per_phase"]
     assert sparse_tokens[0] == 196 and sparse_tokens == sorted(sparse_tokens, reverse=True) and len(sparse_tokens) == 3
-    # The output mask keeps int(N * prod(1 - r)) patches (SPEC), one more or less than the last phase fed.
-    assert abs(inv["sparse"]["patches_kept"] - sparse_tokens[-1]) <= 1 and inv["sparse"]["patches_kept"] < 196
+    # The demo's promise, in work rather than seconds (no test depends on timing): sparse inversion
+    # feeds fewer token-steps than dense over the same steps, and its images keep exactly the last
+    # phase's patches (the default last-phase mask).
+    def token_steps(kind):
+        return sum(t * (end - start) for t, (start, end) in zip(inv[kind]["tokens_per_phase"], inv[kind]["phase_bounds"]))
+    assert token_steps("sparse") < 0.8 * token_steps("dense")
+    assert inv["sparse"]["patches_kept"] == sparse_tokens[-1] < 196
+    # The images are on their labels: the model classifies every one as the class it was inverted toward.
     for kind in ("dense", "sparse"):
-        assert inv[kind]["seconds"] > 0 and 0 <= inv[kind]["success_rate"] <= 1
+        assert inv[kind]["success_rate"] == 1.0, kind
     assert inv["speedup"] == inv["dense"]["seconds"] / inv["sparse"]["seconds"]
     assert report["val_images"] == 10  # one per class
-    assert 0 <= report["full_precision"] <= 100
     assert set(report["quantization"]) == {f"W{w}/A{a} {s}" for w, a in BITS for s in SOURCES}
-    for cell in report["quantization"].values():
-        assert 0 <= cell["top1"] <= 100 and cell["fit_seconds"] > 0
-    assert set(report["distillation"]) == {"sparse", "dense"} and 0 <= report["teacher_top1"] <= 100
-    assert all(0 <= d["top1"] <= 100 and d["train_seconds"] > 0 for d in report["distillation"].values())
-
+    assert set(report["distillation"]) == {"sparse", "dense"}
     markdown = (out / "report.md").read_text()
     pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
     assert set(pictures) == {"pools/sparse/grid.png", "pools/dense/grid.png", "tokens.png", "accuracy_vs_time.png"}
     for picture in pictures:
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for cell in report["quantization"].values():  # every number of the table is in the report and on screen
-        assert f"{cell['top1']:.1f}" in markdown and f"{cell['top1']:.1f}" in printed
+    # Every number of the report's table is report.json's, in the markdown and on screen.
+    numbers = [report["full_precision"], report["teacher_top1"], *(c["top1"] for c in report["quantization"].values()),
+               *(d["top1"] for d in report["distillation"].values())]
+    for value in numbers:
+        assert f"{value:.1f}" in markdown and f"{value:.1f}" in printed, value
+    for kind in ("dense", "sparse"):
+        assert f"{inv[kind]['seconds']:.1f}" in markdown and f"{inv[kind]['success_rate']:.2f}" in markdown
     assert f"{inv['speedup']:.2f}x faster" in markdown
     assert not (out / "students").exists()
 

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=MODES, default=None,
                    help="linear-probe: frozen backbone, fresh head; full: every weight (default: linear-probe for --student, full otherwise)")
     p.add_argument("--epochs", type=int, default=D.epochs, help=f"passes over the images (default: {D.epochs})")
-    p.add_argument("--batch-size", type=int, default=D.batch_size, help=f"images per step (default: {D.batch_size})")
+    p.add_argument("-b", "--batch-size", type=int, default=D.batch_size, help=f"images per step (default: {D.batch_size})")
     p.add_argument("--temperature", type=float, default=D.temperature, help=f"softmax temperature T (default: {D.temperature:g})")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="default: sgd for linear-probe, adamw for full")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.01 for sgd, 2e-4 for adamw, 2e-5 for a quantized student)")

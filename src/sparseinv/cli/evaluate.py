@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                        "by synset for 1000-class models; otherwise sorted folder order, when the counts match)")
     p.add_argument("--class-index", dest="class_index_old", help=argparse.SUPPRESS)
     p.add_argument("--limit-per-class", type=int, help="only the first N images of each class")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("-b", "--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--json", help="also write the result to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device(p)

@@ -24,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model(p)
     p.add_argument("--quantized", help="a .safetensors file from 'sparseinv quantize' (default: export full precision)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
-    p.add_argument("--batch-size", default="dynamic", help="'dynamic' or a fixed batch size N")
+    p.add_argument("-b", "--batch-size", default="dynamic", help="'dynamic' or a fixed batch size N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch while tracing (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="print only the result line, not the exporter's notes")
     p.set_defaults(func=run)
 
 
@@ -42,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         if batch < 1:
             raise UsageError(f"--batch-size must be 'dynamic' or a positive integer, got '{args.batch_size}'.")
     check_writable(args.out)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.quantized:
         read_header(args.quantized)  # a wrong file fails before the model loads
     model = model_from_args(args, torch.device("cpu"))
@@ -50,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseinv.export import INTEGER_OPS, export_onnx, integer_ops
 
     notes = export_onnx(model, args.out, batch)
-    for note in notes:
+    for note in [] if args.quiet else notes:
         print(f"note: {note}")
     ops = integer_ops(args.out) if args.quantized else {}
     integer = sum(n for op, n in ops.items() if op in INTEGER_OPS)

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model(p)
     p.add_argument("--out", required=True, help="pool folder; an unfinished pool with the same settings is continued")
     p.add_argument("--num-images", type=int, default=32, help="images to invert (labels balanced over --classes or all classes)")
-    p.add_argument("--batch-size", type=int, default=32, help="images optimised together; each batch is committed to the pool when done")
+    p.add_argument("-b", "--batch-size", type=int, default=32, help="images optimised together; each batch is committed to the pool when done")
     p.add_argument("--iterations", type=int, default=4000, help="optimisation steps per batch (the paper: 4000)")
     p.add_argument("--lr", type=float, default=0.25, help="Adam learning rate on the pixels")
     p.add_argument("--tv-l2", type=float, default=1e-4, help="weight of the L2 total variation (default 1e-4)")

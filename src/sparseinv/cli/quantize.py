@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--recon-drop", type=float, help=f"QDrop probability (default {defaults.drop_prob})")
     r.add_argument("--recon-views", type=int, help=f"whole-patch rolls and mirrors of each image to reconstruct on (default {defaults.views})")
     p.add_argument("--num-calib", type=int, default=32, help="calibration images (default 32)")
-    p.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
+    p.add_argument("-b", "--batch-size", type=int, default=32, help="calibration batch size (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed for --calib noise and reconstruction")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.add_argument("--allow-other-weights", action="store_true", help="accept a --calib pool inverted from other weights than --checkpoint's")
