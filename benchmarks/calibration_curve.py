@@ -49,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters-per-image", type=int, default=0,
                         help="reconstruction steps per block per calibration image (0: the default 300 steps whatever N)")
+    parser.add_argument("--only", nargs="*", help="measure only these cells (e.g. 'sparse 128')")
     args = parser.parse_args()
     name = "calibration_curve" if args.iters_per_image == 0 else f"calibration_curve_ipi{args.iters_per_image}"
     path = RESULTS / f"{name}.json"
@@ -66,7 +67,7 @@ def main() -> None:
         "cells": old.get("cells", {}),
     }
     for key, source, n in cells(p):
-        if key in payload["cells"]:
+        if key in payload["cells"] or (args.only and key not in args.only):
             continue
         config = QuantConfig.for_method("recon", 4, 4)
         if args.iters_per_image:
