@@ -79,3 +79,15 @@ def test_help_and_argument_errors_never_import_torch(argv):
             "print('LOADED', sorted(m for m in ('torch', 'timm', 'numpy', 'PIL') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "LOADED []" in done.stdout, done.stdout[-500:] + done.stderr[-500:]
+
+
+def test_every_public_name_and_sub_package_resolves_on_first_use():
+    code = ("import sparseinv as s\nassert callable(s.quant.quantize_) and callable(s.distill.distill)  # never imported by name\n"
+            "import sparseinv, sparseinv.quant, sparseinv.distill, sparseinv.inversion\n"
+            "for package in (sparseinv, sparseinv.quant, sparseinv.distill, sparseinv.inversion):\n"
+            "    missing = [n for n in package.__all__ if getattr(package, n, None) is None]\n"
+            "    assert not missing, (package.__name__, missing)\n"
+            "import sparseinv as s\nassert s.quant.quantize_ is s.quantize_ and callable(s.inversion.invert)\n"
+            "assert set(s.__all__) <= set(dir(s))\nprint('OK')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "OK", done.stderr[-1500:]
