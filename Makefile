@@ -7,11 +7,11 @@ STAMP := $(VENV)/.installed
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	# Pinned, in this order (SPEC section 8): the CPU torch first, so nothing pulls a CUDA build.
+	# Pinned, in this order: the CPU torch first, so nothing pulls a CUDA build (torchvision's CUDA wheel is made importable by src/sparseinv/_torchvision_compat.py).
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet torchvision==0.28.0
 	$(BIN)/pip install --quiet timm==1.0.31
@@ -24,6 +24,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the end-to-end and multi-process checks (CI runs `make test`).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/sparseinv demo --shared $(SHARED) --out demo-output

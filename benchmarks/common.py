@@ -34,8 +34,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 # The scaled-down inversion protocol the accuracy benchmarks share: the reference
 # stop steps and ratios, but 400 iterations instead of 4000 (a dense 4000-step batch
-# of 32 is over an hour on this CPU). SPEC section 5 measured the published SMI
-# pipeline at this same length.
+# of 32 is over an hour on this CPU). The published SMI pipeline has also been measured
+# at this same length.
 POOL_ITERATIONS = 400
 
 

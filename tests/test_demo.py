@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from conftest import SHARED
 from sparseinv.cli import main
 from sparseinv.demo import BITS, SOURCES
+
+pytestmark = pytest.mark.slow
 
 
 def test_quick_demo_writes_a_complete_report(tmp_path, capsys):

@@ -21,6 +21,8 @@ from sparseinv.cli import main
 from sparseinv.distill import prepare_student
 from sparseinv.models import load_model
 
+pytestmark = pytest.mark.slow
+
 # 8 batches of 2 images, each long enough (~1 s here) that a kill lands mid-run.
 INVERT = ["--num-images", "16", "--batch-size", "2", "--iterations", "150", "--prune-at", "50", "100",
           "--prune-ratio", "0.5", "0.5", "--quiet"]

@@ -83,6 +83,7 @@ def test_version(capsys):
     assert done.value.code == 0 and capsys.readouterr().out.startswith("sparseinv ")
 
 
+@pytest.mark.slow
 def test_a_fine_tuned_37_class_deit_small_goes_from_inversion_to_an_int8_onnx_file_with_no_python(tmp_path, capsys):
     """A user's own model, as a timm training checkpoint: invert -> quantize -> export -> evaluate --onnx."""
     from PIL import Image

@@ -7,10 +7,13 @@ import shlex
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import save_test_vit
 from sparseinv.cli import main
+
+pytestmark = pytest.mark.slow
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 # Covered elsewhere, by design: a user's own file (tests/test_model_loading.py builds one) and a

@@ -1,4 +1,4 @@
-"""When to stop inverting patches, and how many to keep (SPEC section 3)."""
+"""When to stop inverting patches, and how many to keep (the paper's schedule and custom ones)."""
 
 from __future__ import annotations
 
