@@ -404,12 +404,17 @@ def test_interrupt_keeps_finished_batches_exits_130_and_continues(capsys, tmp_pa
     assert len(_manifest(out)) == 4
 
 
-def test_second_writer_of_a_pool_is_refused(capsys, tmp_path, fixtures):
+def test_second_writer_of_a_pool_is_refused_before_its_model_loads(capsys, tmp_path, fixtures, monkeypatch):
+    import sparseinv.cli.invert as invert_command
+
     out = tmp_path / "pool"
     argv = ["invert", *fixtures["model"], "--iterations", "2", "--dense", "--num-images", "1", "--quiet", "--out", str(out)]
+    real_loader = invert_command.model_from_args
+    monkeypatch.setattr(invert_command, "model_from_args", lambda *a: pytest.fail("the model loaded before the lock was checked"))
     with FolderLock(out):
         _refused(capsys, argv, "being written by another sparseinv process")
         assert not (out / "run.json").exists()
+    monkeypatch.setattr(invert_command, "model_from_args", real_loader)
     assert main(argv) == 0
 
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from sparseinv.cli.common import add_device, add_model, config_from_args, model_from_args, resolve_device
 from sparseinv.errors import UsageError
-from sparseinv.files import FolderLock
+from sparseinv.files import FolderLock, check_writable
 from sparseinv.inversion.config import FINAL_MASKS, PRECISIONS, InversionConfig
 from sparseinv.inversion.schedule import PruneSchedule
 
@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         classes=None,
     )
     config.validate()  # before the model loads: cheap mistakes first
+    check_writable(args.out, "--out", folder=True)  # a typo or a busy folder costs a second, not a model load
     FolderLock.refuse_if_held(args.out)
     device = resolve_device(args)
     model = model_from_args(args, device)
