@@ -333,8 +333,10 @@ def main() -> None:
         payload["paper_steps"] = args.paper_steps
         payload["protocols"]["paper"] = payload["paper"].pop("rows")
     if not {"compression", "quantized"} & set(args.protocols):
-        write_results("distill", {**old, **payload})
-        (RESULTS / "distill.md").write_text(markdown({**old, **payload, "command": "python benchmarks/distill.py"}))
+        kept = {k: v for k, v in old.items() if k not in ("command", "machine", "commit", "steps")}  # this run's own
+        write_results("distill", {**kept, **payload, "steps": old.get("steps", args.steps)})
+        (RESULTS / "distill.md").write_text(markdown({**kept, **payload, "steps": old.get("steps", args.steps),
+                                                      "command": "python benchmarks/distill.py"}))
         return
     p = pools()
     all_cells = cells(p)
