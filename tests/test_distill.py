@@ -227,6 +227,8 @@ def test_cli_depth_student_is_the_teachers_shallow_copy_and_evaluates(files, tmp
     assert main(["distill", "--teacher", f"test_vit:{files['teacher']}", "--depth", "3", "--pool", files["pool"],
                  "--epochs", "1", "--batch-size", "2", "--out", str(out), "--quiet"]) == 0
     assert "full distillation" in capsys.readouterr().out  # a copy of the teacher trains every weight by default
+    config = json.loads((tmp_path / "small.json").read_text())["settings"]["config"]
+    assert (config["feature_weight"], config["feature_layers"]) == (1.0, "blocks")  # a shallow copy matches tokens block by block
     state = load_file(str(out))
     assert {int(k.split(".")[1]) for k in state if k.startswith("blocks.")} == {0, 1, 2}
     teacher = load_file(files["teacher"])
@@ -235,6 +237,18 @@ def test_cli_depth_student_is_the_teachers_shallow_copy_and_evaluates(files, tmp
     assert main(["evaluate", "--model", "test_vit", "--checkpoint", str(out), "--data", val, "--quiet",
                  "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["top1"] >= 0
+
+
+def test_cli_students_other_than_shallow_copies_learn_logits_only_unless_asked(files, tmp_path):
+    out = tmp_path / "probe.safetensors"
+    base = ["distill", "--teacher", f"test_vit:{files['teacher']}", "--student", f"test_vit:{files['student']}", "--pool", files["pool"],
+            "--epochs", "1", "--batch-size", "2", "--quiet"]
+    assert main([*base, "--out", str(out)]) == 0
+    config = json.loads((tmp_path / "probe.json").read_text())["settings"]["config"]
+    assert (config["feature_weight"], config["feature_layers"]) == (0.0, "final")
+    assert main([*base, "--mode", "full", "--feature-weight", "0.5", "--out", str(tmp_path / "asked.safetensors")]) == 0
+    config = json.loads((tmp_path / "asked.json").read_text())["settings"]["config"]
+    assert (config["feature_weight"], config["feature_layers"]) == (0.5, "final")
 
 
 def test_cli_quantized_student_trains_and_its_file_evaluates(files, tmp_path, capsys):
