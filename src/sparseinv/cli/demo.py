@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="DeiT-Tiny weights (default: SHARED/assets/deit_tiny_patch16_224.safetensors, else timm's hub)")
     p.add_argument("--out", default="demo-output", help="report folder (default: demo-output)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="2 images x 6 steps: checks the pipeline in about a minute")
+    size.add_argument("--quick", action="store_true", help="2 images x 30 steps: checks the pipeline in about a minute")
     size.add_argument("--full", action="store_true", help="the paper's reference protocol: 32 images x 4000 steps (hours on a CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_device(p)
