@@ -84,10 +84,21 @@ def test_help_and_argument_errors_never_import_torch(argv):
 def test_every_public_name_and_sub_package_resolves_on_first_use():
     code = ("import sparseinv as s\nassert callable(s.quant.quantize_) and callable(s.inversion.invert_batch)  # never imported by name\n"
             "import sparseinv, sparseinv.quant, sparseinv.distill, sparseinv.inversion\n"
-            "for package in (sparseinv, sparseinv.quant, sparseinv.distill, sparseinv.inversion):\n"
+            "import sys\n"
+            "for package in (sparseinv, sparseinv.quant, sys.modules['sparseinv.distill'], sparseinv.inversion):\n"
             "    missing = [n for n in package.__all__ if getattr(package, n, None) is None]\n"
             "    assert not missing, (package.__name__, missing)\n"
             "import sparseinv as s\nassert s.quant.quantize_ is s.quantize_ and callable(s.inversion.invert)\n"
             "assert set(s.__all__) <= set(dir(s))\nprint('OK')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "OK", done.stderr[-1500:]
+
+
+def test_exported_functions_win_over_their_modules_of_the_same_name():
+    """`calibrate` is a function and a module of sparseinv.quant; `distill` a function and a sub-package of sparseinv."""
+    code = ("import sparseinv.quant.calibrate, sparseinv.quant.reconstruct, sparseinv.distill.train\n"
+            "import sparseinv\nfrom sparseinv.quant import calibrate, reconstruct\nfrom sparseinv import distill\n"
+            "import types\nassert not any(isinstance(f, types.ModuleType) for f in (calibrate, reconstruct, distill))\n"
+            "assert sparseinv.distill is distill and callable(sparseinv.quant.calibrate)\nprint('OK')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == "OK", done.stderr[-1500:]

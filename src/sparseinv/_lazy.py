@@ -5,7 +5,26 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import types
 from collections.abc import Callable
+
+
+class _LazyPackage(types.ModuleType):
+    """A package whose exported names win over its sub-modules of the same name.
+
+    ``sparseinv.quant`` exports the function ``calibrate`` and holds the module
+    ``calibrate.py``; importing the module makes Python bind it on the package, which
+    would hide the function from ``from sparseinv.quant import calibrate``. That binding is
+    skipped, so the name resolves to the exported object on first use, as it did when the
+    package imported everything at start-up.
+    """
+
+    _exports: dict[str, str] = {}
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in self._exports and isinstance(value, types.ModuleType) and value.__name__ == f"{self.__name__}.{name}":
+            return
+        super().__setattr__(name, value)
 
 
 def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
@@ -14,6 +33,8 @@ def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str],
     The first access imports the module and stores the value on the package, so later
     accesses (and ``monkeypatch.setattr`` in tests) see an ordinary attribute.
     """
+    module_object = sys.modules[package]
+    module_object.__class__ = type("LazyPackage", (_LazyPackage,), {"_exports": exports})
 
     def __getattr__(name: str) -> object:
         module = exports.get(name)
