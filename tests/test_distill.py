@@ -259,6 +259,8 @@ def test_cli_quantized_student_trains_and_its_file_evaluates(files, tmp_path, ca
                  "--num-calib", "4", "--out", str(q), "--quiet"]) == 0
     assert main(["distill", "--teacher", f"test_vit:{files['teacher']}", "--quantized", str(q), "--pool", files["pool"],
                  "--epochs", "2", "--batch-size", "2", "--lr", "1e-3", "--out", str(qat), "--quiet"]) == 0
+    config = json.loads((tmp_path / "qat.json").read_text())["settings"]["config"]
+    assert (config["feature_weight"], config["feature_layers"]) == (1.0, "blocks")  # made from the teacher: tokens matched
     before, after = load_file(str(q)), load_file(str(qat))
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("w_int"))  # codes moved
