@@ -41,3 +41,16 @@ def test_folders_map_in_sorted_order_only_when_the_counts_match(tmp_path):
     class_map = tmp_path / "map.txt"
     class_map.write_text("dog\ncat\n")
     assert folder_class_index(["cat", "dog"], 1000, class_map) == ({"dog": 0, "cat": 1}, None)
+
+
+def test_the_old_class_index_spelling_still_works_with_a_note_and_the_new_one_wins(capsys):
+    from sparseinv.cli import build_parser
+
+    parser = build_parser()
+    base = ["evaluate", "--model", "m", "--data", "d"]
+    assert parser.parse_args([*base, "--class-index", "old.txt"]).class_map == "old.txt"
+    assert "note: --class-index is now --class-map." in capsys.readouterr().err
+    for order in (["--class-index", "old.txt", "--class-map", "new.txt"], ["--class-map", "new.txt", "--class-index", "old.txt"]):
+        assert parser.parse_args([*base, *order]).class_map == "new.txt"
+    assert parser.parse_args(["distill", "--teacher", "t", "--depth", "2", "--pool", "p", "--out", "o",
+                              "--val-class-index", "old.txt"]).val_class_map == "old.txt"

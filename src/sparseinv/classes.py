@@ -87,8 +87,8 @@ def folder_class_index(folders: Sequence[str], num_classes: int, class_map: str 
         from sparseinv.data import read_class_index
 
         return read_class_index(class_map), None
-    synsets = imagenet_synsets()
-    if num_classes == IMAGENET_CLASSES and folders and all(f in synsets for f in folders):
+    synsets = imagenet_synsets() if num_classes == IMAGENET_CLASSES else {}
+    if folders and all(f in synsets for f in folders):
         note = None
         if len(folders) != num_classes:
             note = (f"{len(folders)} ImageNet class folders in {where}, mapped by synset to the model's "

@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from typing import TYPE_CHECKING
 
 from sparseinv.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
+
+
+class Renamed(argparse.Action):
+    """An option's old spelling: still accepted, with a one-line note, into the new option's value.
+
+    The new spelling wins when both are given, whatever their order.
+    """
+
+    def __init__(self, option_strings, dest, new: str, **kwargs) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"note: {option_string} is now {self.new}.", file=sys.stderr)
+        if getattr(namespace, self.dest, None) is None:
+            setattr(namespace, self.dest, values)
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 import copy
 import sys
 
-from sparseinv.cli.common import add_device, config_from_args, resolve_device, split_model_spec
+from sparseinv.cli.common import Renamed, add_device, config_from_args, resolve_device, split_model_spec
 from sparseinv.distill.config import FEATURE_LAYERS, MODES, OPTIMIZERS, TARGETS, DistillConfig
 from sparseinv.errors import UsageError
 from sparseinv.files import check_writable
@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val", help="real labelled folder <class>/<images> to evaluate on after every epoch")
     p.add_argument("--val-class-map", help="file whose line i starts with class i's folder name (default: ImageNet synset folders map "
                                            "by synset for 1000-class teachers; otherwise sorted folder order, when the counts match)")
-    p.add_argument("--val-class-index", dest="val_class_index_old", help=argparse.SUPPRESS)
+    p.add_argument("--val-class-index", dest="val_class_map", action=Renamed, new="--val-class-map")
     p.add_argument("--val-limit-per-class", type=int, help="evaluate on only the first N images of each class")
     p.add_argument("--invert-every", type=int, default=0, metavar="K", help="invert a new round of images from the teacher every K epochs (the first pool's settings)")
     p.add_argument("--images-per-round", type=int, default=0, metavar="M", help="images inverted per round")
@@ -174,9 +174,6 @@ def run(args: argparse.Namespace) -> int:
         pool.record  # noqa: B018  (refuses a record whose settings cannot be read)
         if pool.run["model"] != teacher_name:
             raise UsageError(f"pool '{pool.root}' was inverted from {pool.run['model']}, not from the teacher {teacher_name}.")
-    if args.val_class_index_old:
-        print("note: --val-class-index is now --val-class-map.", file=sys.stderr)
-        args.val_class_map = args.val_class_map or args.val_class_index_old
     if args.val:
         from sparseinv.data import ImageFolder
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sparseinv.cli.common import add_device, add_model, model_from_args, resolve_device
+from sparseinv.cli.common import Renamed, add_device, add_model, model_from_args, resolve_device
 from sparseinv.errors import UsageError
 from sparseinv.files import atomic_write_json, check_writable
 
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="folder of class sub-folders of images")
     p.add_argument("--class-map", help="file whose line i starts with class i's folder name (default: ImageNet synset folders map "
                                        "by synset for 1000-class models; otherwise sorted folder order, when the counts match)")
-    p.add_argument("--class-index", dest="class_index_old", help=argparse.SUPPRESS)
+    p.add_argument("--class-index", dest="class_map", action=Renamed, new="--class-map")
     p.add_argument("--limit-per-class", type=int, help="only the first N images of each class")
     p.add_argument("-b", "--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--json", help="also write the result to this JSON file")
@@ -40,9 +40,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit_per_class is not None and args.limit_per_class < 1:
         raise UsageError(f"--limit-per-class {args.limit_per_class} must be at least 1.")
-    if args.class_index_old:
-        print("note: --class-index is now --class-map.", file=sys.stderr)
-        args.class_map = args.class_map or args.class_index_old
     if args.json:
         check_writable(args.json, "--json")
     if args.quantized and args.onnx:
