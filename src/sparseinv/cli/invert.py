@@ -89,14 +89,19 @@ def run(args: argparse.Namespace) -> int:
         classes=None,
     )
     config.validate()  # before the model loads: cheap mistakes first
-    check_writable(args.out, "--out", folder=True)  # a typo or a busy folder costs a second, not a model load
-    FolderLock.refuse_if_held(args.out)
+    rank = distributed.current()
+
+    def check_out() -> None:  # a typo or a busy folder costs a second, not a model load
+        check_writable(args.out, "--out", folder=True)
+        FolderLock.refuse_if_held(args.out)
+
+    # Rank 0 alone: under torchrun the other ranks would find the folder locked by rank 0's writer.
+    rank.on_main(check_out)
     device = resolve_device(args)
     model = model_from_args(args, device)
     if args.classes:
         config = replace(config, classes=resolve_classes(args.classes, model.num_classes))
     config.validate(model.num_classes)
-    rank = distributed.current()
     rank.on_main(PoolWriter(args.out, run_record(model, config, args.model, args.checkpoint)).check)
     result = invert(model, config, args.out, model_name=args.model, checkpoint=args.checkpoint, progress=not args.quiet)
     run = result.run
