@@ -190,6 +190,44 @@ def test_a_cropped_sparse_image_feeds_the_cells_most_covered_by_kept_pixels(setu
         assert energy[cells].mean() > energy[left_out].mean()
 
 
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_a_mixed_view_is_made_of_its_own_image_and_another_and_keeps_its_own_cells(setup, mix):
+    pool = open_pool(setup["pool"])
+    plain = _images(setup, shift_patches=0, flip=False)
+    mixed = _images(setup, shift_patches=0, flip=False, mix=mix, seed=5)
+    originals = [pool.read(i) for i in range(len(pool))]
+    partners = set()
+    for i in range(len(pool)):
+        image, cells, _ = mixed[i]
+        assert torch.equal(cells, plain[i][1])  # the sample's own kept cells, whatever it was mixed with
+        assert torch.equal(image, mixed[i][0])  # the same draw for the same (seed, epoch, index)
+        own = originals[i]
+        assert not torch.allclose(image, own, atol=1e-3)  # mixed (mix_prob 1), not left as it was
+        for j in (j for j in range(len(pool)) if j != i):
+            other = originals[j]
+            if mix == "mixup":  # a blend: lam * own + (1 - lam) * other, one lam for every pixel
+                differ = (own - other).abs() > 1e-3
+                lam = ((image - other)[differ] / (own - other)[differ])
+                found = lam.numel() > 0 and bool((lam - lam.median()).abs().max() < 1e-3)
+            else:  # a box of the other image pasted over the own, nothing else changed
+                from_own = torch.isclose(image, own).all(0)
+                from_other = torch.isclose(image, other).all(0)
+                found = bool((from_own | from_other).all()) and bool((from_other & ~from_own).any())
+            if found:
+                partners.add(j)
+                break
+        else:
+            raise AssertionError(f"view {i} is not {mix} of its image and another pool image")
+    assert len(partners) > 1  # partners are drawn, not fixed
+
+
+def test_mixing_needs_online_targets():
+    with pytest.raises(UsageError, match="online"):
+        DistillConfig(mix="cutmix", targets="cached").validate()
+    with pytest.raises(UsageError, match="mix"):
+        DistillConfig(mix="blend").validate()
+
+
 def test_images_stream_from_disk_a_batch_at_a_time(setup, tmp_path, monkeypatch):
     reads = []
     real = distill_data.read_image

@@ -7,7 +7,7 @@ import copy
 import sys
 
 from sparseinv.cli.common import Renamed, add_device, config_from_args, resolve_device, split_model_spec
-from sparseinv.distill.config import FEATURE_LAYERS, MODES, OPTIMIZERS, TARGETS, DistillConfig
+from sparseinv.distill.config import FEATURE_LAYERS, MIXES, MODES, OPTIMIZERS, TARGETS, DistillConfig
 from sparseinv.errors import UsageError
 from sparseinv.files import check_writable
 
@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shift-patches", type=int, default=D.shift_patches, metavar="N",
                    help=f"random circular shift by up to N whole patches each way (default: {D.shift_patches})")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flips")
+    p.add_argument("--mix", choices=MIXES, default=D.mix,
+                   help=f"mix each sample with another image of the set (blend, or a pasted box); the teacher labels the mixed view (default: {D.mix})")
+    p.add_argument("--mix-prob", type=float, default=D.mix_prob, metavar="P", help=f"fraction of the samples mixed (default: {D.mix_prob:g})")
     p.add_argument("--feature-weight", type=float, default=None, metavar="W",
                    help="add W x the relative squared difference of the student's and the teacher's tokens (ViT students as "
                         f"wide as the teacher; default: {SHALLOW_FEATURES[0]:g} for --depth/--blocks/--quantized students, {D.feature_weight:g} otherwise)")

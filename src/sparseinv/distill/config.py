@@ -15,6 +15,7 @@ MODES = ("linear-probe", "full")
 OPTIMIZERS = ("sgd", "adamw")
 TARGETS = ("online", "cached")
 FEATURE_LAYERS = ("final", "blocks")
+MIXES = ("none", "mixup", "cutmix")
 # Learning rates by optimiser. SGD 0.01 for the linear probe: the paper's 0.1 diverged on
 # DeiT-Tiny features (norm ~23) with T = 20 and the T^2 factor (training loss 6.9 -> 713).
 # AdamW 2e-4 for whole networks: a fine-tuning rate for a pretrained ViT (DeiT's 5e-4 at
@@ -51,6 +52,10 @@ class DistillConfig:
             each way. Whole patches: inverted images are made on the patch grid and keep
             their label under whole-patch shifts, not always under a few pixels' shift.
         flip: Random horizontal flips.
+        mix: ``mixup`` or ``cutmix``: each sample is mixed with another image of the set
+            (with probability ``mix_prob``) and the teacher labels the mixed view; ``none``.
+            Needs online targets (a cached label belongs to one unmixed image).
+        mix_prob: Fraction of the samples mixed.
         feature_weight: Weight of a second term, the squared difference between the
             student's and the teacher's tokens (every fed token, not only the class
             token), relative to the teacher's mean square; for ViT students as wide as
@@ -79,6 +84,8 @@ class DistillConfig:
     crop_scale: tuple[float, float] | None = None
     shift_patches: int = 2
     flip: bool = True
+    mix: str = "none"
+    mix_prob: float = 1.0
     feature_weight: float = 0.0
     feature_layers: str = "final"
     targets: str = "online"
@@ -134,6 +141,12 @@ class DistillConfig:
                 raise UsageError(f"--crop-scale must be two fractions 0 < lo <= hi <= 1, got {lo} {hi}.")
         if self.shift_patches < 0:
             raise UsageError(f"--shift-patches cannot be negative, got {self.shift_patches}.")
+        if self.mix not in MIXES:
+            raise UsageError(f"unknown --mix '{self.mix}': use {', '.join(MIXES)}.")
+        if not 0 <= self.mix_prob <= 1:
+            raise UsageError(f"--mix-prob is a fraction, 0 <= p <= 1, got {self.mix_prob}.")
+        if self.mix != "none" and self.targets == "cached":
+            raise UsageError("--mix needs the teacher to label every mixed view: use --targets online.")
         if self.feature_weight < 0:
             raise UsageError(f"--feature-weight cannot be negative, got {self.feature_weight}.")
         if self.feature_layers not in FEATURE_LAYERS:

@@ -11,6 +11,11 @@ A sparse image's stopped patches are black and carry nothing the teacher put the
 A shift or a crop moves the kept patches off the patch grid, so each model is fed the
 ``num_keep`` grid cells most covered by kept pixels (the same count for every image, so
 batches stack), and nothing else.
+
+Optionally a sample is mixed with a second image of the set (its partner drawn from the
+same seeded generator): blended (mixup) or with a random box pasted from it (CutMix).
+The teacher labels the mixed view itself, so no label is mixed; a sparse sample keeps
+its own kept cells (the partner shows only where they lie).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 
 from sparseinv._torchvision_compat import ensure_torchvision_importable
 from sparseinv.data import ImageFolder
+from sparseinv.distill.config import MIXES
 from sparseinv.errors import UsageError
 from sparseinv.pool import PoolIndex, read_image
 
@@ -118,19 +124,30 @@ class TrainImages(torch.utils.data.Dataset):
         shift_patches: Largest shift, in patches (0: none).
         flip: Mirror half of the samples.
         seed: With the epoch (:meth:`set_epoch`) and the index, decides every draw.
+        mix: ``mixup`` (blend with a partner image, weight uniform in [0, 1]), ``cutmix``
+            (paste a partner's box of uniform area fraction) or ``none``.
+        mix_prob: Fraction of the samples mixed.
     """
 
     def __init__(self, sources: Sequence[Source], size: tuple[int, int], patch_size: tuple[int, int], num_keep: int | None,
-                 crop_scale: tuple[float, float] | None = None, shift_patches: int = 2, flip: bool = True, seed: int = 0) -> None:
+                 crop_scale: tuple[float, float] | None = None, shift_patches: int = 2, flip: bool = True, seed: int = 0,
+                 mix: str = "none", mix_prob: float = 1.0) -> None:
         ensure_torchvision_importable()
+        if mix not in MIXES:
+            raise UsageError(f"unknown mix '{mix}': use {', '.join(MIXES)}.")
         self.sources, self.size, self.patch_size, self.num_keep = list(sources), tuple(size), tuple(patch_size), num_keep
         self.crop_scale = None if crop_scale is None else tuple(crop_scale)
         self.shift_patches, self.flip, self.seed = shift_patches, flip, seed
+        self.mix, self.mix_prob = mix, mix_prob
         self.epoch = 0
 
     @property
     def augment(self) -> bool:
         return self.crop_scale is not None or self.shift_patches > 0 or self.flip
+
+    @property
+    def mixes(self) -> bool:
+        return self.mix != "none" and self.mix_prob > 0 and len(self.sources) > 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -139,6 +156,17 @@ class TrainImages(torch.utils.data.Dataset):
         return len(self.sources)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image, mask = self.view(i)
+        if self.mixes:
+            generator = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i) * 7 + 1)
+            if float(torch.rand(1, generator=generator)) < self.mix_prob:
+                j = int(torch.randint(len(self.sources) - 1, (1,), generator=generator))
+                other, _ = self.view(j + (j >= i))  # any image but this one
+                image = mix_images(image, other, self.mix, generator)
+        return image, self.kept_cells(mask), i
+
+    def view(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image ``i`` augmented as this epoch draws it, and its kept-pixel mask (``None``: whole)."""
         from torchvision.transforms.v2 import functional as TF
 
         source = self.sources[i]
@@ -163,7 +191,7 @@ class TrainImages(torch.utils.data.Dataset):
         if mirror:
             image = image.flip(-1)
             mask = mask.flip(-1) if mask is not None else None
-        return image, self.kept_cells(mask), i
+        return image, mask
 
     def kept_cells(self, mask: torch.Tensor | None) -> torch.Tensor:
         """The ``num_keep`` cells most covered by kept pixels, sorted; empty when fed whole."""
@@ -173,6 +201,26 @@ class TrainImages(torch.utils.data.Dataset):
         # Ties (cells equally covered) go to the lower index, on every machine.
         order = torch.argsort(-coverage, stable=True)
         return order[: self.num_keep].sort().values
+
+
+def mix_images(image: torch.Tensor, other: torch.Tensor, mix: str, generator: torch.Generator) -> torch.Tensor:
+    """``image`` blended with ``other`` (``mixup``) or with a box of ``other`` pasted in (``cutmix``).
+
+    The weight (mixup) or the box's area fraction (CutMix) is uniform in [0, 1], as
+    Beta(1, 1) draws it in both papers; the box has the image's aspect ratio and a
+    uniformly drawn centre, clipped at the border.
+    """
+    lam = float(torch.rand(1, generator=generator))
+    if mix == "mixup":
+        return lam * image + (1 - lam) * other
+    height, width = image.shape[1:]
+    cy, cx = (float(v) for v in torch.rand(2, generator=generator))
+    h, w = height * math.sqrt(lam), width * math.sqrt(lam)
+    top, bottom = max(0, round(cy * height - h / 2)), min(height, round(cy * height + h / 2))
+    left, right = max(0, round(cx * width - w / 2)), min(width, round(cx * width + w / 2))
+    out = image.clone()
+    out[:, top:bottom, left:right] = other[:, top:bottom, left:right]
+    return out
 
 
 def loader(images: TrainImages, order: Sequence[int], batch_size: int, workers: int = 0) -> torch.utils.data.DataLoader:

@@ -114,7 +114,7 @@ class Images:
 def cached_targets(teacher: Feeder, images: TrainImages, batch_size: int = 64) -> torch.Tensor:
     """The teacher's logits on every image, un-augmented, each rank a slice (``targets="cached"``)."""
     plain = copy.copy(images)
-    plain.crop_scale, plain.shift_patches, plain.flip = None, 0, False
+    plain.crop_scale, plain.shift_patches, plain.flip, plain.mix = None, 0, False, "none"
     rank = distributed.current()
     per = -(-len(plain) // rank.world_size)
     mine = range(rank.rank * per, min(len(plain), (rank.rank + 1) * per))
@@ -347,7 +347,7 @@ def distill(
                                       and getattr(student, "embed_dim", None) == getattr(teacher, "embed_dim", None)):
         raise UsageError("--feature-weight compares tokens: it needs a ViT student as wide as the teacher, on the same patch grid.")
     train_images = TrainImages(data.sources, data.size, data.patch_size, num_keep, config.crop_scale, config.shift_patches, config.flip,
-                               config.seed)
+                               config.seed, config.mix, config.mix_prob)
 
     settings = {"config": config.record(quantized), "images": data.names or [str(s.path) for s in data.sources],
                 "student": student_name, "teacher": teacher_name, "quantized": quantized}
