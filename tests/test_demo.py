@@ -52,9 +52,24 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
         assert f"{inv[kind]['seconds']:.1f}" in markdown and f"{inv[kind]['success_rate']:.2f}" in markdown
     assert f"{inv['speedup']:.2f}x faster" in markdown
     assert not (out / "students").exists()
+    # An estimate was printed before the work started and is kept beside the time it took.
+    assert printed.index("estimated time on this machine: about") < printed.index("== 1/4")
+    assert report["estimated_seconds"] > 0 and report["step_seconds"] > 0
 
 
 def test_demo_without_weights_says_what_to_pass(tmp_path, capsys):
     assert main(["demo", "--quick", "--shared", str(tmp_path / "nothing"), "--out", str(tmp_path / "demo")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pass --checkpoint FILE or --shared FOLDER" in err, err
+
+
+@pytest.mark.parametrize(("recon_iters", "bits", "measured"), [(60, ((8, 8), (4, 8), (4, 4)), 753.0), (30, ((4, 8), (4, 4)), 405.0)])
+def test_the_printed_estimate_matches_the_runs_it_was_fitted_to(recon_iters, bits, measured):
+    """Two runs of the default size on 2 cores without AMX (one model step 0.683 s): the
+    estimate, from that step alone, is within 10% of the time each took."""
+    from sparseinv.demo import DemoConfig, estimate_seconds
+
+    estimate = estimate_seconds(DemoConfig(recon_iters=recon_iters, bits=bits), 0.683, 200, 196)
+    assert abs(estimate - measured) < 0.1 * measured, estimate
+    quick = estimate_seconds(DemoConfig.quick(), 0.683, 10, 196)
+    assert quick < 0.25 * estimate
