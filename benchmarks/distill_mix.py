@@ -1,6 +1,6 @@
 """Mixed views for the compression student: mixup and CutMix against plain views, equal steps.
 
-    python benchmarks/distill_mix.py [--steps 400]
+    python benchmarks/distill_mix.py [--steps 400] [--with-512]
 
 The compression protocol of ``distill.py`` (teacher: the ImageNet DeiT-Tiny; student: its
 6-block copy, AdamW, token matching at every block as ``sparseinv distill --depth``
@@ -10,7 +10,8 @@ mixed with another pool image (mixup: a blend; CutMix: a pasted box), the teache
 labelling the mixed view. A mixed view is an image no inversion made: if mixing helps,
 the student learns more per inverted image. Reported per cell: 1000-way top-1 on the
 Imagenette val subset (measures only) and agreement with the teacher on held-out inverted
-images of all classes (seed 7, never trained on; the data-free yardstick).
+images of all classes (seed 7, never trained on; the data-free yardstick). ``--with-512``
+adds the default and mixup on ``distill.py``'s 512-image pool (seed 0; made if missing).
 """
 
 from __future__ import annotations
@@ -34,19 +35,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=400, help="training steps of 32 images per cell")
     parser.add_argument("--per-class", type=int, default=100, help="val images per Imagenette class")
+    parser.add_argument("--with-512", action="store_true", help="also train on the 512-image sparse pool (default and mixup)")
     args = parser.parse_args()
     torch.manual_seed(0)
     teacher = load_model(DEIT_TINY, DEIT_TINY_CKPT)
     val = val_subset(teacher, args.per_class)
-    p = cached_pools({"sparse_s1": ("kt_sparse_128_s1", _config(True, 128, 1)), "heldout": ("kt_sparse_64_s7", _config(True, 64, 7))},
-                     DEIT_TINY_CKPT)
+    wanted = {"sparse_s1": ("kt_sparse_128_s1", _config(True, 128, 1)), "heldout": ("kt_sparse_64_s7", _config(True, 64, 7))}
+    if args.with_512:
+        wanted["sparse"] = ("kt_sparse_512_s0", _config(True, 512, 0))
+    p = cached_pools(wanted, DEIT_TINY_CKPT)
     images = sparse_images(p["sparse_s1"], 128)
     six = shallow_copy(teacher, spread_blocks(len(teacher.blocks), 6))
     start = {"top1": evaluate_tensors(six, *val, progress=False)["top1"], "agreement": agreement(six, teacher, p["heldout"])}
     rows = {name: run_cell("sparse 128 seed 1", "compression", images, teacher, p, val, args.steps, **FEATURES, **extra)
             for name, extra in MIXES.items()}
-    write_results("distill_mix", {"steps": args.steps, "val_images": len(val[1]), "start": start, "rows": rows,
-                                  "scaled_down": "128 inverted images of 400 steps; 400 training steps of 32"})
+    if args.with_512:
+        images = sparse_images(p["sparse"], 512)
+        for name in ("shifts + mirrors (default)", "+ mixup"):
+            rows[f"512 images: {name}"] = run_cell("sparse 512", "compression", images, teacher, p, val, args.steps, **FEATURES,
+                                                   **MIXES[name])
+    write_results("distill_mix", {"steps": args.steps, "with_512": args.with_512, "val_images": len(val[1]), "start": start, "rows": rows,
+                                  "scaled_down": "128 (with --with-512 also 512) inverted images of 400 steps; 400 training steps of 32"})
 
 
 if __name__ == "__main__":
