@@ -221,6 +221,11 @@ def test_a_mixed_view_is_made_of_its_own_image_and_another_and_keeps_its_own_cel
     assert len(partners) > 1  # partners are drawn, not fixed
 
 
+def test_mixing_is_recorded_only_when_on():
+    assert "mix" not in DistillConfig().record() and "mix_prob" not in DistillConfig().record()
+    assert DistillConfig(mix="mixup", mix_prob=0.5).record()["mix"] == "mixup"
+
+
 def test_mixing_needs_online_targets():
     with pytest.raises(UsageError, match="online"):
         DistillConfig(mix="cutmix", targets="cached").validate()

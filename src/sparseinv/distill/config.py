@@ -162,6 +162,8 @@ class DistillConfig:
         out = asdict(self)
         out.update(optimizer=self.optimizer_name(), lr=self.learning_rate(quantized), weight_decay=self.decay(quantized),
                    crop_scale=None if self.crop_scale is None else list(self.crop_scale))
+        if self.mix == "none":  # recorded only when on, so a run saved before mixing existed still resumes
+            del out["mix"], out["mix_prob"]
         return out
 
 
