@@ -11,7 +11,8 @@ images of seed 7) and top-1 on the first 100 val images of each Imagenette class
 baseline row is the first 32 images of the 512-image pool (same settings, same seeds).
 
 Variants: PSAQ-ViT's patch-similarity prior (``--patch-entropy``), Plug-In Inversion's
-colour shift (``--color-shift``), both, and a schedule twice as long. A default is chosen
+colour shift (``--color-shift``), an attention prior after SARDFQ (``--attention-prior``)
+and a schedule twice as long. A default is chosen
 by the yardstick, then confirmed on val. Results: ``benchmarks/results/inversion_priors.json``.
 """
 
@@ -23,7 +24,7 @@ import time
 from dataclasses import replace
 
 from common import DEIT_TINY, DEIT_TINY_CKPT, RESULTS, ensure_pool, write_results
-from distill import _config, pools
+from distill import _config, cached_pools
 from quantization import heldout_kl, val_subset
 
 from sparseinv import load_model
@@ -44,19 +45,27 @@ def variants() -> dict[str, object]:
         "colour shift 0.5": replace(base, color_shift=0.5),
         "colour shift 1.0": replace(base, color_shift=1.0),
         "800 steps": replace(base, iterations=800, schedule=PruneSchedule.reference(800)),
+        "attention prior 0.3": replace(base, loss=InversionLoss(attention_prior=0.3)),
+        "attention prior 1.0": replace(base, loss=InversionLoss(attention_prior=1.0)),
     }
 
 
 def main() -> None:
     path = RESULTS / "inversion_priors.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    p = pools()
+    # Only the pools this needs (distill.py's, same names and settings): the baseline and the held-out images.
+    p = cached_pools({"sparse": ("kt_sparse_512_s0", _config(True, 512, 0)), "heldout": ("kt_sparse_64_s7", _config(True, 64, 7))},
+                     DEIT_TINY_CKPT)
     model = load_model(DEIT_TINY, DEIT_TINY_CKPT)
     images, labels = val_subset(model, 100)
     heldout = pool_batches(model, p["heldout"], DEIT_TINY, 64, 32)
     payload = {"scaled_down": True,
                "note": "32 images per variant, 400-step pools (not 4000), recon W4/A4, 1000 val images (first 100 per class)",
                "rows": old.get("rows", {})}
+    # Rows measured on another day ran on another machine: the baseline's seconds per image as this
+    # run's copy of its pool recorded them, for ratios within one machine.
+    first = json.loads((p["sparse"] / "run.json").read_text())["batches"][: N // 32]
+    payload["baseline_seconds_per_image_this_machine"] = sum(b["wall_seconds"] for b in first) / N
     for name, config in variants().items():
         if name in payload["rows"]:
             continue

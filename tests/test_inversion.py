@@ -252,9 +252,10 @@ def test_priors_change_the_images_and_leave_the_default_run_alone(tiny_vit):
     both off makes exactly the images it made before they existed (same random stream)."""
     labels = torch.tensor([3, 4])
     base = invert_batch(tiny_vit, labels, _config(), seed=2, progress=False)
-    again = invert_batch(tiny_vit, labels, _config(color_shift=0.0, loss=InversionLoss(patch_entropy=0.0)), seed=2, progress=False)
+    again = invert_batch(tiny_vit, labels, _config(color_shift=0.0, loss=InversionLoss(patch_entropy=0.0, attention_prior=0.0)), seed=2,
+                         progress=False)
     assert torch.equal(base.images, again.images)
-    for changed in (_config(color_shift=0.5), _config(loss=InversionLoss(patch_entropy=1.0))):
+    for changed in (_config(color_shift=0.5), _config(loss=InversionLoss(patch_entropy=1.0)), _config(loss=InversionLoss(attention_prior=1.0))):
         other = invert_batch(tiny_vit, labels, changed, seed=2, progress=False)
         assert other.images.shape == base.images.shape and not torch.equal(other.images, base.images)
 
@@ -273,3 +274,46 @@ def test_patch_entropy_prior_rewards_a_spread_of_similarities():
     tokens = spread.clone().requires_grad_(True)
     patch_similarity_entropy(tokens, 1).sum().backward()
     assert tokens.grad[:, 1:].abs().sum() > 0 and tokens.grad[:, 0].abs().sum() == 0
+
+
+def test_attention_prior_is_a_region_and_its_kl_pulls_attention_toward_it():
+    from sparseinv.inversion.losses import attention_prior_kl, gaussian_attention_priors
+
+    priors = gaussian_attention_priors(torch.Generator().manual_seed(0), 3, (14, 14))
+    assert priors.shape == (3, 196) and torch.allclose(priors.sum(1), torch.ones(3))
+    assert not torch.allclose(priors[0], priors[1])  # a region of its own per image
+    peak = priors.view(3, 14, 14)[0].argmax()
+    assert 3 <= int(peak) // 14 <= 10 and 3 <= int(peak) % 14 <= 10  # centred in the middle half
+    assert torch.allclose(attention_prior_kl(priors, priors), torch.zeros(3), atol=1e-6)
+    uniform = torch.full((3, 196), 1 / 196)
+    assert (attention_prior_kl(uniform, priors) > 0.1).all()
+    # Descending the KL moves attention logits toward the prior (scale of the prior does not matter).
+    logits = torch.zeros(3, 196, requires_grad=True)
+    start = float(attention_prior_kl(logits.softmax(1), priors).sum())
+    for _ in range(20):
+        logits.grad = None
+        attention_prior_kl(logits.softmax(1), 5 * priors).sum().backward()
+        with torch.no_grad():
+            logits -= 50 * logits.grad
+    assert attention_prior_kl(logits.softmax(1), priors).sum() < 0.2 * start
+
+
+def test_the_attention_prior_is_compared_where_the_image_content_went():
+    """Attention that follows the image content through the step's roll and flip matches its
+    prior exactly, in the dense phase (the augmented grid fed) and the sparse ones (kept tokens)."""
+    from types import SimpleNamespace
+
+    from sparseinv.inversion.augment import RollFlip
+    from sparseinv.inversion.loop import prior_pairs
+    from sparseinv.inversion.losses import attention_prior_kl, gaussian_attention_priors
+
+    info = SimpleNamespace(grid_size=(4, 4), patch_size=(8, 8))
+    priors = gaussian_attention_priors(torch.Generator().manual_seed(1), 2, (4, 4))
+    aug = RollFlip(dy=8, dx=-16, flip=True)
+    every = torch.arange(16).expand(2, -1)
+    following = torch.zeros(2, 16).scatter(1, aug.remap(every, (4, 4), (8, 8)), priors)  # cell remap(p) holds p's share
+    assert torch.allclose(attention_prior_kl(*prior_pairs(following, priors, every, aug, True, info)), torch.zeros(2), atol=1e-5)
+    assert (attention_prior_kl(following, priors) > 0.05).all()  # read in grid order it would not match
+    keep = torch.tensor([[1, 5, 6, 10], [0, 3, 12, 15]])
+    fed = priors.gather(1, keep)  # token k shows kept patch keep[:, k]
+    assert torch.allclose(attention_prior_kl(*prior_pairs(fed, priors, keep, aug, False, info)), torch.zeros(2), atol=1e-5)

@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-entropy", type=float, default=0.0, metavar="W",
                    help="weight of PSAQ-ViT's patch-similarity prior: rewards a spread of similarities between the fed patch "
                         "tokens in every block (default off)")
+    p.add_argument("--attention-prior", type=float, default=0.0, metavar="W",
+                   help="weight of an attention prior (after SARDFQ): the last block's class-token attention is pulled toward a "
+                        "random Gaussian region of each image (default off)")
     p.add_argument("--color-shift", type=float, default=0.0, metavar="S",
                    help="Plug-In Inversion's colour shift: each step sees every image's channels scaled by exp(U(-S, S)) and "
                         "offset by U(-S, S) (default off)")
@@ -85,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         InversionConfig,
         args,
         schedule=schedule_from_args(args),
-        loss=InversionLoss(tv_l2=args.tv_l2, tv_l1=args.tv_l1, l2=args.l2, patch_entropy=args.patch_entropy),
+        loss=InversionLoss(tv_l2=args.tv_l2, tv_l1=args.tv_l1, l2=args.l2, patch_entropy=args.patch_entropy,
+                           attention_prior=args.attention_prior),
         classes=None,
     )
     config.validate()  # before the model loads: cheap mistakes first

@@ -22,7 +22,7 @@ from sparseinv.inversion.augment import ColorShift, RollFlip
 from sparseinv.errors import UsageError
 from sparseinv.inversion.config import InversionConfig
 from sparseinv.inversion.precision import Precision, resolve_precision
-from sparseinv.inversion.losses import LossInputs
+from sparseinv.inversion.losses import LossInputs, gaussian_attention_priors
 from sparseinv.models import ViTInfo, vit_info, weights_fingerprint
 from sparseinv.inversion.kept_pixels import KeptImages, KeptPixels
 from sparseinv.inversion.sparse_forward import OutputRecorder, _patch_projection, sparse_forward
@@ -140,6 +140,23 @@ def _carry_adam(old: torch.optim.Adam, old_param: torch.Tensor, new_param: torch
     return new
 
 
+def prior_pairs(cls_attn: torch.Tensor, priors: torch.Tensor, keep: torch.Tensor, aug: RollFlip, dense: bool,
+                info) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class-token attention of one step and the attention prior, at the same original patches.
+
+    Args:
+        cls_attn: (B, K) attention to the fed tokens, in feed order.
+        priors: (B, N) each image's prior over its original patch grid.
+        keep: (B, K) the original patches the step optimised (every patch in the dense phase).
+        aug: The step's roll and flip.
+        dense: Whether the whole augmented grid was fed (its cell ``remap(p)`` shows patch
+            ``p``); otherwise fed token ``k`` shows original patch ``keep[:, k]``.
+    """
+    if dense:
+        return cls_attn.gather(1, aug.remap(keep, info.grid_size, info.patch_size)), priors.gather(1, keep)
+    return cls_attn, priors.gather(1, keep)
+
+
 def _run_phases(
     model: nn.Module,
     labels: torch.Tensor,
@@ -178,6 +195,8 @@ def _run_phases(
     max_dy, max_dx = int(height * config.jitter), int(width * config.jitter)
     seconds_per_phase: list[float] = []
     attention_recorder = OutputRecorder.attention(model) if config.loss.needs_attention else contextlib.nullcontext()
+    # Drawn only when on, so runs without it keep their random stream (and their images).
+    priors = gaussian_attention_priors(generator, batch, info.grid_size).to(device) if config.loss.needs_cls_attention else None
 
     bar = tqdm(total=config.iterations, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for phase, (start, end) in enumerate(bounds):
@@ -210,12 +229,15 @@ def _run_phases(
             with precision.autocast(device), attention_recorder as recorded:
                 if per_patch:
                     fed = colour(pixels.fed_pixels(kept, cells, aug))
-                    logits = sparse_forward(model, colour(aug.apply(pixels.canvas)), None if dense else cells, pixel_grad=fed).logits
+                    out = sparse_forward(model, colour(aug.apply(pixels.canvas)), None if dense else cells, pixel_grad=fed,
+                                         return_cls_attn=priors is not None)
                 else:
-                    logits = sparse_forward(model, colour(aug.apply(pixels.compose(kept))), None if dense else cells).logits
-            per_image = config.loss(LossInputs(logits=logits.float(), targets=labels, pixels=KeptImages(pixels, kept),
+                    out = sparse_forward(model, colour(aug.apply(pixels.compose(kept))), None if dense else cells,
+                                         return_cls_attn=priors is not None)
+            cls_attn, target = (None, None) if priors is None else prior_pairs(out.cls_attn, priors, pixels.keep, aug, dense, info)
+            per_image = config.loss(LossInputs(logits=out.logits.float(), targets=labels, pixels=KeptImages(pixels, kept),
                                                attention=None if recorded is None else recorded.values,
-                                               num_prefix=model.num_prefix_tokens))
+                                               num_prefix=model.num_prefix_tokens, cls_attn=cls_attn, attention_target=target))
             optimizer.zero_grad(set_to_none=True)
             per_image.mean().backward()
             with torch.no_grad():

@@ -160,6 +160,38 @@ def patch_similarity_entropy(tokens: torch.Tensor, num_prefix: int, max_pairs: i
     return -density.clamp_min(1e-12).log().mean(dim=1)
 
 
+def gaussian_attention_priors(generator: torch.Generator, batch: int, grid: tuple[int, int]) -> torch.Tensor:
+    """One random attention prior per image: a 2D Gaussian over the patch grid, shape (B, rows * cols), each summing to 1.
+
+    An attention prior in the spirit of SARDFQ's: real photographs draw a ViT's class
+    token to one region (the object), inverted texture spreads it everywhere. Each image
+    gets its own region: a centre uniform in the middle half of each side and a width
+    (standard deviation) uniform in 15-30% of the side.
+    """
+    rows, cols = grid
+    u = torch.rand(batch, 4, generator=generator)
+    cy, cx = (0.25 + 0.5 * u[:, 0]) * rows, (0.25 + 0.5 * u[:, 1]) * cols
+    sy, sx = (0.15 + 0.15 * u[:, 2]) * rows, (0.15 + 0.15 * u[:, 3]) * cols
+    y = torch.arange(rows, dtype=torch.float32) + 0.5
+    x = torch.arange(cols, dtype=torch.float32) + 0.5
+    g = torch.exp(-0.5 * (((y[None, :, None] - cy[:, None, None]) / sy[:, None, None]) ** 2
+                          + ((x[None, None, :] - cx[:, None, None]) / sx[:, None, None]) ** 2))
+    g = g.flatten(1)
+    return g / g.sum(1, keepdim=True)
+
+
+def attention_prior_kl(cls_attn: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """Per image ``KL(prior || attention)`` over the fed patches, both renormalised to sum 1. Shape (B,).
+
+    Args:
+        cls_attn: (B, K) the class token's attention to the fed patches.
+        prior: (B, K) the prior at the same patches (any positive scale).
+    """
+    p = prior.float() / prior.float().sum(1, keepdim=True).clamp_min(1e-12)
+    q = cls_attn.float() / cls_attn.float().sum(1, keepdim=True).clamp_min(1e-12)
+    return (p * (p.clamp_min(1e-12).log() - q.clamp_min(1e-12).log())).sum(1)
+
+
 class Pixels(Protocol):
     """The optimised pixels, in whatever layout the optimiser keeps them."""
 
@@ -184,6 +216,9 @@ class LossInputs:
         attention: Each block's attention output on the fed tokens, when a term asked
             for them (:attr:`InversionLoss.needs_attention`); else ``None``.
         num_prefix: How many of those tokens are class/register tokens.
+        cls_attn: (B, K) the last block's class-token attention to the fed patches, and
+        attention_target: (B, K) the attention prior at the same patches, when the
+            attention prior is on (:attr:`InversionLoss.needs_cls_attention`); else ``None``.
     """
 
     def __init__(
@@ -195,11 +230,14 @@ class LossInputs:
         pixels: Pixels | None = None,
         attention: list[torch.Tensor] | None = None,
         num_prefix: int = 1,
+        cls_attn: torch.Tensor | None = None,
+        attention_target: torch.Tensor | None = None,
     ) -> None:
         if (images is None) == (pixels is None) or logits is None or targets is None:
             raise ValueError("LossInputs needs logits, targets and one of images or pixels")
         self.logits, self.targets = logits, targets
         self.attention, self.num_prefix = attention, num_prefix
+        self.cls_attn, self.attention_target = cls_attn, attention_target
         self._images, self._pixels = images, pixels
 
     @property
@@ -225,7 +263,9 @@ class InversionLoss:
 
     Defaults are the paper's: cross-entropy plus ``1e-4 * TV_L2``; the other built-in
     terms are off. ``patch_entropy`` subtracts the weighted mean over blocks of
-    :func:`patch_similarity_entropy` (more diverse patch tokens). ``extra`` takes any
+    :func:`patch_similarity_entropy` (more diverse patch tokens). ``attention_prior``
+    adds the weighted :func:`attention_prior_kl` between the last block's class-token
+    attention and a random Gaussian region per image. ``extra`` takes any
     (weight, term) pairs, e.g. a feature-statistics prior or an adversarial term
     against a student.
     """
@@ -235,12 +275,18 @@ class InversionLoss:
     tv_l1: float = 0.0
     l2: float = 0.0
     patch_entropy: float = 0.0
+    attention_prior: float = 0.0
     extra: list[tuple[float, LossTerm]] = field(default_factory=list)
 
     @property
     def needs_attention(self) -> bool:
         """Whether a term reads the blocks' attention outputs (the loop then records them)."""
         return bool(self.patch_entropy)
+
+    @property
+    def needs_cls_attention(self) -> bool:
+        """Whether a term reads the class-token attention and an attention prior (the loop then provides them)."""
+        return bool(self.attention_prior)
 
     def __call__(self, inputs: LossInputs) -> torch.Tensor:
         """Per-image loss, shape (B,)."""
@@ -255,6 +301,10 @@ class InversionLoss:
                 raise ValueError("the patch-similarity prior needs LossInputs.attention")
             entropy = torch.stack([patch_similarity_entropy(t, inputs.num_prefix) for t in inputs.attention]).mean(0)
             loss = loss - self.patch_entropy * entropy
+        if self.attention_prior:
+            if inputs.cls_attn is None or inputs.attention_target is None:
+                raise ValueError("the attention prior needs LossInputs.cls_attn and attention_target")
+            loss = loss + self.attention_prior * attention_prior_kl(inputs.cls_attn, inputs.attention_target)
         for weight, term in self.extra:
             loss = loss + weight * term(inputs)
         return loss
@@ -264,4 +314,6 @@ class InversionLoss:
         out = {"ce": self.ce, "tv_l2": self.tv_l2, "tv_l1": self.tv_l1, "l2": self.l2}
         if self.patch_entropy:  # left out when off, so records written before it existed still match
             out["patch_entropy"] = self.patch_entropy
+        if self.attention_prior:
+            out["attention_prior"] = self.attention_prior
         return {**out, "extra": [[w, type(t).__name__] for w, t in self.extra]}
