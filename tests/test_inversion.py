@@ -289,7 +289,7 @@ def test_attention_prior_is_a_region_and_its_kl_pulls_attention_toward_it():
     assert (attention_prior_kl(uniform, priors) > 0.1).all()
     # Descending the KL moves attention logits toward the prior (scale of the prior does not matter).
     logits = torch.zeros(3, 196, requires_grad=True)
-    start = float(attention_prior_kl(logits.softmax(1), priors).sum())
+    start = float(attention_prior_kl(logits.detach().softmax(1), priors).sum())
     for _ in range(20):
         logits.grad = None
         attention_prior_kl(logits.softmax(1), 5 * priors).sum().backward()
