@@ -84,11 +84,11 @@ def cached_pools(wanted: dict[str, tuple[str, object]], checkpoint: Path) -> dic
     return out
 
 
-def pools() -> dict[str, Path]:
-    """The ImageNet teacher's pools every compression and quantized cell draws from."""
-    return cached_pools({"sparse": ("kt_sparse_512_s0", _config(True, 512, 0)), "sparse_s1": ("kt_sparse_128_s1", _config(True, 128, 1)),
-                         "dense": ("kt_dense_128_s0", _config(False, 128, 0)), "heldout": ("kt_sparse_64_s7", _config(True, 64, 7))},
-                        DEIT_TINY_CKPT)
+def pools(*keys: str) -> dict[str, Path]:
+    """The ImageNet teacher's pools every compression and quantized cell draws from (only ``keys`` if given)."""
+    wanted = {"sparse": ("kt_sparse_512_s0", _config(True, 512, 0)), "sparse_s1": ("kt_sparse_128_s1", _config(True, 128, 1)),
+              "dense": ("kt_dense_128_s0", _config(False, 128, 0)), "heldout": ("kt_sparse_64_s7", _config(True, 64, 7))}
+    return cached_pools({k: v for k, v in wanted.items() if not keys or k in keys}, DEIT_TINY_CKPT)
 
 
 def paper_pools(checkpoint: Path) -> dict[str, Path]:

@@ -20,7 +20,7 @@ import argparse
 
 import torch
 from common import DEIT_TINY, DEIT_TINY_CKPT, write_results
-from distill import _config, agreement, cached_pools, run_cell, sparse_images
+from distill import agreement, pools, run_cell, sparse_images
 from quantization import val_subset
 
 from sparseinv import load_model
@@ -40,10 +40,7 @@ def main() -> None:
     torch.manual_seed(0)
     teacher = load_model(DEIT_TINY, DEIT_TINY_CKPT)
     val = val_subset(teacher, args.per_class)
-    wanted = {"sparse_s1": ("kt_sparse_128_s1", _config(True, 128, 1)), "heldout": ("kt_sparse_64_s7", _config(True, 64, 7))}
-    if args.with_512:
-        wanted["sparse"] = ("kt_sparse_512_s0", _config(True, 512, 0))
-    p = cached_pools(wanted, DEIT_TINY_CKPT)
+    p = pools("sparse_s1", "heldout", *(["sparse"] if args.with_512 else []))
     images = sparse_images(p["sparse_s1"], 128)
     six = shallow_copy(teacher, spread_blocks(len(teacher.blocks), 6))
     start = {"top1": evaluate_tensors(six, *val, progress=False)["top1"], "agreement": agreement(six, teacher, p["heldout"])}

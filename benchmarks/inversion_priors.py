@@ -24,7 +24,7 @@ import time
 from dataclasses import replace
 
 from common import DEIT_TINY, DEIT_TINY_CKPT, RESULTS, ensure_pool, write_results
-from distill import _config, cached_pools
+from distill import _config, pools
 from quantization import heldout_kl, val_subset
 
 from sparseinv import load_model
@@ -53,9 +53,7 @@ def variants() -> dict[str, object]:
 def main() -> None:
     path = RESULTS / "inversion_priors.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    # Only the pools this needs (distill.py's, same names and settings): the baseline and the held-out images.
-    p = cached_pools({"sparse": ("kt_sparse_512_s0", _config(True, 512, 0)), "heldout": ("kt_sparse_64_s7", _config(True, 64, 7))},
-                     DEIT_TINY_CKPT)
+    p = pools("sparse", "heldout")  # distill.py's: the baseline's pool and the held-out images
     model = load_model(DEIT_TINY, DEIT_TINY_CKPT)
     images, labels = val_subset(model, 100)
     heldout = pool_batches(model, p["heldout"], DEIT_TINY, 64, 32)

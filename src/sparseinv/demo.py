@@ -128,15 +128,11 @@ def _val(config: DemoConfig, model: nn.Module) -> tuple[torch.Tensor, torch.Tens
 
 def step_seconds(model: nn.Module, batch: int, device: torch.device, repeats: int = 2) -> float:
     """Seconds of one fp32 forward and backward of ``model`` on ``batch`` random images (the best of ``repeats``)."""
+    from sparseinv.inversion.precision import wall_seconds
+
     x = torch.randn(batch, *vit_info(model).input_size, device=device, requires_grad=True)
-    best = float("inf")
-    for i in range(repeats + 1):  # the first call warms up
-        start = time.perf_counter()
-        model(x).sum().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i:
-            best = min(best, time.perf_counter() - start)
+    step = lambda: model(x).sum().backward()  # noqa: E731
+    best = min(wall_seconds(step, device, warmup=0 if i else 1, repeats=1) for i in range(repeats))  # the first call warms up
     model.zero_grad(set_to_none=True)
     return best
 
@@ -285,7 +281,7 @@ fresh, randomly initialised head (linear probe, {cfg['distill_epochs']} epochs o
 flips, each labelled by the teacher), so everything its head knows comes through the
 pool's images.
 
-Scaled down from the paper's protocol: {cfg['scaled_down']}. Total time {report['total_seconds']:.0f} s (estimated before the start: {report.get('estimated_seconds', float('nan')):.0f} s).
+Scaled down from the paper's protocol: {cfg['scaled_down']}. Total time {report['total_seconds']:.0f} s (estimated before the start: {report['estimated_seconds']:.0f} s).
 
 ## The images
 

@@ -152,13 +152,17 @@ class TrainImages(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _seed_of(self, i: int) -> int:
+        """The seed of image ``i``'s draws this epoch."""
+        return (self.seed * 1_000_003 + self.epoch) * 1_000_003 + i
+
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         image, mask = self.view(i)
         if self.mixes:
-            generator = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i) * 7 + 1)
+            generator = torch.Generator().manual_seed(self._seed_of(i) * 7 + 1)  # a stream apart from the view's
             if float(torch.rand(1, generator=generator)) < self.mix_prob:
                 j = int(torch.randint(len(self.sources) - 1, (1,), generator=generator))
                 other, _ = self.view(j + (j >= i))  # any image but this one
@@ -175,7 +179,7 @@ class TrainImages(torch.utils.data.Dataset):
         mask = kept_pixel_mask(source.keep, source.grid, height, width) if source.keep is not None else None
         top, left, h, w, shift, mirror = 0, 0, height, width, (0, 0), False
         if self.augment:
-            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
+            generator = torch.Generator().manual_seed(self._seed_of(i))
             if self.crop_scale is not None:
                 top, left, h, w = crop_box(generator, height, width, self.crop_scale)
             r = self.shift_patches

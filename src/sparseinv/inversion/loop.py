@@ -153,7 +153,7 @@ def prior_pairs(cls_attn: torch.Tensor, priors: torch.Tensor, keep: torch.Tensor
             ``p``); otherwise fed token ``k`` shows original patch ``keep[:, k]``.
     """
     if dense:
-        return cls_attn.gather(1, aug.remap(keep, info.grid_size, info.patch_size)), priors.gather(1, keep)
+        cls_attn = cls_attn.gather(1, aug.remap(keep, info.grid_size, info.patch_size))
     return cls_attn, priors.gather(1, keep)
 
 

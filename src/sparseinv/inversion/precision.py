@@ -69,7 +69,7 @@ class Precision:
         return {"asked": self.asked, "used": self.used, "why": self.why, "attention": attention, "attention_why": self.attention_why}
 
 
-def _seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+def wall_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
     """Wall time of ``repeats`` calls of ``fn`` on ``device``, after ``warmup`` untimed ones."""
 
     def sync() -> None:
@@ -92,8 +92,8 @@ def bf16_speedup(device: torch.device) -> float:
     if key not in _probe_cache:
         a = torch.randn(PROBE_SIZE, PROBE_SIZE, device=device)
         b = a.bfloat16()
-        fp32 = _seconds(lambda: a @ a, device, warmup=2, repeats=5)
-        _probe_cache[key] = fp32 / max(_seconds(lambda: b @ b, device, warmup=2, repeats=5), 1e-9)
+        fp32 = wall_seconds(lambda: a @ a, device, warmup=2, repeats=5)
+        _probe_cache[key] = fp32 / max(wall_seconds(lambda: b @ b, device, warmup=2, repeats=5), 1e-9)
     return _probe_cache[key]
 
 
@@ -113,8 +113,8 @@ def fused_attention_slowdown(device: torch.device) -> float:
             return lambda: attend().float().sum().backward()
 
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            fused_time = _seconds(step(fused), device, warmup=2, repeats=3)
-            explicit_time = _seconds(step(explicit), device, warmup=2, repeats=3)
+            fused_time = wall_seconds(step(fused), device, warmup=2, repeats=3)
+            explicit_time = wall_seconds(step(explicit), device, warmup=2, repeats=3)
         _attention_cache[key] = fused_time / max(explicit_time, 1e-9)
     return _attention_cache[key]
 
