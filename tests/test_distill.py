@@ -229,6 +229,7 @@ def test_cli_depth_student_is_the_teachers_shallow_copy_and_evaluates(files, tmp
     assert "full distillation" in capsys.readouterr().out  # a copy of the teacher trains every weight by default
     config = json.loads((tmp_path / "small.json").read_text())["settings"]["config"]
     assert (config["feature_weight"], config["feature_layers"]) == (1.0, "blocks")  # a shallow copy matches tokens block by block
+    assert config["mix"] == "mixup"  # and trains on blends of pool images
     state = load_file(str(out))
     assert {int(k.split(".")[1]) for k in state if k.startswith("blocks.")} == {0, 1, 2}
     teacher = load_file(files["teacher"])
@@ -246,6 +247,7 @@ def test_cli_students_other_than_shallow_copies_learn_logits_only_unless_asked(f
     assert main([*base, "--out", str(out)]) == 0
     config = json.loads((tmp_path / "probe.json").read_text())["settings"]["config"]
     assert (config["feature_weight"], config["feature_layers"]) == (0.0, "final")
+    assert "mix" not in config  # no mixing for other students
     assert main([*base, "--mode", "full", "--feature-weight", "0.5", "--out", str(tmp_path / "asked.safetensors")]) == 0
     config = json.loads((tmp_path / "asked.json").read_text())["settings"]["config"]
     assert (config["feature_weight"], config["feature_layers"]) == (0.5, "final")
@@ -261,6 +263,7 @@ def test_cli_quantized_student_trains_and_its_file_evaluates(files, tmp_path, ca
                  "--epochs", "2", "--batch-size", "2", "--lr", "1e-3", "--out", str(qat), "--quiet"]) == 0
     config = json.loads((tmp_path / "qat.json").read_text())["settings"]["config"]
     assert (config["feature_weight"], config["feature_layers"]) == (1.0, "blocks")  # made from the teacher: tokens matched
+    assert "mix" not in config  # mixing unmeasured for quantized students: off
     before, after = load_file(str(q)), load_file(str(qat))
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("w_int"))  # codes moved
@@ -279,3 +282,11 @@ def test_cli_takes_one_kind_of_student(files, tmp_path, capsys):
     assert "--depth 9" in err
     err = _refused(capsys, [*base, "--depth", "2", "--random-student"])
     assert "--random-student" in err
+
+
+def test_cli_shallow_copy_with_cached_targets_trains_unmixed(files, tmp_path):
+    """Mixing needs the teacher on every mixed view: with --targets cached a --depth student's default is no mixing."""
+    out = tmp_path / "cached.safetensors"
+    assert main(["distill", "--teacher", f"test_vit:{files['teacher']}", "--depth", "3", "--pool", files["pool"], "--targets", "cached",
+                 "--feature-weight", "0", "--epochs", "1", "--batch-size", "2", "--out", str(out), "--quiet"]) == 0
+    assert "mix" not in json.loads((tmp_path / "cached.json").read_text())["settings"]["config"]
