@@ -230,6 +230,7 @@ def test_cli_depth_student_is_the_teachers_shallow_copy_and_evaluates(files, tmp
     config = json.loads((tmp_path / "small.json").read_text())["settings"]["config"]
     assert (config["feature_weight"], config["feature_layers"]) == (1.0, "blocks")  # a shallow copy matches tokens block by block
     assert config["mix"] == "mixup"  # and trains on blends of pool images
+    assert (config["optimizer"], config["lr"]) == ("adamw", 5e-5)  # at a gentler rate than other whole networks
     state = load_file(str(out))
     assert {int(k.split(".")[1]) for k in state if k.startswith("blocks.")} == {0, 1, 2}
     teacher = load_file(files["teacher"])
@@ -248,6 +249,7 @@ def test_cli_students_other_than_shallow_copies_learn_logits_only_unless_asked(f
     config = json.loads((tmp_path / "probe.json").read_text())["settings"]["config"]
     assert (config["feature_weight"], config["feature_layers"]) == (0.0, "final")
     assert "mix" not in config  # no mixing for other students
+    assert config["lr"] == 0.01  # the linear probe's SGD rate
     assert main([*base, "--mode", "full", "--feature-weight", "0.5", "--out", str(tmp_path / "asked.safetensors")]) == 0
     config = json.loads((tmp_path / "asked.json").read_text())["settings"]["config"]
     assert (config["feature_weight"], config["feature_layers"]) == (0.5, "final")

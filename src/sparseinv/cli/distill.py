@@ -18,6 +18,10 @@ SHALLOW_FEATURES = (1.0, "blocks")
 # the 6-block copy 21.1 against 10.4 (128 sparse images) and 16.2 against 8.0 (512), the most
 # accurate setting measured (benchmarks/distill_mix.py). Unmeasured for other students: off there.
 SHALLOW_MIX = "mixup"
+# --lr for those students: with mixup at 512 images top-1 20.3 at 5e-5 against 16.2 at AdamW's 2e-4
+# (benchmarks/distill_mix.py --with-512), the most accurate measured; a gentler rate keeps more of
+# what the copy already knows.
+SHALLOW_LR = 5e-5
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-b", "--batch-size", type=int, default=D.batch_size, help=f"images per step (default: {D.batch_size})")
     p.add_argument("--temperature", type=float, default=D.temperature, help=f"softmax temperature T (default: {D.temperature:g})")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="default: sgd for linear-probe, adamw for full")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.01 for sgd, 2e-4 for adamw, 2e-5 for a quantized student)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate (default: 0.01 for sgd, 2e-4 for adamw, {SHALLOW_LR:g} for --depth/--blocks students, "
+                        "2e-5 for a quantized student)")
     p.add_argument("--weight-decay", type=float, default=None, help="default: 1e-4 for sgd, 0.05 for adamw, 0 for a quantized student")
     p.add_argument("--momentum", type=float, default=D.momentum, help=f"SGD momentum (default: {D.momentum:g})")
     p.add_argument("--warmup", type=float, default=D.warmup, metavar="FRACTION",
@@ -170,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
     shallow = args.depth is not None or bool(args.blocks)
     if args.mix is None:
         args.mix = SHALLOW_MIX if shallow and args.targets == "online" else D.mix
+    if args.lr is None and shallow and args.optimizer in (None, "adamw"):
+        args.lr = SHALLOW_LR
     config = config_from_args(DistillConfig, args, crop_scale=None if args.crop_scale is None else tuple(args.crop_scale)).validate()
     rounds = RoundsConfig(args.invert_every, args.images_per_round).validate()
     if len(args.pool) > 1 and rounds.invert_every:
