@@ -82,11 +82,15 @@ def machine() -> dict:
     }
 
 
+def commit() -> str:
+    """The checkout's commit, recorded with every result."""
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+
 def write_results(name: str, payload: dict) -> Path:
     """Write ``benchmarks/results/<name>.json`` with the command and machine stamped in."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    payload = {"command": "python " + " ".join(sys.argv), "machine": machine(), "commit": commit, **payload}
+    payload = {"command": "python " + " ".join(sys.argv), "machine": machine(), "commit": commit(), **payload}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

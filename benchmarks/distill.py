@@ -42,11 +42,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, RESULTS, SYNSETS, TRAIN100, ensure_pool, pool_config, scaled_schedule, write_results
+from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, RESULTS, SYNSETS, TRAIN100, commit, ensure_pool, pool_config, scaled_schedule, write_results
 from PIL import Image
 from quantization import val_subset
 
 from sparseinv import load_model, sparse_forward
+from sparseinv.cli.distill import SHALLOW_FEATURES, SHALLOW_LR, SHALLOW_MIX
 from sparseinv.data import ImageFolder, evaluate_tensors, read_class_index
 from sparseinv.distill import DistillConfig, Images, distill, folder_sources, shallow_copy, spread_blocks
 from sparseinv.distill.data import Source
@@ -172,6 +173,9 @@ def images_per_second(model, batch: int = 64, repeats: int = 3) -> float:
     return batch / best
 
 
+# `sparseinv distill --depth N` trains the shallower copy this way unless told otherwise.
+DEPTH_DEFAULTS = dict(feature_weight=SHALLOW_FEATURES[0], feature_layers=SHALLOW_FEATURES[1], mix=SHALLOW_MIX, lr=SHALLOW_LR)
+
 # Every cell lists its images up to this many entries (a 32-image pool 16 times), so every
 # cell has the same epochs and schedule; a repeated image gets a fresh crop at each entry.
 ENTRIES = 512
@@ -201,10 +205,16 @@ def quantized_start(teacher, p: dict[str, Path], w_bits: int, a_bits: int):
     return model
 
 
-def run_cell(name: str, protocol: str, images: Images, teacher, p, val, steps: int, bits=(4, 4), **overrides) -> dict:
+def cell_key(name: str, protocol: str, bits=(4, 4), **overrides) -> str:
+    """The cache name of a cell: its protocol, bit widths (quantized), images and settings that differ from the default."""
     tag = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
     key = f"{protocol}-{'w%da%d-' % bits if protocol == 'quantized' else ''}{name}{tag}"
-    key = key.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "eq").replace("'", "")
+    return key.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "eq").replace("'", "")
+
+
+def run_cell(name: str, protocol: str, images: Images, teacher, p, val, steps: int, bits=(4, 4), **overrides) -> dict:
+    tag = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+    key = cell_key(name, protocol, bits, **overrides)
     cache = CACHE / "distill_cells" / f"{key}-steps{steps}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
@@ -224,7 +234,7 @@ def run_cell(name: str, protocol: str, images: Images, teacher, p, val, steps: i
     seconds = time.perf_counter() - start
     result = {"cell": name + tag, "protocol": protocol, "images": len(images.sources), "steps": steps, "train_seconds": seconds,
               "top1": evaluate_tensors(student, *val, progress=False)["top1"], "agreement": agreement(student, teacher, p["heldout"]),
-              "final_loss": summary["history"][-1]["loss"], "config": summary["settings"]["config"]}
+              "final_loss": summary["history"][-1]["loss"], "config": summary["settings"]["config"], "commit": commit()}
     if protocol == "quantized":
         result["bits"] = list(bits)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -346,10 +356,10 @@ def main() -> None:
         payload["start"]["compression"] = {"6-block copy": {"top1": evaluate_tensors(six, *val, progress=False)["top1"],
                                                             "agreement": agreement(six, teacher, p["heldout"])}}
         payload["student_images_per_second"] = images_per_second(six)
-        rows = []
-        for name, (images, seconds) in chosen.items():
-            rows.append({**run_cell(name, "compression", images, teacher, p, val, args.steps), "inversion_seconds": seconds})
-        payload["protocols"]["compression"] = rows
+        for protocol, overrides in (("compression", DEPTH_DEFAULTS), ("compression, logits alone (plain views, lr 2e-4)", {})):
+            payload["protocols"][protocol] = [
+                {**run_cell(name, "compression", images, teacher, p, val, args.steps, **overrides), "inversion_seconds": seconds}
+                for name, (images, seconds) in chosen.items()]
         # Online teacher targets (each crop labelled) against cached ones (each image once), equal steps.
         images, _ = all_cells["sparse 512"]
         payload["choices"]["targets"] = {"online": run_cell("sparse 512", "compression", images, teacher, p, val, args.steps),
@@ -386,6 +396,8 @@ def main() -> None:
         w4a8 = CACHE / "distill_cells" / f"quantized-w4a8-sparse_512-lr{lr}" / "student.safetensors"
         if w4a8.is_file():
             payload["onnx"] = onnx_check(teacher, w4a8, val)
+        elif "onnx" in old:  # the student file is gone from the cache: keep the check made with it
+            payload["onnx"] = old["onnx"]
     path = write_results("distill", payload)
     (RESULTS / "distill.md").write_text(markdown({**payload, "command": "python benchmarks/distill.py"}))
     print(f"wrote {path}")
