@@ -310,6 +310,9 @@ def markdown(payload: dict) -> str:
             lines.append(f"{label}, sparse 512, token matching at every block (--feature-layers blocks --feature-weight 1) "
                          "against logits only: " + "; ".join(f"{k}: top-1 {r['top1']:.1f}, agreement {r['agreement']:.1f}"
                                                             for k, r in choices[key].items()) + ".")
+    if "quantized_mix" in choices:
+        lines.append("W4/A4 quantized student, sparse 512, mixed views: " + "; ".join(
+            f"{k}: top-1 {r['top1']:.1f}, agreement {r['agreement']:.1f}" for k, r in choices["quantized_mix"].items()) + ".")
     if "onnx" in payload:
         o = payload["onnx"]
         lines.append(f"W4/A8 quantized student exported to integer ONNX: top-1 {o['onnx_top1']:.1f} in ONNX Runtime, "
@@ -393,6 +396,10 @@ def main() -> None:
             "logits only": next(r for r in rows if r["cell"] == "W4/A4 sparse 512"),
             "blocks, weight 1": run_cell("sparse 512", "quantized", images, teacher, p, val, args.steps, (4, 4), lr=lr,
                                          feature_weight=1.0, feature_layers="blocks")}
+        # A next idea for real-image accuracy: mixed views, the compression student's default (mixup; online targets).
+        payload["choices"]["quantized_mix"] = {
+            "shifts + mirrors": payload["choices"]["quantized_features"]["logits only"],
+            "+ mixup": run_cell("sparse 512", "quantized", images, teacher, p, val, args.steps, (4, 4), lr=lr, mix="mixup")}
         w4a8 = CACHE / "distill_cells" / f"quantized-w4a8-sparse_512-lr{lr}" / "student.safetensors"
         if w4a8.is_file():
             payload["onnx"] = onnx_check(teacher, w4a8, val)
