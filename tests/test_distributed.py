@@ -33,6 +33,12 @@ def torchrun(nproc: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "sparseinv", *args]
 
 
+def why(done: subprocess.CompletedProcess) -> str:
+    """A failed run's stderr: its start (where a rank's own message is) and its end (torchrun's summary)."""
+    text = done.stderr
+    return text if len(text) < 6000 else f"{text[:3000]}\n...\n{text[-3000:]}"
+
+
 def one_thread_main(argv: list[str]) -> int:
     """``main`` in this process with one thread, like each torchrun rank."""
     threads = torch.get_num_threads()
@@ -68,7 +74,7 @@ def assert_same_pool(a: Path, b: Path) -> None:
 def test_two_processes_make_the_pool_one_makes(setup):
     out = setup["root"] / "two"
     done = subprocess.run(torchrun(2, "invert", *setup["model"], *INVERT, "--out", str(out)), env=ENV, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, why(done)
     assert "2 processes" in done.stdout
     assert_same_pool(setup["reference"], out)
     run = json.loads((out / "run.json").read_text())
@@ -91,7 +97,7 @@ def test_a_killed_rank_loses_only_its_batch_and_any_process_count_finishes(setup
     shutil.copytree(out, setup["root"] / "killed-one")
     kept = {name: (out / "images" / name).stat().st_mtime_ns for b in done for name in (f"{2 * b:06d}.png", f"{2 * b + 1:06d}.png")}
     again = subprocess.run(torchrun(2, "invert", *setup["model"], *INVERT, "--out", str(out)), env=ENV, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.returncode == 0, why(again)
     assert_same_pool(setup["reference"], out)
     assert {name: (out / "images" / name).stat().st_mtime_ns for name in kept} == kept  # nothing kept was made again
     assert one_thread_main(["invert", *setup["model"], *INVERT, "--out", str(setup["root"] / "killed-one")]) == 0
@@ -110,7 +116,7 @@ def test_distributed_distillation_trains_the_weights_one_process_does(setup, mod
     one, two = setup["root"] / f"one-{mode}.safetensors", setup["root"] / f"two-{mode}.safetensors"
     assert one_thread_main([*args, "--out", str(one)]) == 0
     done = subprocess.run(torchrun(2, *args, "--out", str(two)), env=ENV, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, why(done)
     a, b = load_file(str(one)), load_file(str(two))
     start = prepare_student(load_model("test_vit", ckpt), 1000, mode).state_dict()  # the head training starts from
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3  # training moved the weights...
