@@ -288,6 +288,9 @@ def markdown(payload: dict) -> str:
             a = payload["paper"]
             lines += ["", f"10-way top-1. Teacher (fine-tuned end to end on train100): {a['teacher'].get('val_top1', float('nan')):.1f}; "
                           f"the ImageNet model's own head restricted to the ten classes, untrained: {a['imagenet_head_ten_rows_top1']:.1f}."]
+        if protocol == "compression":
+            lines += ["", "Trained as `sparseinv distill --depth 6` trains by default: logits plus token matching at every block "
+                          "(weight 1), mixup on the augmented views, AdamW lr 5e-5."]
         extra = (payload.get("start") or {}).get(protocol)
         if extra:
             lines += ["", "Starting points: " + ", ".join(f"{k} top-1 {v['top1']:.1f}, agreement {v['agreement']:.1f}" for k, v in extra.items())]
@@ -313,6 +316,10 @@ def markdown(payload: dict) -> str:
     if "quantized_mix" in choices:
         lines.append("W4/A4 quantized student, sparse 512, mixed views: " + "; ".join(
             f"{k}: top-1 {r['top1']:.1f}, agreement {r['agreement']:.1f}" for k, r in choices["quantized_mix"].items()) + ".")
+    if "quantized_cli" in choices:
+        lines.append("W4/A4 quantized student, sparse 512, as `sparseinv distill --quantized` trains by default (lr 2e-5, token "
+                     "matching at every block): " + "; ".join(f"{k}: top-1 {r['top1']:.1f}, agreement {r['agreement']:.1f}"
+                                                              for k, r in choices["quantized_cli"].items()) + ".")
     if "onnx" in payload:
         o = payload["onnx"]
         lines.append(f"W4/A8 quantized student exported to integer ONNX: top-1 {o['onnx_top1']:.1f} in ONNX Runtime, "
@@ -361,7 +368,7 @@ def main() -> None:
         payload["student_images_per_second"] = images_per_second(six)
         for protocol, overrides in (("compression", DEPTH_DEFAULTS), ("compression, logits alone (plain views, lr 2e-4)", {})):
             payload["protocols"][protocol] = [
-                {**run_cell(name, "compression", images, teacher, p, val, args.steps, **overrides), "inversion_seconds": seconds}
+                {**run_cell(name, "compression", images, teacher, p, val, args.steps, **overrides), "cell": name, "inversion_seconds": seconds}
                 for name, (images, seconds) in chosen.items()]
         # Online teacher targets (each crop labelled) against cached ones (each image once), equal steps.
         images, _ = all_cells["sparse 512"]
@@ -400,6 +407,11 @@ def main() -> None:
         payload["choices"]["quantized_mix"] = {
             "shifts + mirrors": payload["choices"]["quantized_features"]["logits only"],
             "+ mixup": run_cell("sparse 512", "quantized", images, teacher, p, val, args.steps, (4, 4), lr=lr, mix="mixup")}
+        # What 'sparseinv distill --quantized' does by default (lr 2e-5, token matching at every block), plain and mixed.
+        cli = dict(lr=QAT_LRS[0], feature_weight=1.0, feature_layers="blocks")
+        payload["choices"]["quantized_cli"] = {
+            "shifts + mirrors": run_cell("sparse 512", "quantized", images, teacher, p, val, args.steps, (4, 4), **cli),
+            "+ mixup": run_cell("sparse 512", "quantized", images, teacher, p, val, args.steps, (4, 4), **cli, mix="mixup")}
         w4a8 = CACHE / "distill_cells" / f"quantized-w4a8-sparse_512-lr{lr}" / "student.safetensors"
         if w4a8.is_file():
             payload["onnx"] = onnx_check(teacher, w4a8, val)
