@@ -408,7 +408,8 @@ def main() -> None:
             "shifts + mirrors": payload["choices"]["quantized_features"]["logits only"],
             "+ mixup": run_cell("sparse 512", "quantized", images, teacher, p, val, args.steps, (4, 4), lr=lr, mix="mixup")}
         # What 'sparseinv distill --quantized' does by default (lr 2e-5, token matching at every block), plain and mixed.
-        cli = dict(lr=QAT_LRS[0], feature_weight=1.0, feature_layers="blocks")
+        assert math.isclose(QAT_LRS[0], DistillConfig(mode="full").learning_rate(quantized=True))  # the command's rate
+        cli = dict(lr=QAT_LRS[0], feature_weight=SHALLOW_FEATURES[0], feature_layers=SHALLOW_FEATURES[1])
         payload["choices"]["quantized_cli"] = {
             "shifts + mirrors": run_cell("sparse 512", "quantized", images, teacher, p, val, args.steps, (4, 4), **cli),
             "+ mixup": run_cell("sparse 512", "quantized", images, teacher, p, val, args.steps, (4, 4), **cli, mix="mixup")}
