@@ -175,6 +175,14 @@ def images_per_second(model, batch: int = 64, repeats: int = 3) -> float:
 
 # `sparseinv distill --depth N` trains the shallower copy this way unless told otherwise.
 DEPTH_DEFAULTS = dict(feature_weight=SHALLOW_FEATURES[0], feature_layers=SHALLOW_FEATURES[1], mix=SHALLOW_MIX, lr=SHALLOW_LR)
+# ...and `sparseinv distill --quantized FILE` the quantized student (QAT_LRS[0] is its rate, checked in main).
+QUANTIZED_DEFAULTS = dict(feature_weight=SHALLOW_FEATURES[0], feature_layers=SHALLOW_FEATURES[1], lr=QAT_LRS[0])
+
+
+def flags(settings: dict) -> str:
+    """Cell settings as the command's options: ``--feature-layers blocks --lr 5e-05``."""
+    return " ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+                    for k, v in sorted(settings.items()))
 
 # Every cell lists its images up to this many entries (a 32-image pool 16 times), so every
 # cell has the same epochs and schedule; a repeated image gets a fresh crop at each entry.
@@ -289,8 +297,7 @@ def markdown(payload: dict) -> str:
             lines += ["", f"10-way top-1. Teacher (fine-tuned end to end on train100): {a['teacher'].get('val_top1', float('nan')):.1f}; "
                           f"the ImageNet model's own head restricted to the ten classes, untrained: {a['imagenet_head_ten_rows_top1']:.1f}."]
         if protocol == "compression":
-            lines += ["", "Trained as `sparseinv distill --depth 6` trains by default: logits plus token matching at every block "
-                          "(weight 1), mixup on the augmented views, AdamW lr 5e-5."]
+            lines += ["", f"Trained as `sparseinv distill --depth 6` trains by default: `{flags(DEPTH_DEFAULTS)}`."]
         extra = (payload.get("start") or {}).get(protocol)
         if extra:
             lines += ["", "Starting points: " + ", ".join(f"{k} top-1 {v['top1']:.1f}, agreement {v['agreement']:.1f}" for k, v in extra.items())]
@@ -308,18 +315,15 @@ def markdown(payload: dict) -> str:
         q = choices["quantized_lr"]
         trials = ", ".join(f"lr {r['config']['lr']:g}: agreement {r['agreement']:.1f} (top-1 {r['top1']:.1f})" for r in q["trials"])
         lines.append(f"Quantized student's learning rate, chosen by held-out synthetic agreement: {trials}; chosen {q['chosen']:g}.")
-    for key, label in (("features", "Compression student"), ("quantized_features", "W4/A4 quantized student")):
+    matching = "token matching at every block (--feature-layers blocks --feature-weight 1) against logits only"
+    for key, label in (("features", f"Compression student, sparse 512, {matching}"),
+                       ("quantized_features", f"W4/A4 quantized student, sparse 512, {matching}"),
+                       ("quantized_mix", "W4/A4 quantized student, sparse 512, mixed views"),
+                       ("quantized_cli", "W4/A4 quantized student, sparse 512, as `sparseinv distill --quantized` trains by default "
+                                         f"(`{flags(QUANTIZED_DEFAULTS)}`)")):
         if key in choices:
-            lines.append(f"{label}, sparse 512, token matching at every block (--feature-layers blocks --feature-weight 1) "
-                         "against logits only: " + "; ".join(f"{k}: top-1 {r['top1']:.1f}, agreement {r['agreement']:.1f}"
-                                                            for k, r in choices[key].items()) + ".")
-    if "quantized_mix" in choices:
-        lines.append("W4/A4 quantized student, sparse 512, mixed views: " + "; ".join(
-            f"{k}: top-1 {r['top1']:.1f}, agreement {r['agreement']:.1f}" for k, r in choices["quantized_mix"].items()) + ".")
-    if "quantized_cli" in choices:
-        lines.append("W4/A4 quantized student, sparse 512, as `sparseinv distill --quantized` trains by default (lr 2e-5, token "
-                     "matching at every block): " + "; ".join(f"{k}: top-1 {r['top1']:.1f}, agreement {r['agreement']:.1f}"
-                                                              for k, r in choices["quantized_cli"].items()) + ".")
+            lines.append(f"{label}: " + "; ".join(f"{k}: top-1 {r['top1']:.1f}, agreement {r['agreement']:.1f}"
+                                                  for k, r in choices[key].items()) + ".")
     if "onnx" in payload:
         o = payload["onnx"]
         lines.append(f"W4/A8 quantized student exported to integer ONNX: top-1 {o['onnx_top1']:.1f} in ONNX Runtime, "
@@ -407,12 +411,12 @@ def main() -> None:
         payload["choices"]["quantized_mix"] = {
             "shifts + mirrors": payload["choices"]["quantized_features"]["logits only"],
             "+ mixup": run_cell("sparse 512", "quantized", images, teacher, p, val, args.steps, (4, 4), lr=lr, mix="mixup")}
-        # What 'sparseinv distill --quantized' does by default (lr 2e-5, token matching at every block), plain and mixed.
-        assert math.isclose(QAT_LRS[0], DistillConfig(mode="full").learning_rate(quantized=True))  # the command's rate
-        cli = dict(lr=QAT_LRS[0], feature_weight=SHALLOW_FEATURES[0], feature_layers=SHALLOW_FEATURES[1])
+        # What 'sparseinv distill --quantized' does by default, plain and mixed.
+        assert math.isclose(QUANTIZED_DEFAULTS["lr"], DistillConfig(mode="full").learning_rate(quantized=True))  # the command's rate
         payload["choices"]["quantized_cli"] = {
-            "shifts + mirrors": run_cell("sparse 512", "quantized", images, teacher, p, val, args.steps, (4, 4), **cli),
-            "+ mixup": run_cell("sparse 512", "quantized", images, teacher, p, val, args.steps, (4, 4), **cli, mix="mixup")}
+            "shifts + mirrors": run_cell("sparse 512", "quantized", images, teacher, p, val, args.steps, (4, 4), **QUANTIZED_DEFAULTS),
+            "+ mixup": run_cell("sparse 512", "quantized", images, teacher, p, val, args.steps, (4, 4), **QUANTIZED_DEFAULTS,
+                                mix="mixup")}
         w4a8 = CACHE / "distill_cells" / f"quantized-w4a8-sparse_512-lr{lr}" / "student.safetensors"
         if w4a8.is_file():
             payload["onnx"] = onnx_check(teacher, w4a8, val)
