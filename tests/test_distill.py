@@ -262,8 +262,9 @@ def test_cli_quantized_student_trains_and_its_file_evaluates(files, tmp_path, ca
     assert main(["quantize", *teacher, "--calib", files["pool"], "--w-bits", "4", "--a-bits", "8", "--recon-iters", "2",
                  "--num-calib", "4", "--out", str(q), "--quiet"]) == 0
     assert main(["distill", "--teacher", f"test_vit:{files['teacher']}", "--quantized", str(q), "--pool", files["pool"],
-                 "--epochs", "2", "--batch-size", "2", "--lr", "1e-3", "--out", str(qat), "--quiet"]) == 0
+                 "--epochs", "2", "--batch-size", "2", "--lr", "1e-3", "--qat-learn", "all", "--out", str(qat), "--quiet"]) == 0
     config = json.loads((tmp_path / "qat.json").read_text())["settings"]["config"]
+    assert config["qat_learn"] == "all"
     assert (config["feature_weight"], config["feature_layers"]) == (1.0, "blocks")  # made from the teacher: tokens matched
     assert "mix" not in config  # mixing unmeasured for quantized students: off
     before, after = load_file(str(q)), load_file(str(qat))

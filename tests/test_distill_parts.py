@@ -28,12 +28,13 @@ from sparseinv.distill import (
     start_qat,
 )
 from sparseinv.distill import data as distill_data
-from sparseinv.distill.students import feature_loss, matched_blocks
+from sparseinv.distill.students import feature_loss, matched_blocks, trainable
 from sparseinv.inversion.sparse_forward import OutputRecorder
 from sparseinv.errors import UsageError
 from sparseinv.models import timm
 from sparseinv.pool import open_pool
 from sparseinv.quant import QuantConfig, load_quantized, pool_batches, quantize_
+from sparseinv.quant.model import act_quantizers, weight_modules
 from sparseinv.inversion.sparse_forward import sparse_forward
 
 SCHEDULE = PruneSchedule((2, 4), (0.3, 0.3))
@@ -341,8 +342,9 @@ def test_a_quantized_student_learns_and_saves_a_file_that_loads_to_the_same_mode
     biases = {n: p.clone() for n, p in q.named_parameters() if n.endswith("bias")}
     scales_before = torch.cat([m.scale.flatten() for m in q.modules() if type(m).__name__ == "ActQuantizer" and m.scale.numel()])
     out = tmp_path / "q.safetensors"
-    distill(teacher, q, setup["pool"], DistillConfig(mode="full", epochs=3, batch_size=3, lr=1e-3), out, student_name="test_vit",
-            progress=False)
+    summary = distill(teacher, q, setup["pool"], DistillConfig(mode="full", epochs=3, batch_size=3, lr=1e-3), out,
+                      student_name="test_vit", progress=False)
+    assert summary["settings"]["config"]["qat_learn"] == "step-sizes"  # the default
     with torch.no_grad():
         after = q(x)
     assert (after - start_logits).abs().max() > 1e-3  # training changed what it computes...
@@ -352,6 +354,21 @@ def test_a_quantized_student_learns_and_saves_a_file_that_loads_to_the_same_mode
     back = load_quantized(load_model("test_vit", setup["ckpt"]), out, "test_vit")
     with torch.no_grad():
         assert torch.equal(back(x), after)
+
+
+@pytest.mark.parametrize("learn, latent, weight_steps, act_steps", [
+    ("step-sizes", False, True, True), ("weights", True, True, False), ("all", True, True, True)])
+def test_qat_learn_names_what_a_quantized_student_trains(setup, learn, latent, weight_steps, act_steps):
+    _, q = _quantized(setup)
+    start_qat(q)
+    params = {id(p) for p in trainable(q, "full", learn)}
+    modules = [m for m in weight_modules(q) if "w_scale" in m._parameters]
+    scales = [a.scale for a in act_quantizers(q) if "scale" in a._parameters]
+    assert modules and scales
+    assert all((id(m.float_weight) in params) == latent for m in modules)
+    assert all((id(m.w_scale) in params) == weight_steps for m in modules)
+    assert all((id(s) in params) == act_steps for s in scales)
+    assert len(params) == latent * len(modules) + weight_steps * len(modules) + act_steps * len(scales)  # nothing else
 
 
 def test_a_quantized_student_refuses_the_linear_probe(setup, tmp_path):

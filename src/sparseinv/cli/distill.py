@@ -7,7 +7,7 @@ import copy
 import sys
 
 from sparseinv.cli.common import Renamed, add_device, config_from_args, resolve_device, split_model_spec
-from sparseinv.distill.config import FEATURE_LAYERS, MIXES, MODES, OPTIMIZERS, TARGETS, DistillConfig
+from sparseinv.distill.config import FEATURE_LAYERS, MIXES, MODES, OPTIMIZERS, QAT_LEARN, TARGETS, DistillConfig
 from sparseinv.errors import UsageError
 from sparseinv.files import check_writable
 
@@ -72,6 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--feature-layers", choices=FEATURE_LAYERS, default=None,
                    help="which tokens --feature-weight compares: the final norm's, or every student block's against the teacher's "
                         f"at the same relative depth (default: {SHALLOW_FEATURES[1]} for --depth/--blocks/--quantized students, {D.feature_layers} otherwise)")
+    p.add_argument("--qat-learn", choices=QAT_LEARN, default=D.qat_learn,
+                   help="what a --quantized student learns: its step sizes only (integer codes kept), its latent weights and "
+                        f"weight step sizes, or all (default: {D.qat_learn}, the most accurate measured)")
     p.add_argument("--targets", choices=TARGETS, default=D.targets,
                    help=f"online: the teacher labels every augmented view; cached: each image once (default: {D.targets})")
     p.add_argument("--seed", type=int, default=D.seed, help="seeds the fresh head, the crops and the shuffling")

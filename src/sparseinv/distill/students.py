@@ -90,15 +90,15 @@ def shallow_copy(model: nn.Module, blocks: Sequence[int]) -> nn.Module:
     return student
 
 
-def trainable(student: nn.Module, mode: str) -> list[nn.Parameter]:
+def trainable(student: nn.Module, mode: str, qat_learn: str = "all") -> list[nn.Parameter]:
     """Mark and return what trains: the heads (linear probe), or every weight.
 
-    A quantized student trains its latent weights and step sizes only (:func:`start_qat`):
-    its biases and norms stay those of the model its quantized file was made for, so the
-    saved file still loads on that model.
+    A quantized student trains what ``qat_learn`` names of its latent weights and step
+    sizes (:func:`qat_parameters`): its biases and norms stay those of the model its
+    quantized file was made for, so the saved file still loads on that model.
     """
     if is_quantized(student):
-        keep = {id(p) for p in qat_parameters(student)}
+        keep = {id(p) for p in qat_parameters(student, qat_learn)}
     elif mode == "linear-probe":
         keep = {id(p) for head in classifiers(student) for p in head.parameters()}
     else:
@@ -145,14 +145,21 @@ def start_qat(model: nn.Module) -> nn.Module:
     return model
 
 
-def qat_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The latent weights and step sizes :func:`start_qat` made trainable."""
+def qat_parameters(model: nn.Module, learn: str = "all") -> list[nn.Parameter]:
+    """Of what :func:`start_qat` made trainable, what ``learn`` names.
+
+    Args:
+        learn: ``all`` (latent weights and step sizes), ``weights`` (latent weights and
+            weight step sizes) or ``step-sizes`` (weight and activation step sizes).
+    """
     params = []
     for m in weight_modules(model):
-        params.append(m.float_weight)
+        if learn != "step-sizes":
+            params.append(m.float_weight)
         if "w_scale" in m._parameters:
             params.append(m.w_scale)
-    params += [q.scale for q in act_quantizers(model) if "scale" in q._parameters]
+    if learn != "weights":
+        params += [q.scale for q in act_quantizers(model) if "scale" in q._parameters]
     return params
 
 

@@ -337,7 +337,7 @@ def distill(
     if quantized and not getattr(student, "_qat", False):
         start_qat(student)
         student._qat = True
-    params = trainable(student, config.mode)
+    params = trainable(student, config.mode, config.qat_learn)
     optimizer = _optimizer(params, config, quantized)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     teacher_feed = Feeder(teacher, data.size, data.patch_size)
