@@ -50,6 +50,7 @@ from sparseinv import load_model, sparse_forward
 from sparseinv.cli.distill import SHALLOW_FEATURES, SHALLOW_LR, SHALLOW_MIX
 from sparseinv.data import ImageFolder, evaluate_tensors, read_class_index
 from sparseinv.distill import DistillConfig, Images, distill, folder_sources, shallow_copy, spread_blocks
+from sparseinv.distill.config import QAT_LEARN
 from sparseinv.distill.data import Source
 from sparseinv.models import vit_info
 from sparseinv.pool import open_pool, read_pool
@@ -176,7 +177,11 @@ def images_per_second(model, batch: int = 64, repeats: int = 3) -> float:
 # `sparseinv distill --depth N` trains the shallower copy this way unless told otherwise.
 DEPTH_DEFAULTS = dict(feature_weight=SHALLOW_FEATURES[0], feature_layers=SHALLOW_FEATURES[1], mix=SHALLOW_MIX, lr=SHALLOW_LR)
 # ...and `sparseinv distill --quantized FILE` the quantized student (QAT_LRS[0] is its rate, checked in main).
-QUANTIZED_DEFAULTS = dict(feature_weight=SHALLOW_FEATURES[0], feature_layers=SHALLOW_FEATURES[1], lr=QAT_LRS[0])
+QUANTIZED_DEFAULTS = dict(feature_weight=SHALLOW_FEATURES[0], feature_layers=SHALLOW_FEATURES[1], lr=QAT_LRS[0],
+                          qat_learn=DistillConfig.qat_learn)
+# Settings a protocol's cells train with unless a cell says otherwise (not part of the cache key):
+# the quantized protocol trains latent weights and step sizes, data-free QAT as usually done.
+PROTOCOL_BASE = {"quantized": {"qat_learn": "all"}}
 
 
 def flags(settings: dict) -> str:
@@ -221,6 +226,8 @@ def cell_key(name: str, protocol: str, bits=(4, 4), **overrides) -> str:
 
 
 def run_cell(name: str, protocol: str, images: Images, teacher, p, val, steps: int, bits=(4, 4), **overrides) -> dict:
+    base = PROTOCOL_BASE.get(protocol, {})
+    overrides = {k: v for k, v in overrides.items() if base.get(k) != v}
     tag = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
     key = cell_key(name, protocol, bits, **overrides)
     cache = CACHE / "distill_cells" / f"{key}-steps{steps}.json"
@@ -236,7 +243,7 @@ def run_cell(name: str, protocol: str, images: Images, teacher, p, val, steps: i
     for stale in out.parent.glob("student.*"):
         stale.unlink()
     data = repeated(images)
-    config = train_config(steps, len(data.sources), "linear-probe" if protocol == "paper" else "full", **overrides)
+    config = train_config(steps, len(data.sources), "linear-probe" if protocol == "paper" else "full", **{**base, **overrides})
     start = time.perf_counter()
     summary = distill(teacher, student, data, config, out, teacher_name=DEIT_TINY, student_name=DEIT_TINY, progress=False)
     seconds = time.perf_counter() - start
@@ -319,6 +326,8 @@ def markdown(payload: dict) -> str:
     for key, label in (("features", f"Compression student, sparse 512, {matching}"),
                        ("quantized_features", f"W4/A4 quantized student, sparse 512, {matching}"),
                        ("quantized_mix", "W4/A4 quantized student, sparse 512, mixed views"),
+                       ("quantized_learn", "W4/A4 quantized student, sparse 512, what it learns (--qat-learn; the command's other "
+                                           "defaults)"),
                        ("quantized_cli", "W4/A4 quantized student, sparse 512, as `sparseinv distill --quantized` trains by default "
                                          f"(`{flags(QUANTIZED_DEFAULTS)}`)")):
         if key in choices:
@@ -411,6 +420,10 @@ def main() -> None:
         payload["choices"]["quantized_mix"] = {
             "shifts + mirrors": payload["choices"]["quantized_features"]["logits only"],
             "+ mixup": run_cell("sparse 512", "quantized", images, teacher, p, val, args.steps, (4, 4), lr=lr, mix="mixup")}
+        # What a quantized student learns, at the command's other defaults.
+        payload["choices"]["quantized_learn"] = {
+            learn: run_cell("sparse 512", "quantized", images, teacher, p, val, args.steps, (4, 4), **{**QUANTIZED_DEFAULTS, "qat_learn": learn})
+            for learn in QAT_LEARN}
         # What 'sparseinv distill --quantized' does by default, plain and mixed.
         assert math.isclose(QUANTIZED_DEFAULTS["lr"], DistillConfig(mode="full").learning_rate(quantized=True))  # the command's rate
         payload["choices"]["quantized_cli"] = {
