@@ -293,7 +293,8 @@ def markdown(payload: dict) -> str:
     lines = [f"# Data-free knowledge transfer (`{payload['command']}`)", "",
              f"Teacher DeiT-Tiny: top-1 {payload['teacher_top1']:.1f} on {payload['val_images']} val images (1000-way), "
              f"{payload['teacher_images_per_second']:.1f} images/s. Every cell trains {payload['steps']} steps of {BATCH} "
-             f"({payload.get('paper_steps', payload['steps'])} in the paper protocol).", ""]
+             f"({payload['protocols']['paper'][0]['steps'] if payload['protocols'].get('paper') else payload['steps']} in the paper "
+             "protocol).", ""]
     for protocol, rows in payload["protocols"].items():
         lines += [f"## {protocol}", "", "| images | inversion s | top-1 | agreement | train s |", "| --- | --- | --- | --- | --- |"]
         for row in rows:
@@ -361,9 +362,10 @@ def main() -> None:
         if kept not in args.protocols and kept in old.get("protocols", {}):
             payload["protocols"][kept] = old["protocols"][kept]
             payload["start"][kept] = old.get("start", {}).get(kept)
+    if "paper" not in args.protocols and "paper" in old:  # the paper protocol's teacher, kept with its rows
+        payload["paper"] = old["paper"]
     if "paper" in args.protocols:
         payload["paper"] = paper_protocol(teacher, val, args.paper_steps)
-        payload["paper_steps"] = args.paper_steps
         payload["protocols"]["paper"] = payload["paper"].pop("rows")
     if not {"compression", "quantized"} & set(args.protocols):
         kept = {k: v for k, v in old.items() if k not in ("command", "machine", "commit", "steps")}  # this run's own
