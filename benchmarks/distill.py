@@ -186,8 +186,7 @@ PROTOCOL_BASE = {"quantized": {"qat_learn": "all"}}
 
 def flags(settings: dict) -> str:
     """Cell settings as the command's options: ``--feature-layers blocks --lr 5e-05``."""
-    return " ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-                    for k, v in sorted(settings.items()))
+    return " ".join(f"--{k.replace('_', '-')} {format(v, 'g') if isinstance(v, float) else v}" for k, v in sorted(settings.items()))
 
 # Every cell lists its images up to this many entries (a 32-image pool 16 times), so every
 # cell has the same epochs and schedule; a repeated image gets a fresh crop at each entry.
