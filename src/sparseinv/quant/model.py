@@ -47,14 +47,15 @@ class QuantAttention(nn.Module):
         for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
             setattr(self, name, getattr(attn, name))
         self.gate = getattr(attn, "gate", None)
+        device = next(attn.parameters()).device
         if self.scheme == "int":
-            self.q_quant, self.k_quant, self.v_quant = _act(config), _act(config), _act(config)
-            self.attn_quant = Log2Quantizer(config.a_bits) if config.softmax_quantizer == "log2" else _act(config)
+            self.q_quant, self.k_quant, self.v_quant = (_act(config, device) for _ in range(3))
+            self.attn_quant = Log2Quantizer(config.a_bits, device) if config.softmax_quantizer == "log2" else _act(config, device)
         else:
             # The pre-softmax scores keep min/max: softmax is decided by the largest
             # scores, exactly what a clipping calibrator would cut.
-            self.score_quant = _act(config, calibrator="minmax")
-            self.av_quant = _act(config)
+            self.score_quant = _act(config, device, calibrator="minmax")
+            self.av_quant = _act(config, device)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if is_causal:
@@ -91,8 +92,8 @@ class QuantAttention(nn.Module):
 ATTENTION_WRAPPERS: dict[type, type] = {timm.models.vision_transformer.Attention: QuantAttention}
 
 
-def _act(config: QuantConfig, per_channel: bool = False, calibrator: str | None = None) -> ActQuantizer:
-    return ActQuantizer(config.a_bits, calibrator or config.calibrator, config.percentile, per_channel)
+def _act(config: QuantConfig, device: torch.device, per_channel: bool = False, calibrator: str | None = None) -> ActQuantizer:
+    return ActQuantizer(config.a_bits, calibrator or config.calibrator, config.percentile, per_channel, device)
 
 
 def _output_hook(quantizer: ActQuantizer):
@@ -138,7 +139,8 @@ def prepare_(
             warnings.warn(f"quantizing {name} ({type(linear).__name__}) as a plain nn.Linear", stacklevel=2)
         per_channel = name.endswith(POST_NORM_LINEARS) and (config.channelwise_ln or config.ln_reparam)
         calibrator = config.gelu_calibrator if name.endswith(POST_GELU_LINEARS) and config.gelu_calibrator else None
-        wrapped = QuantLinear(linear, config.w_bits, _act(config, per_channel, calibrator), config.weight_calibrator_name)
+        wrapped = QuantLinear(linear, config.w_bits, _act(config, linear.weight.device, per_channel, calibrator),
+                              config.weight_calibrator_name)
         _set_submodule(model, name, wrapped)
     proj = getattr(model.patch_embed, "proj", None)
     if isinstance(proj, nn.Conv2d):
@@ -154,15 +156,16 @@ def prepare_(
         warnings.warn("these attention modules are of a kind sparseinv cannot quantize inside and stay in full "
                       f"precision between their Linears: {', '.join(left)}", stacklevel=2)
     handles = []
+    device = next(model.parameters()).device
     if config.scheme == "psaq":
         for block in model.blocks:
             # The residual stream keeps its full min/max range whatever the calibrator:
             # a few of its channels carry activations tens of times larger than the rest.
-            block.out_quant = _act(config, calibrator="minmax")
+            block.out_quant = _act(config, device, calibrator="minmax")
             handles.append(block.register_forward_hook(_output_hook(block.out_quant)))
         # norm_pre runs after positional embedding and after sparse gathering, so
         # only the fed tokens reach this observer.
-        model.embed_quant = _act(config, calibrator="minmax")
+        model.embed_quant = _act(config, device, calibrator="minmax")
         handles.append(model.norm_pre.register_forward_hook(_output_hook(model.embed_quant)))
     model.quant_config = config
     model._quant_hooks = handles

@@ -119,6 +119,8 @@ class ActQuantizer(nn.Module):
         calibrator: ``minmax``, ``percentile`` or ``mse`` (see :class:`QuantConfig`).
         percentile: Upper percentile for the ``percentile`` calibrator.
         per_channel: One range per channel of the last dimension instead of per tensor.
+        device: Where its scale and zero point live: the model's device, so a calibrated
+            quantizer computes where the activations are (and moves with ``.to()``).
 
     During block reconstruction ``scale`` is made a leaf that requires grad (LSQ) and
     ``drop_prob`` is set (QDrop); both are reset afterwards.
@@ -129,13 +131,14 @@ class ActQuantizer(nn.Module):
     # ops that become ONNX QuantizeLinear/DequantizeLinear pairs.
     exporting = False
 
-    def __init__(self, bits: int, calibrator: str = "minmax", percentile: float = 99.99, per_channel: bool = False) -> None:
+    def __init__(self, bits: int, calibrator: str = "minmax", percentile: float = 99.99, per_channel: bool = False,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         self.bits, self.calibrator, self.percentile, self.per_channel = bits, calibrator, percentile, per_channel
         self.mode = "off"
         self.drop_prob = 0.0
-        self.register_buffer("scale", torch.empty(0))
-        self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32))
+        self.register_buffer("scale", torch.empty(0, device=device))
+        self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32, device=device))
         self.reset()
 
     def reset(self) -> None:
@@ -271,8 +274,8 @@ class Log2Quantizer(ActQuantizer):
 
     kind = "log2"
 
-    def __init__(self, bits: int) -> None:
-        super().__init__(bits, "minmax")
+    def __init__(self, bits: int, device: torch.device | str | None = None) -> None:
+        super().__init__(bits, "minmax", device=device)
 
     @torch.no_grad()
     def finalize(self) -> None:
@@ -289,7 +292,7 @@ class Log2Quantizer(ActQuantizer):
         if self.mode != "quant":
             return super().forward(x)
         if self.exporting:  # no power-of-two grid in standard QDQ: the uniform 8-bit grid over [0, delta]
-            return torch.fake_quantize_per_tensor_affine(x, (self.scale.reshape(1) / 255).float(), torch.zeros(1, dtype=torch.int32), 0, 255)
+            return torch.fake_quantize_per_tensor_affine(x, (self.scale.reshape(1) / 255).float(), torch.zeros(1, dtype=torch.int32, device=x.device), 0, 255)
         levels = 2**self.bits
         with torch.no_grad():
             code = torch.round(-2.0 * torch.log2((x / self.scale).clamp_min(1e-30)))
@@ -314,7 +317,7 @@ class _QuantWeight(nn.Module):
         self.mode = "off"
         self.round_logits: nn.Parameter | None = None
         self.register_buffer("w_scale", weight_scale(weight, w_bits, calibrator))
-        self.register_buffer("w_int", torch.empty(0, dtype=torch.int8))
+        self.register_buffer("w_int", torch.empty(0, dtype=torch.int8, device=weight.device))
 
     @property
     def float_weight(self) -> torch.Tensor:
@@ -361,7 +364,7 @@ class _QuantWeight(nn.Module):
         if self.w_int.numel():
             w = self.w_int.float() * self._scale_view()
             if self.exporting:  # written as int8 codes + a per-channel DequantizeLinear after export
-                zero = torch.zeros(self.w_scale.numel(), dtype=torch.int32)
+                zero = torch.zeros(self.w_scale.numel(), dtype=torch.int32, device=w.device)
                 return torch.fake_quantize_per_channel_affine(w, self.w_scale.reshape(-1).float(), zero, 0, -128, 127)
             return w
         return fake_quant_weight(self.float_weight, self.w_scale, self.w_bits)
@@ -384,8 +387,8 @@ class QuantLinear(_QuantWeight):
         self.linear = linear
         self.input_quant = input_quant
         self._init_weight_quant(linear.weight, w_bits, calibrator)
-        self.register_buffer("fold_r1", torch.empty(0))
-        self.register_buffer("fold_shift", torch.empty(0))
+        self.register_buffer("fold_r1", torch.empty(0, device=linear.weight.device))
+        self.register_buffer("fold_shift", torch.empty(0, device=linear.weight.device))
 
     @property
     def float_weight(self) -> torch.Tensor:
