@@ -15,6 +15,10 @@ rename. Rank 0 (the only process of a plain run) merges parts into ``manifest.js
 and ``run.json`` and deletes them. So an interrupted run, with one process or many,
 loses at most the batches in flight, and the same command continues it with any
 number of processes.
+
+Commits run on a background thread, in order, while the next batch inverts (PNG
+encoding releases the GIL, and a GPU would otherwise idle through it); the writer
+waits for them before it merges for good, reports, or lets the folder go.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import functools
 import json
 import os
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -419,6 +424,10 @@ class PoolWriter:
         self.rank = rank
         self.entries: list[dict] = []
         self._lock = FolderLock(self.root)
+        # One committer keeps batches in order; encoders share each batch's PNGs.
+        self._committer: ThreadPoolExecutor | None = None
+        self._encoders: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
 
     @property
     def parts(self) -> Path:
@@ -481,26 +490,66 @@ class PoolWriter:
         return sorted(b["index"] for b in self.run["batches"])
 
     def close(self) -> None:
-        """Release the folder (without marking the pool complete)."""
-        self._lock.release()
+        """Finish the commits under way, then release the folder (without marking the pool complete).
+
+        A batch already inverted is worth the moment its commit takes, also when the run
+        is being interrupted; a commit that failed is not raised again here.
+        """
+        try:
+            for future in self._pending:
+                future.exception()
+            self._pending = []
+            for pool in (self._committer, self._encoders):
+                if pool is not None:
+                    pool.shutdown()
+            self._committer = self._encoders = None
+        finally:
+            self._lock.release()
 
     def add_batch(self, index: int, images: torch.Tensor, labels, kept_patches, target_prob, stats: dict) -> None:
-        """Commit batch ``index``: its PNGs, then its part file; rank 0 then merges."""
-        entries = []
-        for offset, array in enumerate(to_uint8(images)):
-            name = f"images/{index * self.batch_size + offset:06d}.png"
-            atomic_save(self.root / name, lambda tmp, array=array: Image.fromarray(array).save(tmp, format="PNG"))
-            entries.append(
-                {
-                    "file": name,
-                    "label": int(labels[offset]),
-                    "kept_patches": [int(i) for i in kept_patches[offset]],
-                    "target_prob": round(float(target_prob[offset]), 6),
-                }
-            )
-        atomic_write_json(self.parts / f"{index:06d}.json", {"index": index, "entries": entries, "stats": {**stats, "index": index}})
+        """Commit batch ``index`` in the background: its PNGs, then its part file; rank 0 then merges.
+
+        Returns at once; a failure of an earlier commit is raised here (or by :meth:`wait`).
+        At most one batch waits behind the one being written, so memory stays bounded.
+        """
+        self._raise_failed()
+        while len(self._pending) > 1:
+            self._pending.pop(0).result()
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix="pool-commit")
+            self._encoders = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="pool-png")
+        arrays = to_uint8(images)
+        entries = [
+            {
+                "file": f"images/{index * self.batch_size + offset:06d}.png",
+                "label": int(labels[offset]),
+                "kept_patches": [int(i) for i in kept_patches[offset]],
+                "target_prob": round(float(target_prob[offset]), 6),
+            }
+            for offset in range(len(arrays))
+        ]
+        part = {"index": index, "entries": entries, "stats": {**stats, "index": index}}
+        self._pending.append(self._committer.submit(self._commit, arrays, part))
+
+    def _commit(self, arrays: np.ndarray, part: dict) -> None:
+        def save(array: np.ndarray, entry: dict) -> None:
+            atomic_save(self.root / entry["file"], lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+        list(self._encoders.map(save, arrays, part["entries"]))  # list() re-raises the first failure
+        atomic_write_json(self.parts / f"{part['index']:06d}.json", part)
         if self.rank == 0:
             self.merge()
+
+    def _raise_failed(self) -> None:
+        for future in self._pending:
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+
+    def wait(self) -> None:
+        """Block until every batch handed to :meth:`add_batch` is committed; raise the first failure."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
 
     def _read_part(self, path: Path) -> dict:
         """A part file, checked; a damaged one is refused with what to do about it."""
@@ -546,6 +595,7 @@ class PoolWriter:
             grid_png: The picture of the images.
             **record: More entries for ``run.json`` (e.g. per-rank wall times).
         """
+        self.wait()
         self.merge()
         self.run.update(record, complete=True)
         if grid_png is not None:
