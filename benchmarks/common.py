@@ -69,9 +69,9 @@ def ensure_pool(name: str, model_name: str, checkpoint: Path | None, config: Inv
     return out
 
 
-def machine() -> dict:
-    """What the numbers were measured on."""
-    return {
+def machine(device: torch.device | None = None) -> dict:
+    """What the numbers were measured on (with the GPU's name when ``device`` is one)."""
+    out = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
@@ -80,6 +80,9 @@ def machine() -> dict:
         "python": sys.version.split()[0],
         "date": time.strftime("%Y-%m-%d"),
     }
+    if device is not None and device.type == "cuda":
+        out.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    return out
 
 
 def commit() -> str:
@@ -91,6 +94,6 @@ def write_results(name: str, payload: dict) -> Path:
     """Write ``benchmarks/results/<name>.json`` with the command and machine stamped in."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"command": "python " + " ".join(sys.argv), "machine": machine(), "commit": commit(), **payload}
+    payload = {"command": "python " + " ".join(sys.argv), "machine": machine(), "commit": commit(), **payload}  # the payload's own machine wins
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
