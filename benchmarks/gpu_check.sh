@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Every GPU check in one script, for a machine with an NVIDIA GPU and a few minutes:
+# the CUDA tests (every command with --device cuda), the host-sync and device-placement
+# tests, then the GPU benchmarks (sparse vs dense speed, a whole pool end to end).
+#
+#   bash benchmarks/gpu_check.sh prepare   # here, beside ../shared: copies the weights, the
+#                                          # test vectors and 20 val images per class into
+#                                          # .device-shared/ (git-ignored, ~35 MiB)
+#   bash benchmarks/gpu_check.sh run       # there, from the repository root, with .device-shared
+#                                          # carried along; torch and timm already installed
+#
+# Results land in benchmarks/results/*_cuda.{json,md} and, when $OUT is set, are copied there
+# with the test log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in
+prepare)
+    src=${SHARED:-../shared}
+    dst=.device-shared
+    rm -rf "$dst" && mkdir -p "$dst/assets" "$dst/testvectors" "$dst/data/imagenette/val"
+    cp "$src"/assets/* "$dst/assets/" && cp "$src"/testvectors/* "$dst/testvectors/"
+    for class in "$src"/data/imagenette/val/*/; do
+        name=$(basename "$class")
+        mkdir -p "$dst/data/imagenette/val/$name"
+        ls "$class" | sort | head -n 20 | while read -r f; do cp "$class/$f" "$dst/data/imagenette/val/$name/"; done
+    done
+    du -sh "$dst"
+    ;;
+run)
+    export PYTHONPATH=src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 SHARED=${SHARED:-$PWD/.device-shared}
+    log=${OUT:-benchmarks/results}/gpu_check.log
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$log"
+    python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$log"
+    python3 -m pytest -q -rs tests/test_cuda.py tests/test_host_syncs.py tests/test_device_placement.py tests/test_devices.py 2>&1 | tail -n 30 | tee -a "$log"
+    python3 benchmarks/inversion_speed.py --device cuda --iterations "${ITERATIONS:-1000}" --models tiny base 2>&1 | grep -v 'it/s\|s/it' | tee -a "$log"
+    python3 benchmarks/pool_speed.py --device cuda --num-images 8192 --batch-size 1024 --iterations 400 --precision bf16 --no-serial 2>&1 | grep -v 'it/s\|s/it' | tee -a "$log"
+    if [ -n "${OUT:-}" ]; then cp benchmarks/results/*_cuda.* "$OUT/"; fi
+    ;;
+*)
+    echo "usage: bash benchmarks/gpu_check.sh prepare|run" >&2
+    exit 2
+    ;;
+esac
