@@ -7,14 +7,26 @@ STAMP := $(VENV)/.installed
 
 export HF_HUB_OFFLINE := 1
 
+# On a GPU machine whose environment already has a CUDA build of torch (with torchvision and
+# timm): SYSTEM_TORCH=1 builds .venv on top of that environment's packages instead of
+# installing the pinned ones (`make clean` first if .venv exists). TORCH_INDEX=URL takes the
+# pinned torch from another wheel index instead (a CUDA build of 2.13.0, say).
+SYSTEM_TORCH ?=
+TORCH_INDEX ?=
+
 .PHONY: install test test-fast demo bench clean
 
 $(STAMP): pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	# Pinned, in this order: the CPU torch first, so nothing pulls a CUDA build (torchvision's CUDA wheel is made importable by src/sparseinv/_torchvision_compat.py).
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(PYTHON) -m venv $(if $(SYSTEM_TORCH),--system-site-packages) $(VENV)
+ifeq ($(SYSTEM_TORCH),)
+	# Pinned, in this order: torch first, so nothing pulls another build (torchvision's CUDA wheel is made importable beside a CPU torch by src/sparseinv/_torchvision_compat.py).
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet torchvision==0.28.0
 	$(BIN)/pip install --quiet timm==1.0.31
+else
+	# The environment's own torch, torchvision and timm; nothing of theirs is reinstalled.
+	$(BIN)/python -c "from importlib.metadata import version as v; print('sparseinv: using', *(f'{p} {v(p)}' for p in ('torch', 'torchvision', 'timm')))"
+endif
 	# ONNX export and its runtime (sparseinv export, evaluate --onnx), pinned as well.
 	$(BIN)/pip install --quiet onnx==1.23.2 onnxruntime==1.32.0
 	$(BIN)/pip install --quiet -e '.[test]'

@@ -58,3 +58,17 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
         assert main(shlex.split(command)[1:]) == 0, command
         ran += 1
     assert ran >= 10
+
+
+def test_the_readme_gpu_install_builds_on_the_environments_torch():
+    """The README's GPU set-up line, dry-run by make: no pinned torch, the environment's packages seen."""
+    import subprocess
+
+    line = next(line for line in README.read_text().splitlines() if "SYSTEM_TORCH=1" in line and line.startswith("make"))
+    target_and_vars = line.split("&&")[-1].split()[1:]  # e.g. ['demo', 'SYSTEM_TORCH=1']
+    root = README.parent
+    dry = subprocess.run(["make", "-n", "-B", *target_and_vars], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert "--system-site-packages" in dry and "torch==" not in dry and "timm==" not in dry
+    pinned = subprocess.run(["make", "-n", "-B", "install"], cwd=root, capture_output=True, text=True, check=True).stdout
+    order = [pinned.index(p) for p in ("torch==2.13.0", "torchvision==0.28.0", "timm==1.0.31")]
+    assert order == sorted(order) and "--system-site-packages" not in pinned
