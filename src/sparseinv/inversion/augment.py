@@ -68,7 +68,10 @@ class ColorShift:
     @classmethod
     def sample(cls, generator: torch.Generator, batch: int, channels: int, strength: float, device) -> "ColorShift":
         draws = (torch.rand(2, batch, channels, generator=generator) * 2 - 1) * strength
-        return cls(scale=draws[0].exp().to(device), offset=draws[1].to(device))
+        values = torch.stack([draws[0].exp(), draws[1]])
+        if torch.device(device).type == "cuda":  # a copy from pinned memory does not make the host wait
+            values = values.pin_memory().to(device, non_blocking=True)
+        return cls(scale=values[0], offset=values[1])
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Shift (B, C, ...) images or (B, K, C, ph, pw) patches (``channel_dim`` found from the layout)."""
