@@ -353,7 +353,8 @@ def test_a_quantized_student_learns_and_saves_a_file_that_loads_to_the_same_mode
     assert not torch.equal(scales_after, scales_before)  # step sizes were learned
     back = load_quantized(load_model("test_vit", setup["ckpt"]), out, "test_vit")
     with torch.no_grad():
-        assert torch.equal(back(x), after)
+        # The same model, not bit for bit: the file's step sizes go through other memory (an ulp, 7e-9, seen).
+        assert torch.allclose(back(x), after, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("learn, latent, weight_steps, act_steps", [
