@@ -149,6 +149,7 @@ def train_epoch(
     total, seen = 0.0, 0
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", total=steps, disable=not progress, leave=False)
     features = config.feature_weight > 0
+    rank = distributed.current()
     with contextlib.ExitStack() as stack:
         if features:
             student_tokens, teacher_tokens = _token_recorders(_unwrap(trained).student, teacher.model, config.feature_layers)
@@ -167,7 +168,7 @@ def train_epoch(
             s_logits = trained(images, keep)
             loss = kd_loss(s_logits, t_logits.to(s_logits.device), config.temperature)
             if features:
-                loss = loss + config.feature_weight * feature_loss(student_tokens, teacher_tokens)
+                loss = loss + config.feature_weight * feature_loss(student_tokens, teacher_tokens, rank.mean if rank.active else None)
             total += _step(loss, optimizer, after_step) * len(index)
             seen += len(index)
             bar.set_postfix(loss=f"{loss.item():.4f}")
