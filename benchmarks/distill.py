@@ -340,6 +340,13 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def old_paper_steps() -> int | None:
+    """The paper protocol's steps as the kept rows record them (each row has its own ``steps``)."""
+    path = RESULTS / "distill.json"
+    rows = json.loads(path.read_text()).get("protocols", {}).get("paper", []) if path.is_file() else []
+    return rows[0]["steps"] if rows else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=400, help="training steps of 32 images per compression and quantized cell")
@@ -352,7 +359,7 @@ def main() -> None:
     torch.manual_seed(0)
     teacher = load_model(DEIT_TINY, DEIT_TINY_CKPT)
     val = val_subset(teacher, args.per_class)
-    payload = {"steps": args.steps, "val_images": len(val[1]), "teacher_top1": evaluate_tensors(teacher, *val, progress=False)["top1"],
+    payload = {"steps": args.steps, "paper_steps": args.paper_steps if "paper" in args.protocols else old_paper_steps(), "val_images": len(val[1]), "teacher_top1": evaluate_tensors(teacher, *val, progress=False)["top1"],
                "teacher_images_per_second": images_per_second(teacher), "protocols": {}, "start": {},
                "scaled_down": "400 inversion steps instead of 4000; pools of at most 512 images; a fixed number of training steps per cell"}
     payload["choices"] = {}

@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 
 import torch
-from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, POOL_ITERATIONS, RESULTS, SYNSETS, TRAIN100, VAL, write_results
+from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, POOL_ITERATIONS, RESULTS, SYNSETS, TRAIN100, VAL, commit, write_results
 from make_pools import POOLS
 
 from sparseinv import load_model, sparse_forward
@@ -208,6 +209,8 @@ def main() -> None:
             "heldout_kl": None if heldout is None or num > 96 else heldout_kl(qmodel, model, heldout),
             "inversion_seconds": inversion_seconds(source, num),
             "recon_report": getattr(qmodel, "recon_report", None),
+            # Cells outlive the run that measured them (a later run keeps them): each says its own run.
+            "command": "python " + " ".join(sys.argv), "commit": commit(),
         }
         print(f"{key:<28} top-1 {result['top1']:6.2f}  fit {fit_seconds:6.1f} s", flush=True)
         write_results("quantization", payload)

@@ -20,6 +20,22 @@ SYNSETS = SHARED / "assets" / "imagenet_synsets.txt"
 VAL = SHARED / "data" / "imagenette" / "val"
 
 
+@pytest.fixture(autouse=True)
+def no_timing_probes(monkeypatch):
+    """Tests never time the machine: a precision choice that reaches a timing probe fails the test.
+
+    Tests inject the probes' answers instead (``Probes.fixed``, ``use_probes``, or by replacing
+    ``bf16_speedup`` / ``fused_attention_slowdown``).
+    """
+    from sparseinv.inversion import precision
+
+    def refuse(device, timer=None):
+        pytest.fail("a test reached a timing probe of sparseinv.inversion.precision: inject its choice (Probes.fixed / use_probes)")
+
+    monkeypatch.setattr(precision, "bf16_speedup", refuse)
+    monkeypatch.setattr(precision, "fused_attention_slowdown", refuse)
+
+
 def pytest_sessionstart(session):
     # CI must not pass by skipping: the real fixtures are required, so fail loudly.
     missing = [p for p in (DEIT_TINY_CKPT, TESTVECTORS, SYNSETS, VAL) if not p.exists()]

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from sparseinv import InversionConfig, PruneSchedule, invert, load_model, read_pool
 from sparseinv.cli import main
+from sparseinv.data import ImageFolder, read_class_index, transform_folder
 from sparseinv.distill import DistillConfig, RoundsConfig, distill, distill_with_rounds, kd_loss
 from sparseinv.inversion import run_record
 from sparseinv.models import timm
@@ -144,6 +145,15 @@ def _val_folder(root):
     return str(root)
 
 
+def _top1(model, root, class_index=None, limit=None) -> tuple[float, list[int]]:
+    """Top-1 of ``model`` on a folder, counted here: timm's own forward, argmax against the folder's labels."""
+    folder = ImageFolder.scan(root, class_index, limit)
+    images, labels = transform_folder(folder, model)
+    with torch.no_grad():
+        predicted = model.eval()(images).argmax(1)
+    return 100.0 * int((predicted == labels).sum()) / len(labels), predicted.tolist()
+
+
 def test_cli_distills_and_reads_teacher_classes_from_checkpoint(files, tmp_path, capsys):
     out = tmp_path / "student.safetensors"
     code = main(["distill", "--teacher", f"test_vit:{files['teacher']}", "--student", f"test_vit:{files['student']}",
@@ -152,7 +162,10 @@ def test_cli_distills_and_reads_teacher_classes_from_checkpoint(files, tmp_path,
     assert code == 0
     meta = json.loads((tmp_path / "student.json").read_text())
     assert meta["num_classes"] == TEACHER_CLASSES
-    assert all("val_top1" in r for r in meta["history"])
+    # The last epoch's val top-1 is the saved student's, counted independently on the val images.
+    expected, _ = _top1(load_model("test_vit", str(out), num_classes=TEACHER_CLASSES), tmp_path / "val")
+    assert [r["epoch"] for r in meta["history"]] == [1, 2] and meta["history"][-1]["val_top1"] == expected
+    assert meta["val_top1"] == expected
     assert "linear-probe distillation" in capsys.readouterr().out
 
 
@@ -205,17 +218,49 @@ def test_a_cnn_student_learns_from_a_dense_pool(files, tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses  # it learns the teacher's outputs on its images
 
 
-def test_cli_val_class_map_and_limit(files, tmp_path, capsys):
-    """--val-class-map maps folders to the teacher's classes; a folder missing from it is refused."""
+def test_val_images_reach_the_student_as_its_eval_transform_makes_them(files, tmp_path):
+    """Validation during distillation feeds the student its own eval transform's output, normalised once."""
+    from sparseinv.distill.train import evaluate_student
+
+    student = load_model("test_vit", files["student"], num_classes=STUDENT_CLASSES)
     val = _val_folder(tmp_path / "val")
+    folder = ImageFolder.scan(val)
+    fed = []
+    handle = student.patch_embed.register_forward_pre_hook(lambda module, inputs: fed.append(inputs[0]))
+    try:
+        result = evaluate_student(student, folder)
+    finally:
+        handle.remove()
+    images, _ = transform_folder(folder, student)
+    assert torch.equal(torch.cat(fed), images)
+    assert (result["num_images"], result["top1"]) == (2 * TEACHER_CLASSES, _top1(student, val)[0])
+
+
+def test_cli_val_class_map_and_limit(files, tmp_path, capsys):
+    """--val-class-map maps folders to the teacher's classes and --val-limit-per-class takes each folder's first images:
+    both change the number; a folder missing from the map is refused."""
+    # Two plain colours the trained student (deterministic: this fixture, one epoch) tells apart by a clear margin.
+    blue, green = Image.new("RGB", (160, 160), (0, 0, 255)), Image.new("RGB", (160, 160), (0, 255, 0))
+    val = tmp_path / "val"
+    for folder, first, second in (("class4", blue, green), ("class0", green, blue)):
+        (val / folder).mkdir(parents=True)
+        first.save(val / folder / "0.png")
+        second.save(val / folder / "1.png")
     index = tmp_path / "index.txt"
-    index.write_text("".join(f"class{c} name\n" for c in reversed(range(TEACHER_CLASSES))))
+    index.write_text("".join(f"class{c} name\n" for c in reversed(range(TEACHER_CLASSES))))  # class4 is class 0, class0 class 4
     out = tmp_path / "student.safetensors"
     argv = ["distill", "--teacher", f"test_vit:{files['teacher']}", "--student", f"test_vit:{files['student']}",
-            "--pool", files["pool"], "--epochs", "1", "--batch-size", "2", "--val", val,
+            "--pool", files["pool"], "--epochs", "1", "--batch-size", "2", "--val", str(val),
             "--val-class-map", str(index), "--val-limit-per-class", "1", "--out", str(out), "--quiet"]
     assert main(argv) == 0
-    assert json.loads((tmp_path / "student.json").read_text())["history"][0]["val_top1"] is not None
+    got = json.loads((tmp_path / "student.json").read_text())["history"][0]["val_top1"]
+    student = load_model("test_vit", str(out), num_classes=TEACHER_CLASSES)
+    mapped = read_class_index(index)
+    expected, predicted = _top1(student, val, mapped, 1)
+    assert predicted == [4, 0]  # class0/0.png (green) is class 4 under the map, class4/0.png (blue) class 0
+    assert got == expected == 100.0
+    # Sorted folder order (class0 -> 0, class4 -> 1) or every image would give other numbers.
+    assert _top1(student, val, {"class0": 0, "class4": 1}, 1)[0] == 0.0 and _top1(student, val, mapped)[0] == 50.0
     index.write_text("class0 name\n")
     err = _refused(capsys, argv)
     assert "not in the class map" in err
@@ -238,7 +283,11 @@ def test_cli_depth_student_is_the_teachers_shallow_copy_and_evaluates(files, tmp
     val = _val_folder(tmp_path / "val")
     assert main(["evaluate", "--model", "test_vit", "--checkpoint", str(out), "--data", val, "--quiet",
                  "--json", str(tmp_path / "e.json")]) == 0
-    assert json.loads((tmp_path / "e.json").read_text())["top1"] >= 0
+    record = json.loads((tmp_path / "e.json").read_text())
+    # What evaluate reports is the 3-block, 5-class model the file holds, counted here from a timm model built by hand.
+    by_hand = timm.create_model("test_vit", depth=3, num_classes=TEACHER_CLASSES)
+    by_hand.load_state_dict(state)
+    assert record["num_images"] == 2 * TEACHER_CLASSES and record["top1"] == _top1(by_hand, val)[0]
 
 
 def test_cli_students_other_than_shallow_copies_learn_logits_only_unless_asked(files, tmp_path):

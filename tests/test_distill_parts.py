@@ -29,6 +29,7 @@ from sparseinv.distill import (
 )
 from sparseinv.distill import data as distill_data
 from sparseinv.distill.students import feature_loss, matched_blocks, trainable
+from sparseinv.inversion.precision import Probes, use_probes
 from sparseinv.inversion.sparse_forward import OutputRecorder
 from sparseinv.errors import UsageError
 from sparseinv.models import timm
@@ -107,9 +108,10 @@ def test_rounds_invert_with_every_setting_of_the_pool(setup, tmp_path):
     """A rescore, bf16 pool grows rescore, bf16 rounds (rebuilt by hand, the record lost both)."""
     teacher = teacher_of(setup)
     config = InversionConfig(num_images=2, batch_size=2, iterations=6, schedule=SCHEDULE, precision="bf16", final_mask="rescore", seed=3)
-    invert(teacher, config, str(tmp_path / "pool"), model_name="test_vit", progress=False)
-    distill_with_rounds(teacher, load_model("test_vit", setup["ckpt"]), tmp_path / "pool", DistillConfig(epochs=2, batch_size=2),
-                        RoundsConfig(invert_every=1, images_per_round=2), tmp_path / "s.safetensors", progress=False)
+    with use_probes(Probes.fixed(bf16_speedup=1.0, fused_attention_slowdown=1.0)):  # tests time nothing
+        invert(teacher, config, str(tmp_path / "pool"), model_name="test_vit", progress=False)
+        distill_with_rounds(teacher, load_model("test_vit", setup["ckpt"]), tmp_path / "pool", DistillConfig(epochs=2, batch_size=2),
+                            RoundsConfig(invert_every=1, images_per_round=2), tmp_path / "s.safetensors", progress=False)
     grown = open_pool(tmp_path / "s.rounds" / "round_001").record.settings
     assert grown == replace(config, seed=3 + 1000 + 1)
 

@@ -143,3 +143,54 @@ def test_a_damaged_part_is_refused_in_one_line(setup, tmp_path, capsys, content)
     assert main(["invert", *setup["model"], *INVERT, "--out", str(pool)]) == 2
     err = capsys.readouterr().err
     assert "pool part" in err and "delete it" in err and len(err.strip().splitlines()) == 1
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_distributed_rounds_grow_the_pool_one_process_grows_and_train_alike(setup):
+    """--invert-every under torchrun: the round's images are the ones one process inverts, byte for byte, and the student trains alike."""
+    args = ["distill", "--teacher", f"test_vit:{setup['ckpt']}", "--student", f"test_vit:{setup['other']}", "--pool", str(setup["reference"]),
+            "--mode", "full", "--epochs", "2", "--batch-size", "4", "--invert-every", "1", "--images-per-round", "2",
+            "--lr", "0.05", "--optimizer", "sgd", "--quiet"]
+    one, two = setup["root"] / "rounds-one" / "s.safetensors", setup["root"] / "rounds-two" / "s.safetensors"
+    assert one_thread_main([*args, "--out", str(one)]) == 0
+    done = subprocess.run(torchrun(2, *args, "--out", str(two)), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, why(done)
+    grown = [f.parent / "s.rounds" / "round_001" for f in (one, two)]
+    assert (grown[0] / "manifest.jsonl").read_bytes() == (grown[1] / "manifest.jsonl").read_bytes()
+    images = sorted(p.name for p in (grown[0] / "images").glob("*.png"))
+    assert len(images) == 2 and images == sorted(p.name for p in (grown[1] / "images").glob("*.png"))
+    for name in images:
+        assert (grown[0] / "images" / name).read_bytes() == (grown[1] / "images" / name).read_bytes(), name
+    histories = [json.loads(f.with_suffix(".json").read_text())["history"] for f in (one, two)]
+    assert [h["num_images"] for h in histories[0]] == [h["num_images"] for h in histories[1]] == [16, 18]
+    a, b, start = load_file(str(one)), load_file(str(two)), load_file(str(setup["other"]))
+    assert _max_difference(a, {k: start[k] for k in a}) > 1e-3  # training moved the weights...
+    assert _max_difference(a, b) < 1e-5  # ...and both runs moved them alike
+
+
+def test_distributed_quantization_aware_training_trains_the_step_sizes_one_process_does(setup):
+    """distill --quantized under torchrun: the step sizes learned are one process's, the integer codes kept. The
+    token-matching term is on (a quantized student's default): its normaliser is the whole batch's, not each process's."""
+    quantized = setup["root"] / "qat-start.safetensors"
+    assert one_thread_main(["quantize", *setup["model"], "--calib", str(setup["reference"]), "--w-bits", "4", "--a-bits", "8",
+                            "--method", "calib", "--num-calib", "8", "--out", str(quantized), "--quiet"]) == 0
+    args = ["distill", "--teacher", f"test_vit:{setup['ckpt']}", "--quantized", str(quantized), "--pool", str(setup["reference"]),
+            # One step of the whole pool: rounding makes QAT chaotic (a step size 1e-7 apart rounds some activation the
+            # other way and the next gradient differs), so runs that differ only in summation order are compared after one.
+            "--epochs", "1", "--batch-size", "16", "--warmup", "0", "--lr", "1e-3", "--optimizer", "sgd", "--quiet"]
+    one, two = setup["root"] / "qat-one.safetensors", setup["root"] / "qat-two.safetensors"
+    assert one_thread_main([*args, "--out", str(one)]) == 0
+    done = subprocess.run(torchrun(2, *args, "--out", str(two)), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, why(done)
+    start, a, b = (load_file(str(f)) for f in (quantized, one, two))
+    codes = [k for k in start if k.endswith(".w_int")]
+    steps = [k for k in start if k.endswith((".scale", ".w_scale"))]
+    assert codes and steps and all(torch.equal(a[k], start[k]) and torch.equal(b[k], start[k]) for k in codes)
+    assert _max_difference({k: a[k] for k in steps}, {k: start[k] for k in steps}) > 1e-6  # the step sizes learned...
+    moved = max(((a[k] - start[k]).abs() / start[k]).max().item() for k in steps)
+    differ = max(((a[k] - b[k]).abs() / start[k]).max().item() for k in steps)
+    assert differ < 1e-3 * moved, (differ, moved)  # ...alike in both runs

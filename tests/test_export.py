@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import re
 
 import numpy as np
 import onnx
@@ -15,9 +17,9 @@ from conftest import DEIT_TINY_CKPT, SYNSETS, VAL
 from sparseinv import load_model, sparse_forward
 from sparseinv.cli import main
 from sparseinv.data import ImageFolder, read_class_index, transform_folder
-from sparseinv.export import export_onnx, integer_ops, onnx_logits, onnx_session
+from sparseinv.export import INTEGER_OPS, _exporting, export_onnx, integer_ops, onnx_logits, onnx_session
 from sparseinv.models import timm
-from sparseinv.quant import QuantConfig, noise_batches, quantize_, save_quantized
+from sparseinv.quant import Log2Quantizer, QuantConfig, load_quantized, noise_batches, quantize_, save_quantized
 
 # ONNX Runtime rounds at a few ties differently and sums in another order; a wrong scale
 # or zero point moves the logits by far more (checked below by corrupting one scale).
@@ -66,6 +68,40 @@ def test_integer_export_agrees_with_fake_quantization(tmp_path, quantized_vit):
     target.CopyFrom(numpy_helper.from_array(doubled.astype(np.float32), target.name))
     onnx.save(model, str(tmp_path / "wrong.onnx"))
     assert _agreement(reference, onnx_logits(onnx_session(tmp_path / "wrong.onnx"), x)) > TOLERANCE
+
+
+def _scalar_scales(path) -> list[float]:
+    """Every scalar float constant of an ONNX graph (QDQ scales among them)."""
+    graph = onnx.load(str(path)).graph
+    tensors = [*graph.initializer, *(n.attribute[0].t for n in graph.node if n.op_type == "Constant")]
+    return [float(numpy_helper.to_array(t).reshape(())) for t in tensors if t.data_type == onnx.TensorProto.FLOAT and numpy_helper.to_array(t).size == 1]
+
+
+def test_repq_log2_softmax_exports_as_the_uniform_grid_over_its_range(tmp_path, quantized_vit):
+    """RepQ at 8-bit activations keeps the log2 softmax grid; the export writes the uniform 8-bit grid over [0, delta]."""
+    model, _ = quantized_vit
+    qmodel = quantize_(copy.deepcopy(model), QuantConfig.for_method("repq", 8, 8), noise_batches(model, 8, 8), progress=False)
+    log2 = [m for m in qmodel.modules() if isinstance(m, Log2Quantizer)]
+    assert len(log2) == 6 and qmodel.quant_config.ln_reparam
+    path = tmp_path / "repq.onnx"
+    assert export_onnx(qmodel, path) == ["the log2 softmax grid has no QDQ form: exported as the uniform 8-bit grid over the same range."]
+    scales = _scalar_scales(path)
+    for q in log2:  # each softmax output: step delta / 255, zero point 0
+        assert any(s == pytest.approx(float(q.scale) / 255, rel=1e-6) for s in scales), float(q.scale)
+    torch.manual_seed(1)
+    x = torch.randn(6, 3, 160, 160)
+    with torch.no_grad():
+        on_log2_grid = sparse_forward(qmodel, x).logits
+        full = model(x)
+        with _exporting(qmodel):  # the model as the exporter traces it
+            as_traced = sparse_forward(qmodel, x).logits
+    got = onnx_logits(onnx_session(path), x)
+    assert _agreement(as_traced, got) < TOLERANCE  # ONNX Runtime computes the traced (uniform-grid) model
+    assert torch.equal(got.argmax(1), as_traced.argmax(1))
+    # ...which differs from the log2-grid model by less than quantizing does at all.
+    assert _agreement(on_log2_grid, got) < 0.5 * _agreement(full, on_log2_grid)
+    ops = integer_ops(path)
+    assert sum(ops.get(op, 0) for op in ("QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger")) >= 6 * 5
 
 
 def test_full_precision_export_equals_the_model(tmp_path, quantized_vit):
@@ -122,16 +158,47 @@ def test_cli_export_and_evaluate_onnx(tmp_path, capsys, files):
     out = tmp_path / "q.onnx"
     assert main(_export(files, out, "w8a8")) == 0
     printed = capsys.readouterr().out
-    assert "integer kernels" in printed and out.is_file()
-    data = tmp_path / "images"
+    counted = re.search(r"runs (\d+) matrix products as integer kernels", printed)
+    assert counted and int(counted.group(1)) == sum(integer_ops(out).get(op, 0) for op in INTEGER_OPS) >= 6 * 5, printed
+    # The file is the quantized model given, not the checkpoint's full precision: its weights are int8
+    # codes and ONNX Runtime computes what the fake-quantized model does.
+    graph = onnx.load(str(out)).graph
+    assert sum(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer) == 6 * 4 + 2
+    qmodel = load_model("test_vit", files["ckpt"])
+    load_quantized(qmodel, files["w8a8"], "test_vit")
+    torch.manual_seed(2)
+    x = torch.randn(4, 3, 160, 160)
+    session = onnx_session(out)
+    with torch.no_grad():
+        assert _agreement(sparse_forward(qmodel, x).logits, onnx_logits(session, x)) < TOLERANCE
+
+    # evaluate --onnx: six distinct images, the first three filed under the synset of the class the
+    # ONNX model gives them, the last three under the next class: top-1 is 50 exactly.
     from PIL import Image
 
-    for i, name in enumerate(("n01440764", "n01443537")):
-        (data / name).mkdir(parents=True)
-        Image.new("RGB", (160, 160), (60 * i, 90, 200)).save(data / name / "0.png")
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (170, 170, 3), dtype=np.uint8)) for _ in range(6)]
+    staging = tmp_path / "staging" / "n01440764"
+    staging.mkdir(parents=True)
+    for i, picture in enumerate(pictures):
+        picture.save(staging / f"{i}.png")
+    images, _ = transform_folder(ImageFolder.scan(staging.parent, read_class_index(SYNSETS)), qmodel)
+    logits = onnx_logits(session, images, batch_size=64)
+    predicted = logits.argmax(1).tolist()
+    synsets = list(read_class_index(SYNSETS))
+    data = tmp_path / "images"
+    for i, picture in enumerate(pictures):
+        label = predicted[i] if i < 3 else (predicted[i] + 1) % 1000
+        (data / synsets[label]).mkdir(parents=True, exist_ok=True)
+        picture.save(data / synsets[label] / f"{i}.png")
+    top5 = logits.topk(5, dim=1).indices
+    expected_top5 = 100.0 * sum(int((predicted[i] + 1) % 1000 in top5[i].tolist()) for i in range(3, 6)) / 6 + 50.0
+    report = tmp_path / "onnx.json"
     common = ["--model", "test_vit", "--checkpoint", str(files["ckpt"]), "--data", str(data), "--quiet"]
-    assert main(["evaluate", *common, "--onnx", str(out)]) == 0
+    assert main(["evaluate", *common, "--onnx", str(out), "--json", str(report)]) == 0
     assert "ONNX" in capsys.readouterr().out
+    record = json.loads(report.read_text())
+    assert (record["num_images"], record["top1"], record["top5"], record["onnx"]) == (6, 50.0, expected_top5, str(out))
 
 
 @pytest.mark.parametrize(

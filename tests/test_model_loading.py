@@ -83,13 +83,21 @@ def test_version(capsys):
     assert done.value.code == 0 and capsys.readouterr().out.startswith("sparseinv ")
 
 
+FAVOURED = 5
+
+
 @pytest.mark.slow
 def test_a_fine_tuned_37_class_deit_small_goes_from_inversion_to_an_int8_onnx_file_with_no_python(tmp_path, capsys):
     """A user's own model, as a timm training checkpoint: invert -> quantize -> export -> evaluate --onnx."""
     from PIL import Image
 
+    from sparseinv.data import ImageFolder, transform_folder
+    from sparseinv.export import onnx_logits, onnx_session
+
     torch.manual_seed(0)
     model = timm.create_model("deit_small_patch16_224", num_classes=37).eval()
+    with torch.no_grad():
+        model.head.bias[FAVOURED] += 10.0  # random weights that prefer one class by far: predictions known, and not by class order
     ckpt = tmp_path / "my_finetuned_37_classes.pth"
     state = {f"module.{k}": v for k, v in model.state_dict().items()}  # saved from DistributedDataParallel
     torch.save({"epoch": 3, "state_dict": state, "state_dict_ema": state}, ckpt)
@@ -97,6 +105,8 @@ def test_a_fine_tuned_37_class_deit_small_goes_from_inversion_to_an_int8_onnx_fi
     for c in range(37):  # 37 class folders, named as the user named them: sorted order is the class order
         (data / f"breed_{c:02d}").mkdir(parents=True)
         Image.new("RGB", (240, 240), (7 * c, 90, 200 - 5 * c)).save(data / f"breed_{c:02d}" / "0.jpg")
+    for i in (1, 2):  # the favoured class's folder holds three images, every other one
+        Image.new("RGB", (240, 240), (90, 60 * i, 30)).save(data / f"breed_{FAVOURED:02d}" / f"{i}.jpg")
     base = ["--model", "deit_small_patch16_224", "--checkpoint", str(ckpt), "--quiet"]
     pool, quantized, onnx = tmp_path / "pool", tmp_path / "q.safetensors", tmp_path / "q.onnx"
     assert main(["invert", *base, "--num-images", "2", "--batch-size", "2", "--iterations", "6", "--classes", "0", "36",
@@ -109,5 +119,10 @@ def test_a_fine_tuned_37_class_deit_small_goes_from_inversion_to_an_int8_onnx_fi
     assert main(["evaluate", "--model", "deit_small_patch16_224", "--onnx", str(onnx), "--data", str(data), "--json", str(report),
                  "--quiet"]) == 0
     result = json.loads(report.read_text())
-    assert result["num_images"] == 37 and 0 <= result["top1"] <= 100
+    # Sorted folder order is the class order: only breed_05's three images are right (another order, or
+    # evaluating anything but the exported model, gives another number); counted here from the ONNX file too.
+    images, labels = transform_folder(ImageFolder.scan(data), model)
+    predicted = onnx_logits(onnx_session(onnx), images).argmax(1)
+    assert predicted.tolist() == [FAVOURED] * 39
+    assert result["num_images"] == 39 and result["top1"] == 100.0 * int((predicted == labels).sum()) / 39 == 300 / 39
     assert "ONNX" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from dataclasses import replace
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -206,6 +207,25 @@ def test_reconstruction_lowers_every_block_error(vit):
             nearest = torch.round(m.linear.weight / m.w_scale[:, None]).clamp(-7, 7)
             changed += int((m.w_int != nearest).sum())
     assert changed > 0
+
+
+def test_reconstruction_learns_every_activation_step_size(vit):
+    """LSQ inside reconstruction moves each uniform activation step size from its calibrated value, by at
+    most what Adam's steps on the log scale allow; with its learning rate at 0 none moves."""
+    batches = noise_batches(vit, 8, 4)
+    base = QuantConfig.for_method("calib", 4, 4)
+    recon = ReconConfig(iters=10, batch_size=4, lr_scale=1e-2)
+
+    def steps(config):
+        model = quantize_(copy.deepcopy(vit), config, batches, progress=False)
+        return {n: m.scale.clone() for n, m in model.named_modules() if isinstance(m, ActQuantizer)}
+
+    calibrated, learned, fixed = steps(base), steps(replace(base, recon=recon)), steps(replace(base, recon=replace(recon, lr_scale=0.0)))
+    assert len(calibrated) == 6 * 8 + 1  # q, k, v, softmax and the inputs of qkv, proj, fc1, fc2 per block; the head's input
+    for name, scale in calibrated.items():
+        assert torch.allclose(fixed[name], scale, rtol=1e-6, atol=0), name  # lr 0: the calibrated step (up to exp(log s))
+        moved = (learned[name] / scale).log().abs().max().item()
+        assert 1e-4 < moved <= 3 * recon.iters * recon.lr_scale, (name, moved)
 
 
 def test_reconstruction_feeds_kept_tokens_only(vit):

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import save_test_vit
 from sparseinv import InversionConfig, InversionLoss, PruneSchedule, UsageError, invert, load_model
@@ -48,7 +48,9 @@ def fixtures(tmp_path_factory):
     for i, name in enumerate(("n01440764", "n01443537")):  # ImageNet synsets: evaluate maps them to classes 0 and 1
         (images / name).mkdir(parents=True)
         Image.new("RGB", (160, 160), (40 * i, 90, 200)).save(images / name / "0.png")
-    return {"root": root, "ckpt": ckpt, "pool": root / "pool", "quantized": quantized, "images": images, "model": model_args}
+    assert main(["evaluate", *model_args, "--data", str(images), "--quantized", str(quantized), "--json", str(root / "eval.json"), "--quiet"]) == 0
+    return {"root": root, "ckpt": ckpt, "pool": root / "pool", "quantized": quantized, "images": images, "model": model_args,
+            "top1": json.loads((root / "eval.json").read_text())["top1"]}
 
 
 def _copy_pool(fixtures, tmp_path) -> Path:
@@ -78,8 +80,9 @@ def _refused(capsys, argv, message: str | None = None) -> str:
     return err
 
 
-def _refused_or_harmless(capsys, argv, output: Path) -> None:
-    """Random damage: either refused (exit 2, one line, ``output`` not written) or harmless (``output`` written)."""
+def _refused_or_harmless(capsys, argv, output: Path, harmless) -> None:
+    """Random damage: either refused (exit 2, one line, ``output`` not written) or harmless: ``output``
+    written, and ``harmless(output)`` finds it what the undamaged input gives."""
     code = main(argv)
     err = capsys.readouterr().err.strip()
     assert code in (0, 2), err
@@ -88,6 +91,21 @@ def _refused_or_harmless(capsys, argv, output: Path) -> None:
         assert not output.exists()
     else:
         assert output.is_file()
+        harmless(output)
+
+
+def _same_structure(a: Path, b: Path) -> None:
+    """Two safetensors files hold tensors of the same names, dtypes and shapes."""
+    left, right = load_file(str(a)), load_file(str(b))
+    assert {k: (v.dtype, v.shape) for k, v in left.items()} == {k: (v.dtype, v.shape) for k, v in right.items()}
+
+
+def _same_tensors(a: Path, b: Path) -> None:
+    """Two safetensors files hold the same tensors (names, dtypes, values)."""
+    left, right = load_file(str(a)), load_file(str(b))
+    assert left.keys() == right.keys()
+    for key in left:
+        assert left[key].dtype == right[key].dtype and torch.equal(left[key], right[key]), key
 
 
 def _manifest(pool: Path) -> list[dict]:
@@ -192,7 +210,22 @@ def test_random_damage_to_a_manifest_is_refused_or_harmless(capsys, tmp_path_fac
     junk = data.draw(st.binary(min_size=0, max_size=12), label="replacement")
     (pool / "manifest.jsonl").write_bytes(text[:start] + junk + text[start + length :])
     out = tmp_path / "q.safetensors"
-    _refused_or_harmless(capsys, _quantize(fixtures, pool, out), out)
+    # Harmless here: a quantized model of the same modules. Not necessarily the same values: a manifest
+    # carries no checksum, so a digit changed inside kept_patches can calibrate on other patches (the
+    # known gap test_a_kept_patch_changed_to_another_valid_one_is_refused pins).
+    _refused_or_harmless(capsys, _quantize(fixtures, pool, out), out, lambda q: _same_structure(q, fixtures["quantized"]))
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: a pool manifest carries no checksum, so a kept patch changed to another "
+                                       "valid index calibrates silently on other patches")
+def test_a_kept_patch_changed_to_another_valid_one_is_refused(capsys, tmp_path, fixtures):
+    pool = _copy_pool(fixtures, tmp_path)
+    entries = _manifest(pool)
+    kept = entries[0]["kept_patches"]
+    entries[0]["kept_patches"] = sorted([next(i for i in range(100) if i not in kept), *kept[1:]])
+    _write_manifest(pool, entries)
+    out = tmp_path / "q.safetensors"
+    _refused(capsys, _quantize(fixtures, pool, out), "damaged")
 
 
 # ---------------------------------------------------------------- quantized files
@@ -227,6 +260,8 @@ QUANTIZED_DAMAGE = {
     "negative step size": (lambda src, dst: _rewrite_quantized(src, dst, lambda t: t[_first_key(t, ".scale")].fill_(-1.0)), "not positive"),
     "non-finite scale": (lambda src, dst: _rewrite_quantized(src, dst, lambda t: t[_first_key(t, ".w_scale")].fill_(float("nan"))), "not finite"),
     "float zero point": (lambda src, dst: _rewrite_quantized(src, dst, lambda t: t.update({(k := _first_key(t, ".zero_point")): t[k].float()})), "integer"),
+    "a step size changed, still finite and positive": (lambda src, dst: _rewrite_quantized(src, dst, lambda t: t[_first_key(t, ".scale")].mul_(10.0)), "do not match the checksum"),
+    "a weight code changed within its range": (lambda src, dst: _rewrite_quantized(src, dst, lambda t: t[_first_key(t, ".w_int")].view(-1)[0].copy_(-t[_first_key(t, ".w_int")].view(-1)[0])), "do not match the checksum"),
     "activation scale of another shape": (lambda src, dst: _rewrite_quantized(src, dst, lambda t: t.update({(k := _first_key(t, ".scale")): torch.ones(7)})), "do not fit"),
 }
 
@@ -261,7 +296,16 @@ def test_random_damage_to_a_quantized_file_is_refused_or_harmless(capsys, tmp_pa
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(raw[:start] + junk + raw[start + length :])
     report = tmp_path / "report.json"
-    _refused_or_harmless(capsys, _evaluate(fixtures, bad, extra=["--json", str(report)]), report)
+
+    def harmless(report):
+        # Evaluated means evaluated as the undamaged file: every tensor and the settings as written.
+        _same_tensors(bad, fixtures["quantized"])
+        with safe_open(str(bad), framework="pt") as damaged, safe_open(str(fixtures["quantized"]), framework="pt") as intact:
+            assert {k: damaged.metadata()[k] for k in ("model", "config", "fingerprint")} == \
+                {k: intact.metadata()[k] for k in ("model", "config", "fingerprint")}
+        assert json.loads(report.read_text())["top1"] == fixtures["top1"]
+
+    _refused_or_harmless(capsys, _evaluate(fixtures, bad, extra=["--json", str(report)]), report, harmless)
 
 
 # ---------------------------------------------------------------- checkpoints, folders, class indices

@@ -79,6 +79,15 @@ class Dist:
         """The sum of ``value`` over the ranks."""
         return float(sum(self.all_gather(float(value))))
 
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean of ``values`` over every rank's elements together (detached; this rank's alone when alone)."""
+        values = values.detach()
+        if not self.active:
+            return values.mean()
+        stats = torch.stack([values.sum(), torch.tensor(float(values.numel()), dtype=values.dtype, device=values.device)])
+        dist.all_reduce(stats)
+        return stats[0] / stats[1]
+
     def on_main(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0 only and give its result to every rank.
 

@@ -234,16 +234,20 @@ def matched_blocks(student_depth: int, teacher_depth: int) -> list[int]:
     return [(i + 1) * teacher_depth // student_depth - 1 for i in range(student_depth)]
 
 
-def feature_loss(student: OutputRecorder, teacher: OutputRecorder) -> torch.Tensor:
+def feature_loss(student: OutputRecorder, teacher: OutputRecorder, mean=None) -> torch.Tensor:
     """Mean over the recorded pairs of the squared difference, each relative to the teacher's mean square.
 
     Relative, so a deep block whose residual stream is ten times larger weighs no more than
     an early one; for a single final-norm pair (unit-scale tokens) it is close to plain MSE.
+    ``mean`` (``tensor -> scalar``, default ``Tensor.mean``) takes the teacher's mean square:
+    under torchrun, over every process's tokens, so each process's share of the loss is the
+    one process's loss on the whole batch.
     """
     terms = []
     for s, t in zip(student.values, teacher.values):
         t = t.to(s.device)
-        terms.append(F.mse_loss(s, t) / t.detach().pow(2).mean().clamp_min(1e-12))
+        square = t.detach().pow(2)
+        terms.append(F.mse_loss(s, t) / (square.mean() if mean is None else mean(square)).clamp_min(1e-12))
     return torch.stack(terms).mean()
 
 

@@ -47,6 +47,7 @@ from sparseinv.distill.students import (
     clamp_step_sizes,
     end_qat,
     feature_loss,
+    is_vit,
     matched_blocks,
     prepare_student,
     start_qat,
@@ -148,6 +149,7 @@ def train_epoch(
     total, seen = 0.0, 0
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", total=steps, disable=not progress, leave=False)
     features = config.feature_weight > 0
+    rank = distributed.current()
     with contextlib.ExitStack() as stack:
         if features:
             student_tokens, teacher_tokens = _token_recorders(_unwrap(trained).student, teacher.model, config.feature_layers)
@@ -166,7 +168,7 @@ def train_epoch(
             s_logits = trained(images, keep)
             loss = kd_loss(s_logits, t_logits.to(s_logits.device), config.temperature)
             if features:
-                loss = loss + config.feature_weight * feature_loss(student_tokens, teacher_tokens)
+                loss = loss + config.feature_weight * feature_loss(student_tokens, teacher_tokens, rank.mean if rank.active else None)
             total += _step(loss, optimizer, after_step) * len(index)
             seen += len(index)
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -199,11 +201,19 @@ def evaluate_student(student: nn.Module, val, progress: bool = False) -> dict:
     if callable(val):
         return val(student)
     from sparseinv.data import load_images, topk_accuracy
+    from sparseinv.inversion.sparse_forward import sparse_forward
 
     student.eval()
-    feeder = Feeder(student, (0, 0), (0, 0))
+    device = next(student.parameters()).device
+    # The student's own eval transform already resizes and normalises: feed its output as it is.
+    if is_vit(student):
+        def logits_of(x):
+            return sparse_forward(student, x.to(device)).logits
+    else:
+        def logits_of(x):
+            return student(x.to(device))
     batches = load_images(val, student, 64)
-    return topk_accuracy(lambda x: feeder.logits(x, None), batches, total=len(batches), progress=progress, desc="val")
+    return topk_accuracy(logits_of, batches, total=len(batches), progress=progress, desc="val")
 
 
 def _optimizer(params: list[nn.Parameter], config: DistillConfig, quantized: bool) -> torch.optim.Optimizer:

@@ -3,8 +3,9 @@
 The file holds, keyed by module name, every activation scale and zero point (learned
 ones included), every weight's per-channel scale and int8 codes (so learned rounding
 survives), and the factors of each LayerNorm folded into its Linear; its metadata
-holds the format, the model name, the :class:`QuantConfig` and a fingerprint of the
-full-precision weights it was made from. Those float weights come from the model
+holds the format, the model name, the :class:`QuantConfig`, a fingerprint of the
+full-precision weights it was made from and a sha256 of its own tensors (a damaged
+value that still looks like a step size or a code is refused, not run). Those float weights come from the model
 (``--checkpoint``), as they did when it was quantized (LayerNorms and biases are
 re-folded from them); the fingerprint refuses any other weights.
 """
@@ -81,7 +82,12 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, model_name: str, f
         "fingerprint": fp_fingerprint or getattr(model, "_fp_fingerprint", None) or fingerprint(model),
     }
     state = quant_state(model)
+    metadata["tensors_sha256"] = _tensors_checksum(state)
     return atomic_save(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
+def _tensors_checksum(state: dict[str, torch.Tensor]) -> str:
+    return fingerprint_tensors(sorted(state.items()))
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -142,6 +148,10 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, model_name: str) -
         _check_buffer(path, key, module, buffer, tensor)
         module.register_buffer(buffer, tensor.to(device))
     _finish_loading(model, path)
+    # Last, so damage the checks above name is named by them. Files written before the
+    # checksum existed have none and load without it.
+    if "tensors_sha256" in header and header["tensors_sha256"] != _tensors_checksum(state):
+        raise UsageError(f"quantized file '{path}' is damaged: its tensors do not match the checksum written with them.")
     return model
 
 
