@@ -87,6 +87,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=30, help="val and train100 images per class to evaluate on (default 30)")
     parser.add_argument("--only", nargs="*", choices=SOURCES, help="measure only these sources")
+    parser.add_argument("--bits", nargs="*", default=[f"{w}/{a}" for w, a in BITS], metavar="W/A",
+                        help="bit-widths to measure, in this order (default 4/8 4/4)")
     args = parser.parse_args()
     previous = RESULTS / "strategies.json"
     old = json.loads(previous.read_text()) if previous.is_file() else {}
@@ -120,9 +122,17 @@ def main() -> None:
         else:
             batches = pool_batches(model, path, DEIT_TINY, NUM_CALIB, NUM_CALIB)
         kept = batches[0][1].shape[1] if batches[0][1] is not None else vit_info(model).num_patches
+        # Patch tokens fed over the run, per output image: the cost without the machine's load in it.
+        cfg = config(strategy)
+        token_steps = sum(n * (end - start) for n, (start, end) in
+                          zip(run["tokens_per_phase"], cfg.schedule.phase_bounds(cfg.iterations)))
+        if source == "rebirth-harvest":
+            token_steps /= 4
         payload["sources"][source] = {"pool": path.name, "seconds_per_image": per_image, "inversion_seconds_for_calib": per_image * NUM_CALIB,
+                                      "token_steps_per_image": token_steps,
                                       "patches_fed": kept, "success_rate": run["success_rate"], "tokens_per_phase": run["tokens_per_phase"]}
-        for w, a in BITS:
+        write_results("strategies", payload)
+        for w, a in (tuple(int(b) for b in bits.split("/")) for bits in args.bits):
             key = f"{source} W{w}/A{a}"
             if key in payload["cells"]:
                 continue
