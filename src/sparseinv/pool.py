@@ -4,6 +4,8 @@ A pool folder holds::
 
     images/NNNNNN.png   8-bit RGB, de-normalised, stopped patches black
     manifest.jsonl      one line per image: file, label, kept_patches, target_prob
+                        (rebirth pools also detached_at: per patch, row-major, the step
+                        it was detached at)
     run.json            model, settings, timings per phase, success rate, environment
     grid.png            the images with their class names, for a person to look at
     parts/NNNNNN.json   while a run is going: finished batches not merged yet
@@ -79,6 +81,8 @@ class Pool:
         kept_patches: (N, K) kept patch indices, sorted; all patches for dense pools.
         target_prob: (N,) the inverting model's probability of each label.
         run: The run record (``run.json``).
+        detached_at: (N, num_patches) rebirth pools only: the step each patch was
+            detached at (frozen into the image); ``None`` for other pools.
     """
 
     root: Path
@@ -87,6 +91,7 @@ class Pool:
     kept_patches: torch.Tensor
     target_prob: torch.Tensor
     run: dict
+    detached_at: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -227,6 +232,11 @@ def _check_entry(root: Path, run: dict, number: int, entry: dict) -> None:
         raise UsageError(f"{where} has kept patches outside 0..{run['num_patches'] - 1}.")
     if len(set(kept)) != len(kept):
         raise UsageError(f"{where} repeats a kept patch.")
+    if "detached_at" in entry:  # rebirth pools: one step per patch of the grid
+        steps = entry["detached_at"]
+        if not (isinstance(steps, list) and len(steps) == run["num_patches"]
+                and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in steps)):
+            raise UsageError(f"{where} is damaged: 'detached_at' must be one step per patch ({run['num_patches']}).")
 
 
 @dataclass(frozen=True)
@@ -375,6 +385,7 @@ def read_pool(root: str | os.PathLike) -> Pool:
         kept_patches=torch.tensor([e["kept_patches"] for e in entries]),
         target_prob=torch.tensor([float(e["target_prob"]) for e in entries]),
         run=index.run,
+        detached_at=torch.tensor([e["detached_at"] for e in entries]) if all("detached_at" in e for e in entries) else None,
     )
 
 
@@ -506,8 +517,11 @@ class PoolWriter:
         finally:
             self._lock.release()
 
-    def add_batch(self, index: int, images: torch.Tensor, labels, kept_patches, target_prob, stats: dict) -> None:
+    def add_batch(self, index: int, images: torch.Tensor, labels, kept_patches, target_prob, stats: dict,
+                  detached_at=None) -> None:
         """Commit batch ``index`` in the background: its PNGs, then its part file; rank 0 then merges.
+
+        ``detached_at`` (B, num_patches), for rebirth runs, adds each image's detachment steps to its line.
 
         Returns at once; a failure of an earlier commit is raised here (or by :meth:`wait`).
         At most one batch waits behind the one being written, so memory stays bounded.
@@ -528,6 +542,9 @@ class PoolWriter:
             }
             for offset in range(len(arrays))
         ]
+        if detached_at is not None:
+            for offset, entry in enumerate(entries):
+                entry["detached_at"] = [int(t) for t in detached_at[offset]]
         part = {"index": index, "entries": entries, "stats": {**stats, "index": index}}
         self._pending.append(self._committer.submit(self._commit, arrays, part))
 

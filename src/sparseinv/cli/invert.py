@@ -11,7 +11,7 @@ from sparseinv.files import FolderLock, check_writable
 from sparseinv.inversion.config import FINAL_MASKS, PRECISIONS, InversionConfig
 from sparseinv.inversion.schedule import PruneSchedule
 
-SCHEDULES = ("reference",)
+SCHEDULES = ("reference", "rebirth")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--schedule", choices=SCHEDULES, default="reference",
                       help="reference: the paper's stops at steps 50/100/200/300 of 4000, 30%% of the kept patches each "
-                           "(196 -> 46), scaled to --iterations (default: reference)")
+                           "(196 -> 46), scaled to --iterations; rebirth: Patch Rebirth Inversion, the most-attended 25%% of "
+                           "all patches are detached into the output at steps 400/800/1600 of 4000 (scaled) and the rest keep "
+                           "inverting, the last quarter until the end; with --prune-at/--prune-ratio the ratios are shares of "
+                           "all patches detached at each step (default: reference; see docs/rebirth.md)")
     kind.add_argument("--dense", action="store_true", help="dense inversion, every patch every step (the slow baseline)")
     p.add_argument("--prune-at", type=int, nargs="*", default=[], metavar="STEP", help="a schedule of your own: stop steps, e.g. 50 100 200 300")
     p.add_argument("--prune-ratio", type=float, nargs="*", default=[], metavar="R", help="fraction of the kept patches stopped at each, e.g. 0.3 0.3 0.3 0.3")
@@ -61,6 +64,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def strategy_from_args(args: argparse.Namespace) -> str:
+    """What a stop step does: "rebirth" for --schedule rebirth, else "stop" (Sparse Model Inversion)."""
+    return "rebirth" if not args.dense and args.schedule == "rebirth" else "stop"
+
+
 def schedule_from_args(args: argparse.Namespace) -> PruneSchedule:
     """--dense, --prune-at/--prune-ratio, or the named --schedule at --iterations."""
     custom = bool(args.prune_at or args.prune_ratio)
@@ -70,9 +78,9 @@ def schedule_from_args(args: argparse.Namespace) -> PruneSchedule:
         return PruneSchedule()
     if custom:
         return PruneSchedule(tuple(args.prune_at), tuple(args.prune_ratio))
-    schedule = PruneSchedule.reference(args.iterations)
+    schedule = PruneSchedule.rebirth(args.iterations) if args.schedule == "rebirth" else PruneSchedule.reference(args.iterations)
     if args.iterations <= schedule.steps[-1]:
-        raise UsageError(f"--iterations {args.iterations} is too short for the reference schedule's {len(schedule.steps)} stops: "
+        raise UsageError(f"--iterations {args.iterations} is too short for the {args.schedule} schedule's {len(schedule.steps)} stops: "
                          f"use at least {schedule.steps[-1] + 1}, or --dense.")
     return schedule
 
@@ -88,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         InversionConfig,
         args,
         schedule=schedule_from_args(args),
+        strategy=strategy_from_args(args),
         loss=InversionLoss(tv_l2=args.tv_l2, tv_l1=args.tv_l1, l2=args.l2, patch_entropy=args.patch_entropy,
                            attention_prior=args.attention_prior),
         classes=None,
@@ -113,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     # Several processes: the wall clock of this command, and the batches' summed time beside it.
     where = f" | {rank.world_size} processes, {run['elapsed_seconds']:.1f} s elapsed" if rank.active else ""
-    kind = "dense" if config.schedule.is_dense else "sparse"
+    kind = "dense" if config.schedule.is_dense else "rebirth" if config.strategy == "rebirth" else "sparse"
     print(
         f"{kind} inversion: {run['num_images']} images in {args.out} | {run['wall_seconds']:.1f} s | "
         f"success rate {run['success_rate']:.3f} | patches kept {result.kept_patches.shape[1]}/{run['num_patches']}{where}"

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from sparseinv.errors import UsageError
-from sparseinv.inversion.schedule import PruneSchedule
+from sparseinv.inversion.schedule import STRATEGIES, PruneSchedule
 
 if TYPE_CHECKING:
     from sparseinv.inversion.losses import InversionLoss
@@ -21,7 +21,7 @@ PRECISIONS = ("fp32", "bf16", "auto")
 # 32, with quantization from either level (benchmarks/final_mask.py, two seeds).
 FINAL_MASKS = ("rescore", "last-phase")
 # Settings added after pools were first written: a record without one was made at this value.
-_ABSENT_MEANS = {"precision": "fp32", "final_mask": "rescore", "color_shift": 0.0}
+_ABSENT_MEANS = {"precision": "fp32", "final_mask": "rescore", "color_shift": 0.0, "strategy": "stop"}
 
 
 def _loss_class():
@@ -53,6 +53,7 @@ class InversionConfig:
     precision: str = "fp32"
     final_mask: str = "last-phase"
     color_shift: float = 0.0
+    strategy: str = "stop"
 
     def validate(self, num_classes: int | None = None) -> None:
         """Raise :class:`UsageError` for settings no run could use."""
@@ -62,6 +63,10 @@ class InversionConfig:
         if not self.lr > 0:
             raise UsageError(f"the learning rate must be positive, got {self.lr}.")
         self.schedule.validate(self.iterations)
+        if self.strategy not in STRATEGIES:
+            raise UsageError(f"unknown strategy '{self.strategy}': use one of {', '.join(STRATEGIES)}.")
+        if self.strategy == "rebirth":
+            self.schedule.validate_rebirth()
         if not 0 <= self.color_shift <= 2:
             raise UsageError(f"--color-shift is a strength in [0, 2], got {self.color_shift}.")
         if self.final_mask not in FINAL_MASKS:
@@ -122,6 +127,7 @@ class InversionConfig:
                 precision=str(s["precision"]),
                 final_mask=str(s["final_mask"]),
                 color_shift=float(s["color_shift"]),
+                strategy=str(s["strategy"]),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise UsageError(f"the pool's recorded settings are incomplete or damaged ({type(err).__name__}: {err}).") from None

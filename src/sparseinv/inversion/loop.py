@@ -41,6 +41,8 @@ class BatchResult:
         tokens_per_phase: patch tokens fed in each stretch.
         correct: (B,) whether the model's top class, fed the kept patches, is the label.
         final_seconds: the closing dense scoring pass and the check of the outputs.
+        detached_at: rebirth only, (B, N) the step each patch was detached at (the
+            iterations for those still optimised when the run ended); ``None`` otherwise.
     """
 
     images: torch.Tensor
@@ -51,6 +53,7 @@ class BatchResult:
     seconds_per_phase: list[float]
     tokens_per_phase: list[int]
     final_seconds: float
+    detached_at: torch.Tensor | None = None
 
     @property
     def wall_seconds(self) -> float:
@@ -90,6 +93,14 @@ def _top_patches(cls_attn: torch.Tensor, keep: torch.Tensor, count: int) -> torc
     """The ``count`` kept patches with the highest CLS attention, as sorted indices."""
     top = cls_attn.topk(count, dim=1).indices
     return keep.gather(1, top).sort(dim=1).values
+
+
+def _split_patches(cls_attn: torch.Tensor, keep: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rebirth's split of the optimised patches ``keep``: the ``count`` with the highest CLS
+    attention (detached) and the rest (still optimised), each as sorted indices. One ordering
+    makes both, so a tie can never put a patch in both or neither."""
+    order = cls_attn.argsort(dim=1, descending=True)
+    return keep.gather(1, order[:, :count]).sort(dim=1).values, keep.gather(1, order[:, count:]).sort(dim=1).values
 
 
 def invert_batch(
@@ -185,6 +196,9 @@ def _run_phases(
 
     The optimised pixels are the kept patches only (:class:`KeptPixels`): all of them
     in the dense phase, fewer after each stop, the stopped ones frozen in the canvas.
+    With ``config.strategy == "rebirth"`` a stop detaches the most-attended optimised
+    patches instead (frozen in the canvas, part of the output, no longer fed) and the
+    least-attended keep inverting; the output is the whole canvas.
     """
     device = labels.device
     schedule = config.schedule
@@ -198,9 +212,12 @@ def _run_phases(
     per_patch = _patch_projection(model) is not None
     best_loss = torch.full((batch,), float("inf"), device=device)
 
-    counts = schedule.keep_counts(info.num_patches)
+    rebirth = config.strategy == "rebirth"
+    counts = schedule.keep_counts(info.num_patches, config.strategy)
     bounds = schedule.phase_bounds(config.iterations)
     every = torch.arange(info.num_patches, device=device).expand(batch, -1)
+    # Rebirth: the step each patch is detached at; those never detached at a stop are at the end.
+    detached_at = torch.full((batch, info.num_patches), config.iterations, dtype=torch.long, device=device) if rebirth else None
     pixels = KeptPixels(x, every, info)
     kept = pixels.gather(x).requires_grad_(True)
     optimizer = pixel_adam(kept, config.lr, config.betas)
@@ -223,7 +240,11 @@ def _run_phases(
                 current = pixels.canvas
                 with precision.autocast(device):
                     scored = sparse_forward(model, current, None if phase == 1 else pixels.keep, return_cls_attn=True)
-                keep = _top_patches(scored.cls_attn, pixels.keep, counts[phase])
+                if rebirth:
+                    gone, keep = _split_patches(scored.cls_attn, pixels.keep, counts[phase - 1] - counts[phase])
+                    detached_at.scatter_(1, gone, start)
+                else:
+                    keep = _top_patches(scored.cls_attn, pixels.keep, counts[phase])
             old, old_kept = pixels, kept
             pixels = KeptPixels(current, keep, info)
             kept = old.select(old_kept.detach(), keep).requires_grad_(True)
@@ -275,7 +296,7 @@ def _run_phases(
     final_start = time.perf_counter()
     with torch.no_grad():
         best_x = pixels.compose(best)
-        final_count = schedule.final_keep(info.num_patches)
+        final_count = info.num_patches if rebirth else schedule.final_keep(info.num_patches)
         if final_count == info.num_patches:
             kept_patches = every.clone()
         elif config.final_mask == "last-phase":
@@ -299,6 +320,7 @@ def _run_phases(
         seconds_per_phase=seconds_per_phase,
         tokens_per_phase=counts,
         final_seconds=time.perf_counter() - final_start,
+        detached_at=None if detached_at is None else detached_at.cpu(),
     )
 
 
@@ -312,6 +334,7 @@ class InversionResult:
         kept_patches: (N, K) sorted kept patch indices.
         target_prob: (N,) the model's probability of each label, fed sparse.
         run: The run record (as in the pool's ``run.json``).
+        detached_at: rebirth only, (N, num_patches) the step each patch was detached at.
     """
 
     images: torch.Tensor
@@ -319,6 +342,7 @@ class InversionResult:
     kept_patches: torch.Tensor
     target_prob: torch.Tensor
     run: dict
+    detached_at: torch.Tensor | None = None
 
 
 def run_record(model: nn.Module, config: InversionConfig, model_name: str | None, checkpoint: str | None) -> dict:
@@ -406,7 +430,8 @@ def invert(
                 "rank": rank.rank,
             }
             if writer is not None:
-                writer.add_batch(b, result.images, result.labels, result.kept_patches, result.target_prob, stats)
+                writer.add_batch(b, result.images, result.labels, result.kept_patches, result.target_prob, stats,
+                                 detached_at=result.detached_at)
             else:
                 results[b] = (result, stats)
         if writer is not None:
@@ -426,7 +451,7 @@ def invert(
             run = rank.on_main(finish)
             if pool is None:  # the other ranks read the pool rank 0 finished
                 pool = read_pool(out)
-            return InversionResult(pool.images, pool.labels, pool.kept_patches, pool.target_prob, run)
+            return InversionResult(pool.images, pool.labels, pool.kept_patches, pool.target_prob, run, pool.detached_at)
     finally:
         if writer is not None:
             writer.close()
@@ -441,4 +466,5 @@ def invert(
         kept_patches=torch.cat([r.kept_patches for r, _ in ordered]),
         target_prob=torch.cat([r.target_prob for r, _ in ordered]),
         run=run,
+        detached_at=None if ordered[0][0].detached_at is None else torch.cat([r.detached_at for r, _ in ordered]),
     )

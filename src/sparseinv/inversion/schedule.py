@@ -10,6 +10,16 @@ from sparseinv.errors import UsageError
 
 REFERENCE_ITERATIONS = 4000
 _REFERENCE_STEPS = (50, 100, 200, 300)
+# Patch Rebirth's default (see docs/rebirth.md): detachments at 10%, 20% and 40% of the
+# run, a quarter of all patches each; the last quarter is detached when the run ends.
+_REBIRTH_STEPS = (400, 800, 1600)
+_REBIRTH_SHARE = 0.25
+
+# What happens at a stop step: "stop" (Sparse Model Inversion: the least-attended kept
+# patches stop and leave the output) or "rebirth" (Patch Rebirth Inversion: the
+# most-attended still-optimised patches are detached into the output, frozen, and the
+# rest keep inverting; the ratio at each stop is then a share of all patches).
+STRATEGIES = ("stop", "rebirth")
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,15 @@ class PruneSchedule:
             steps = steps[:i] + (max(steps[i], steps[i - 1] + 1),) + steps[i + 1 :]
         return cls(steps=steps, ratios=(0.3,) * len(steps))
 
+    @classmethod
+    def rebirth(cls, iterations: int = REFERENCE_ITERATIONS) -> "PruneSchedule":
+        """Patch Rebirth's default: detach 25% of all patches at 10%, 20% and 40% of the run
+        (steps 400/800/1600 of 4000, scaled like :meth:`reference`); the last 25% at the end."""
+        steps = tuple(max(1, round(s * iterations / REFERENCE_ITERATIONS)) for s in _REBIRTH_STEPS)
+        for i in range(1, len(steps)):
+            steps = steps[:i] + (max(steps[i], steps[i - 1] + 1),) + steps[i + 1 :]
+        return cls(steps=steps, ratios=(_REBIRTH_SHARE,) * len(steps))
+
     @property
     def is_dense(self) -> bool:
         return not self.steps
@@ -53,8 +72,30 @@ class PruneSchedule:
             if not (0.0 <= r < 1.0) or math.isnan(r):
                 raise UsageError(f"prune ratios must lie in [0, 1), got {r}.")
 
-    def keep_counts(self, num_patches: int) -> list[int]:
-        """Patches kept in each phase: ``[N, n_1, ..., n_n]`` (one more entry than stops)."""
+    def validate_rebirth(self, num_patches: int | None = None) -> None:
+        """Raise :class:`UsageError` unless the detachments leave patches to optimise after the last stop."""
+        if self.is_dense:
+            raise UsageError("--schedule rebirth needs stop steps: it takes no --dense.")
+        if sum(self.ratios) >= 1 or any(r <= 0 for r in self.ratios):
+            raise UsageError(f"rebirth detaches a share of all patches at each stop: the ratios must be positive and sum "
+                             f"below 1, got {list(self.ratios)}.")
+        if num_patches is not None and min(self.detach_counts(num_patches)) < 1:
+            raise UsageError(f"rebirth ratios {list(self.ratios)} detach no patch of {num_patches} at some stop.")
+
+    def detach_counts(self, num_patches: int) -> list[int]:
+        """Rebirth: patches detached at each stop, ``int(N * r_k)`` (the rest are detached at the end)."""
+        return [int(num_patches * r) for r in self.ratios]
+
+    def keep_counts(self, num_patches: int, strategy: str = "stop") -> list[int]:
+        """Patches optimised in each phase: ``[N, n_1, ..., n_n]`` (one more entry than stops).
+
+        Stop: ``n_k = int(n_{k-1} * (1 - r_k))``. Rebirth: ``n_k = n_{k-1} - int(N * r_k)``.
+        """
+        if strategy == "rebirth":
+            counts = [num_patches]
+            for d in self.detach_counts(num_patches):
+                counts.append(counts[-1] - d)
+            return counts
         counts = [num_patches]
         for r in self.ratios:
             counts.append(max(1, int(counts[-1] * (1 - r))))
