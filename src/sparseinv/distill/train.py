@@ -53,7 +53,7 @@ from sparseinv.distill.students import (
     trainable,
 )
 from sparseinv.errors import UsageError
-from sparseinv.inversion.sparse_forward import OutputRecorder
+from sparseinv.vit.forward import OutputRecorder
 from sparseinv.files import atomic_save, atomic_write_json
 from sparseinv.pool import check_weights
 from sparseinv.quant.model import is_quantized
