@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sparseinv import InversionConfig, PruneSchedule, invert_batch, load_model
 from sparseinv.models import vit_info
-from sparseinv.inversion.sparse_forward import sparse_forward
+from sparseinv.vit.forward import sparse_forward
 
 IMAGES, BATCH, STEPS = 16, 4, 100
 SPARSE = ["--prune-at", "20", "40", "60", "80", "--prune-ratio", "0.2", "0.2", "0.2", "0.2"]

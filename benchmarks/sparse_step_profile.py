@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from sparseinv import InversionConfig, PruneSchedule, invert_batch, load_model
 
 STEPS = 20
-forward_module = sys.modules["sparseinv.inversion.sparse_forward"]
+forward_module = sys.modules["sparseinv.vit.forward"]
 inversion_module = sys.modules["sparseinv.inversion.loop"]
 precision_module = sys.modules["sparseinv.inversion.precision"]
 

@@ -30,13 +30,13 @@ from sparseinv.distill import (
 from sparseinv.distill import data as distill_data
 from sparseinv.distill.students import feature_loss, matched_blocks, trainable
 from sparseinv.inversion.precision import Probes, use_probes
-from sparseinv.inversion.sparse_forward import OutputRecorder
+from sparseinv.vit.forward import OutputRecorder
 from sparseinv.errors import UsageError
 from sparseinv.models import timm
 from sparseinv.pool import open_pool
 from sparseinv.quant import QuantConfig, load_quantized, pool_batches, quantize_
 from sparseinv.quant.model import act_quantizers, weight_modules
-from sparseinv.inversion.sparse_forward import sparse_forward
+from sparseinv.vit.forward import sparse_forward
 
 SCHEDULE = PruneSchedule((2, 4), (0.3, 0.3))
 

@@ -303,7 +303,7 @@ def test_the_attention_prior_is_compared_where_the_image_content_went():
     prior exactly, in the dense phase (the augmented grid fed) and the sparse ones (kept tokens)."""
     from types import SimpleNamespace
 
-    from sparseinv.inversion.augment import RollFlip
+    from sparseinv.vit.views import RollFlip
     from sparseinv.inversion.loop import prior_pairs
     from sparseinv.inversion.losses import attention_prior_kl, gaussian_attention_priors
 

@@ -102,3 +102,16 @@ def test_exported_functions_win_over_their_modules_of_the_same_name():
             "assert sparseinv.distill is distill and callable(sparseinv.quant.calibrate)\nprint('OK')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == "OK", done.stderr[-1500:]
+
+
+def test_the_model_layer_stands_below_everything_that_uses_it():
+    graph = import_graph()
+    layer = {name for name in graph if name == "sparseinv.vit" or name.startswith("sparseinv.vit.")}
+    assert {"sparseinv.vit.forward", "sparseinv.vit.views"} <= layer
+    below = {"sparseinv.models", "sparseinv.errors", "sparseinv._torchvision_compat", "sparseinv._lazy"}
+    for name in layer:
+        assert graph[name] <= layer | below, (name, graph[name] - layer - below)
+    # Quantization, real-image data and export use the model layer, never the inversion engine.
+    users = [n for n in graph if n.startswith("sparseinv.quant") or n in ("sparseinv.data", "sparseinv.export")]
+    for name in users:
+        assert not any(t.startswith("sparseinv.inversion") for t in graph[name]), (name, graph[name])

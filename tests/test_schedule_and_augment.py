@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparseinv import PruneSchedule, UsageError
-from sparseinv.inversion.augment import RollFlip
+from sparseinv.vit.views import RollFlip
 
 
 def test_reference_schedule_keeps_196_137_95_66_46():

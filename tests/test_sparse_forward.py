@@ -115,7 +115,7 @@ GRADIENT_MODELS = [*MODELS, ("test_vit", {"no_embed_class": True}), ("test_vit",
 def test_pixel_gradient_path_equals_the_convolution(name, kwargs, sparse):
     """Inversion's forward (frozen model, pixels that want a gradient) takes the per-patch
     gradient path: the same logits, and the gradient of the patch convolution."""
-    sf = sys.modules["sparseinv.inversion.sparse_forward"]
+    sf = sys.modules["sparseinv.vit.forward"]
     torch.manual_seed(0)
     model = timm.create_model(name, **kwargs).eval().requires_grad_(False)
     info = vit_info(model)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from sparseinv.pool import Pool, read_pool
     from sparseinv.quant import QuantConfig, calibrate, calibration_batches, load_quantized, quantize_, save_quantized
     from sparseinv.inversion.schedule import PruneSchedule
-    from sparseinv.inversion.sparse_forward import SparseOutput, sparse_forward
+    from sparseinv.vit.forward import SparseOutput, sparse_forward
 
 _EXPORTS = {
     "DistillConfig": "sparseinv.distill",
@@ -43,8 +43,8 @@ _EXPORTS = {
     "quantize_": "sparseinv.quant",
     "save_quantized": "sparseinv.quant",
     "PruneSchedule": "sparseinv.inversion.schedule",
-    "SparseOutput": "sparseinv.inversion.sparse_forward",
-    "sparse_forward": "sparseinv.inversion.sparse_forward",
+    "SparseOutput": "sparseinv.vit.forward",
+    "sparse_forward": "sparseinv.vit.forward",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 

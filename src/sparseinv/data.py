@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from sparseinv.errors import UsageError, first_line
 from sparseinv.models import timm
-from sparseinv.inversion.sparse_forward import sparse_forward
+from sparseinv.vit.forward import logits
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -144,9 +144,8 @@ def topk_accuracy(logits_of, batches, *, total: int, progress: bool = True, desc
 
 
 def _model_logits(model: nn.Module):
-    device = next(model.parameters()).device
     model.eval()
-    return lambda images: sparse_forward(model, images.to(device)).logits
+    return lambda images: logits(model, images)
 
 
 def evaluate(

@@ -236,7 +236,7 @@ def ten_way_top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, b
     its fresh head, so a 1000-way score would flatter it; teacher and students are
     compared on the same ten-way footing.
     """
-    from sparseinv.inversion.sparse_forward import sparse_forward
+    from sparseinv.vit.forward import logits
 
     device = next(model.parameters()).device
     classes = torch.tensor(IMAGENETTE, device=device)
@@ -244,7 +244,7 @@ def ten_way_top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, b
     ten_way = torch.tensor([position[int(c)] for c in labels])
     batches = [(images[i : i + batch_size], ten_way[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]
     model.eval()
-    logits_of = lambda x: sparse_forward(model, x.to(device)).logits[:, classes]  # noqa: E731
+    logits_of = lambda x: logits(model, x)[:, classes]  # noqa: E731
     return topk_accuracy(logits_of, batches, total=len(batches), progress=False)["top1"]
 
 

@@ -24,7 +24,7 @@ from sparseinv.errors import UsageError
 from sparseinv.models import timm, vit_info
 from sparseinv.quant.model import act_quantizers, is_quantized, weight_modules
 from sparseinv.quant.quantizers import Log2Quantizer
-from sparseinv.inversion.sparse_forward import OutputRecorder, sparse_forward
+from sparseinv.vit.forward import OutputRecorder, logits
 
 
 def is_vit(model: nn.Module) -> bool:
@@ -219,7 +219,7 @@ class Feeder:
         x = self.normalise(images)
         if self.vit:
             tokens = keep.to(self.device) if keep is not None and self.takes_tokens else None
-            return sparse_forward(self.model, x, tokens).logits
+            return logits(self.model, x, tokens)
         return self.model(x)
 
 

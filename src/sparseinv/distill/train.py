@@ -54,7 +54,7 @@ from sparseinv.distill.students import (
     trainable,
 )
 from sparseinv.errors import UsageError
-from sparseinv.inversion.sparse_forward import OutputRecorder
+from sparseinv.vit.forward import OutputRecorder
 from sparseinv.files import atomic_save, atomic_write_json
 from sparseinv.pool import check_weights
 from sparseinv.quant.model import is_quantized
@@ -201,14 +201,14 @@ def evaluate_student(student: nn.Module, val, progress: bool = False) -> dict:
     if callable(val):
         return val(student)
     from sparseinv.data import load_images, topk_accuracy
-    from sparseinv.inversion.sparse_forward import sparse_forward
+    from sparseinv.vit.forward import logits
 
     student.eval()
     device = next(student.parameters()).device
     # The student's own eval transform already resizes and normalises: feed its output as it is.
     if is_vit(student):
         def logits_of(x):
-            return sparse_forward(student, x.to(device)).logits
+            return logits(student, x)
     else:
         def logits_of(x):
             return student(x.to(device))

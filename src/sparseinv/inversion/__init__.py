@@ -1,12 +1,12 @@
-"""Dense and sparse model inversion of timm ViTs: everything that makes a pool's images.
+"""Dense and sparse model inversion of timm ViTs: everything that makes a pool's images
+(the sparse forward pass they run is the model layer's, :mod:`sparseinv.vit`).
 
 * :mod:`~sparseinv.inversion.config`: :class:`InversionConfig`, every setting of a run.
 * :mod:`~sparseinv.inversion.loop`: :func:`invert_batch` (one batch) and :func:`invert`
   (many batches into a pool).
-* :mod:`~sparseinv.inversion.sparse_forward`: the one code path that feeds kept tokens.
 * :mod:`~sparseinv.inversion.kept_pixels`: what a sparse phase optimises.
 * :mod:`~sparseinv.inversion.losses`: the per-image loss terms.
-* :mod:`~sparseinv.inversion.augment`: roll/flip and the kept indices that follow it.
+* :mod:`~sparseinv.inversion.augment`: the colour shift (roll/flip views: :mod:`sparseinv.vit.views`).
 * :mod:`~sparseinv.inversion.schedule`: stop steps and ratios.
 * :mod:`~sparseinv.inversion.precision`: fp32 or bf16 for the model, and the probes behind ``auto``.
 """

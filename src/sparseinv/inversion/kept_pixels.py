@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparseinv.inversion.augment import RollFlip
+from sparseinv.vit.views import RollFlip
 from sparseinv.inversion.losses import _NEIGHBOURS, tv_l2_patches
 from sparseinv.models import ViTInfo
 
@@ -96,7 +96,7 @@ class KeptPixels:
         """What the fed cells of ``aug.apply(compose(kept))`` show of ``kept``, as (B, F, 3, ph, pw).
 
         A frozen pixel shows as zero: the result carries the gradient to the kept
-        pixels (see :func:`sparseinv.inversion.sparse_forward`), not the image's values.
+        pixels (see :func:`sparseinv.vit.forward`), not the image's values.
         """
         (rows, cols), (ph, pw) = self.grid, self.patch
         height, width = rows * ph, cols * pw

@@ -18,14 +18,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparseinv import distributed
-from sparseinv.inversion.augment import ColorShift, RollFlip
+from sparseinv.inversion.augment import ColorShift
+from sparseinv.vit.views import RollFlip
 from sparseinv.inversion.config import InversionConfig
 from sparseinv.inversion.precision import Precision, resolve_precision
 from sparseinv.inversion.losses import LossInputs, gaussian_attention_priors
 from sparseinv.inversion.monitor import StepMonitor
 from sparseinv.models import ViTInfo, vit_info, weights_fingerprint
 from sparseinv.inversion.kept_pixels import KeptImages, KeptPixels
-from sparseinv.inversion.sparse_forward import OutputRecorder, _patch_projection, sparse_forward
+from sparseinv.vit.forward import OutputRecorder, _patch_projection, sparse_forward
 
 
 @dataclass

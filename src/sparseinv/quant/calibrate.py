@@ -2,7 +2,7 @@
 
 A calibration source yields ``(images, keep)`` batches: normalised images and, for
 a sparse pool, the kept patch indices (``None`` feeds every patch). Everything is
-fed through :func:`sparseinv.inversion.sparse_forward`, so a sparse synthetic image enters as
+fed through :func:`sparseinv.vit.forward`, so a sparse synthetic image enters as
 its kept tokens only, never as a picture with black squares.
 """
 
@@ -25,7 +25,7 @@ from sparseinv.quant.model import act_quantizers, quant_modules, set_quant_mode,
 from sparseinv.quant.quantizers import ActQuantizer, QuantLinear
 from sparseinv.quant.reconstruct import reconstruct
 from sparseinv.quant.reparam import fold_layernorms
-from sparseinv.inversion.sparse_forward import sparse_forward
+from sparseinv.vit.forward import logits
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -127,7 +127,6 @@ def calibrate(model: nn.Module, batches: Iterable[Batch], *, progress: bool = Tr
     """
     if any(m.fold_r1.numel() for m in weight_modules(model) if isinstance(m, QuantLinear)):
         raise RuntimeError("the model's LayerNorms are already folded: calibrate a freshly quantized copy")
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     quantizers = act_quantizers(model)
@@ -138,7 +137,7 @@ def calibrate(model: nn.Module, batches: Iterable[Batch], *, progress: bool = Tr
     try:
         batches = _one_batch(list(batches)) if sequential else list(batches)
         for images, keep in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
-            sparse_forward(model, images.to(device), None if keep is None else keep.to(device))
+            logits(model, images, keep)
         missed = [name for name, m in quant_modules(model) if isinstance(m, ActQuantizer) and m.min_val is None and not m.calibrated]
         if missed:
             raise RuntimeError(f"calibration never reached these quantizers: {', '.join(missed[:5])}")

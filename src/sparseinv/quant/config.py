@@ -60,7 +60,7 @@ class ReconConfig:
             raise UsageError(f"reconstruction needs --recon-iters and --recon-batch-size of at least 1, got {self.iters} and {self.batch_size}.")
         if not (self.lr_round > 0 and self.lr_scale >= 0 and self.round_weight >= 0):
             raise UsageError("reconstruction learning rates must be positive and the rounding weight non-negative.")
-        from sparseinv.inversion.augment import MAX_VIEWS
+        from sparseinv.vit.views import MAX_VIEWS
 
         if not 1 <= self.views <= MAX_VIEWS:
             raise UsageError(f"--recon-views {self.views} is out of range: use 1 to {MAX_VIEWS}.")

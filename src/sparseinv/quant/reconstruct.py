@@ -11,7 +11,7 @@ makes the learned parameters hold up when the real (fully quantized) inputs arri
 With ``views > 1`` every calibration image is also shown as whole-patch rolls and
 mirrors (kept patches follow their pixels), more samples for the same images.
 
-Tokens are what :func:`sparseinv.inversion.sparse_forward.input_tokens` feeds: a sparse pool's
+Tokens are what :func:`sparseinv.vit.forward.input_tokens` feeds: a sparse pool's
 images enter as their kept tokens only, so reconstructing on them is cheaper too.
 """
 
@@ -23,12 +23,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparseinv.inversion.augment import whole_patch_views
+from sparseinv.vit.views import whole_patch_views
 from sparseinv.models import vit_info
 from sparseinv.quant.config import ReconConfig
 from sparseinv.quant.model import set_quant_mode
 from sparseinv.quant.quantizers import ActQuantizer, Log2Quantizer, _QuantWeight
-from sparseinv.inversion.sparse_forward import head_logits, input_tokens
+from sparseinv.vit.forward import head_logits, input_tokens
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
 
