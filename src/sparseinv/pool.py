@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -239,6 +240,22 @@ def _check_entry(root: Path, run: dict, number: int, entry: dict) -> None:
             raise UsageError(f"{where} is damaged: 'detached_at' must be one step per patch ({run['num_patches']}).")
 
 
+def entry_check(entry: dict) -> str:
+    """A manifest line's check: a hash of its other fields, written with it.
+
+    The ranges above cannot see a value changed to another valid one (a kept patch to
+    another patch, a label to another class); the check can. Lines written before checks
+    existed have none and are read as they are.
+    """
+    body = {k: v for k, v in entry.items() if k != "check"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _verify_check(entry: dict, where: str) -> None:
+    if "check" in entry and entry["check"] != entry_check(entry):
+        raise UsageError(f"{where} is damaged: its fields do not match the check written with them.")
+
+
 @dataclass(frozen=True)
 class PoolRecord:
     """The typed part of a pool's ``run.json``: what made it and the shape of its images.
@@ -365,6 +382,9 @@ def open_pool(root: str | os.PathLike) -> PoolIndex:
         _check_entry(root, run, number, entry)
     if len({len(e["kept_patches"]) for e in entries}) > 1:
         raise UsageError(f"pool manifest '{root / 'manifest.jsonl'}' is damaged: its images keep different numbers of patches.")
+    # Last: the checks catch what every range above passes (a value changed to another valid one).
+    for number, entry in enumerate(entries, 1):
+        _verify_check(entry, f"pool manifest '{root / 'manifest.jsonl'}' line {number}")
     return PoolIndex(root, run, entries)
 
 
@@ -545,6 +565,8 @@ class PoolWriter:
         if detached_at is not None:
             for offset, entry in enumerate(entries):
                 entry["detached_at"] = [int(t) for t in detached_at[offset]]
+        for entry in entries:
+            entry["check"] = entry_check(entry)
         part = {"index": index, "entries": entries, "stats": {**stats, "index": index}}
         self._pending.append(self._committer.submit(self._commit, arrays, part))
 
@@ -581,6 +603,7 @@ class PoolWriter:
                 raise UsageError(f"{where} is damaged")
             for number, entry in enumerate(part["entries"], 1):
                 _checked_entry(entry, f"{where} entry {number}")
+                _verify_check(entry, f"{where} entry {number}")
                 if self._batch_of(entry) != part["index"]:
                     raise UsageError(f"{where} names an image of another batch")
         except UsageError as err:
