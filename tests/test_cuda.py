@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import SHARED, save_test_vit
 from sparseinv.cli import main
+from sparseinv.inversion.precision import Probes, use_probes
 
 DEVICE = os.environ.get("SPARSEINV_TEST_DEVICE", "cuda")
 pytestmark = [
@@ -50,8 +51,10 @@ def test_invert_on_the_device_writes_a_whole_pool(chain):
 @pytest.mark.parametrize("precision", ["bf16", "auto"])
 def test_invert_in_other_precisions(chain, precision):
     out = chain["root"] / f"pool-{precision}"
-    assert main(["invert", *chain["model"], "--num-images", "2", "--iterations", "6", "--precision", precision,
-                 "--out", str(out), "--device", DEVICE, "--quiet"]) == 0
+    with use_probes(Probes.fixed(bf16_speedup=2.0)):  # tests never time the machine
+        assert main(["invert", *chain["model"], "--num-images", "2", "--iterations", "6", "--precision", precision,
+                     "--out", str(out), "--device", DEVICE, "--quiet"]) == 0
+    assert json.loads((out / "run.json").read_text())["precision"]["used"] == "bf16"
 
 
 @pytest.mark.parametrize("method", METHODS)
