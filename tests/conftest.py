@@ -77,3 +77,18 @@ def random_kept_patches(num_keep: int, seed: int = 1) -> tuple[torch.Tensor, tor
     dropped[torch.arange(2)[:, None], keep] = False
     mask = dropped.view(2, 1, 10, 1, 10, 1).expand(2, 3, 10, 16, 10, 16).reshape(2, 3, 160, 160)
     return x, keep, mask
+
+
+def interrupt_second_batch(monkeypatch) -> None:
+    """Make inversion raise KeyboardInterrupt as its second batch starts (as Ctrl-C would there)."""
+    import sparseinv.inversion.loop as loop
+
+    real, calls = loop.invert_batch, []
+
+    def invert_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "invert_batch", invert_batch)

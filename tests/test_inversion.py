@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import sparseinv.inversion.loop as inversion
+from conftest import interrupt_second_batch
 from sparseinv import InversionConfig, InversionLoss, PruneSchedule, invert, invert_batch, read_pool, sparse_forward, vit_info
 
 SPARSE = PruneSchedule(steps=(2, 4), ratios=(0.5, 0.5))  # 100 -> 50 -> 25 patches; mask keeps 25
@@ -122,22 +123,13 @@ def test_interrupted_run_continues_to_the_same_pool(tiny_vit, tmp_path, monkeypa
     config = _config(num_images=6, batch_size=2)
     invert(tiny_vit, config, str(tmp_path / "whole"), model_name="test_vit", progress=False)
 
-    real = inversion.invert_batch
-    calls = []
-
-    def dies_on_second_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(inversion, "invert_batch", dies_on_second_batch)
+    interrupt_second_batch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         invert(tiny_vit, config, str(tmp_path / "cut"), model_name="test_vit", progress=False)
     assert len(read_pool(tmp_path / "cut")) == 2  # the first batch survived
-    monkeypatch.setattr(inversion, "invert_batch", real)
+    monkeypatch.undo()
 
-    done = []
+    done, real = [], inversion.invert_batch
     monkeypatch.setattr(inversion, "invert_batch", lambda *a, **k: done.append(1) or real(*a, **k))
     invert(tiny_vit, config, str(tmp_path / "cut"), model_name="test_vit", progress=False)
     assert len(done) == 2  # only the two missing batches were inverted

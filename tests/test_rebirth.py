@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sparseinv.inversion.loop as inversion
-from conftest import save_test_vit
+from conftest import interrupt_second_batch, save_test_vit
 from sparseinv import InversionConfig, PruneSchedule, UsageError, invert, invert_batch, read_pool, sparse_forward, vit_info
 from sparseinv.cli import main
 from sparseinv.inversion.kept_pixels import KeptPixels
@@ -104,19 +104,10 @@ def test_a_rebirth_pool_records_detachments_and_resumes_to_the_same_images(tiny_
     pool = read_pool(tmp_path / "whole")
     assert torch.equal(pool.detached_at, whole.detached_at) and not pool.is_sparse
 
-    real = inversion.invert_batch
-    calls = []
-
-    def dies_on_second_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(inversion, "invert_batch", dies_on_second_batch)
+    interrupt_second_batch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         invert(tiny_vit, config, str(tmp_path / "cut"), model_name="test_vit", progress=False)
-    monkeypatch.setattr(inversion, "invert_batch", real)
+    monkeypatch.undo()
     assert len(read_pool(tmp_path / "cut")) == 2
     with pytest.raises(UsageError, match="different settings"):  # a sparse run may not continue a rebirth pool
         invert(tiny_vit, _config(num_images=4, batch_size=2, strategy="stop"), str(tmp_path / "cut"), model_name="test_vit", progress=False)

@@ -22,9 +22,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import save_test_vit
+from conftest import interrupt_second_batch, save_test_vit
 from sparseinv import InversionConfig, InversionLoss, PruneSchedule, UsageError, invert, load_model
-from sparseinv.inversion import loop as inversion_module
 from sparseinv.cli import main
 from sparseinv.files import FolderLock, atomic_path, atomic_write, check_writable
 from sparseinv.models import timm
@@ -425,16 +424,7 @@ def test_outputs_follow_the_umask_whatever_their_writer(tmp_path, fixtures, umas
 def test_interrupt_keeps_finished_batches_exits_130_and_continues(capsys, tmp_path, fixtures, monkeypatch):
     out = tmp_path / "pool"
     argv = ["invert", *fixtures["model"], "--iterations", "3", "--dense", "--num-images", "4", "--batch-size", "2", "--quiet", "--out", str(out)]
-    real = inversion_module.invert_batch
-    calls = []
-
-    def interrupted_second_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(inversion_module, "invert_batch", interrupted_second_batch)
+    interrupt_second_batch(monkeypatch)
     assert main(argv) == 130
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "interrupted" in err
