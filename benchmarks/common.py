@@ -97,3 +97,19 @@ def write_results(name: str, payload: dict) -> Path:
     payload = {"command": "python " + " ".join(sys.argv), "machine": machine(), "commit": commit(), **payload}  # the payload's own machine wins
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def image_subset(model, root: Path, per_class: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``per_class`` images of each class of ``root``, eval-transformed for ``model``,
+    cached on disk as ``imagenette_<name>_first<per_class>.pt``."""
+    from sparseinv.data import ImageFolder, read_class_index, transform_folder
+
+    path = CACHE / f"imagenette_{name}_first{per_class}.pt"
+    if path.is_file():
+        cached = torch.load(path)
+        return cached["images"], cached["labels"]
+    folder = ImageFolder.scan(root, read_class_index(SYNSETS), limit_per_class=per_class)
+    images, labels = transform_folder(folder, model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"images": images, "labels": labels}, path)
+    return images, labels

@@ -20,11 +20,11 @@ import sys
 import time
 
 import torch
-from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, POOL_ITERATIONS, RESULTS, SYNSETS, TRAIN100, VAL, commit, write_results
+from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, POOL_ITERATIONS, RESULTS, TRAIN100, VAL, commit, image_subset, write_results
 from make_pools import POOLS
 
 from sparseinv import load_model, sparse_forward
-from sparseinv.data import ImageFolder, evaluate_tensors, read_class_index, transform_folder
+from sparseinv.data import evaluate_tensors
 from sparseinv.pool import read_pool, read_run
 from sparseinv.quant import QuantConfig, calibration_batches, pool_batches, quantize_
 
@@ -56,15 +56,7 @@ def cells() -> list[tuple[str, int, int, str, int]]:
 
 def val_subset(model, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``per_class`` val images of each class, eval-transformed, cached on disk."""
-    path = CACHE / f"imagenette_val_first{per_class}.pt"
-    if path.is_file():
-        cached = torch.load(path)
-        return cached["images"], cached["labels"]
-    folder = ImageFolder.scan(VAL, read_class_index(SYNSETS), limit_per_class=per_class)
-    images, labels = transform_folder(folder, model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"images": images, "labels": labels}, path)
-    return images, labels
+    return image_subset(model, VAL, per_class, "val")
 
 
 def pool_path(source: str, num: int = NUM_CALIB) -> str | None:

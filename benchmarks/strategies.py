@@ -25,10 +25,10 @@ import json
 import time
 
 import torch
-from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, POOL_ITERATIONS, RESULTS, SYNSETS, TRAIN100, VAL, ensure_pool, write_results
+from common import DEIT_TINY, DEIT_TINY_CKPT, POOL_ITERATIONS, RESULTS, TRAIN100, VAL, ensure_pool, image_subset, write_results
 
 from sparseinv import InversionConfig, PruneSchedule, load_model, read_pool, vit_info
-from sparseinv.data import ImageFolder, evaluate_tensors, read_class_index, transform_folder
+from sparseinv.data import evaluate_tensors
 from sparseinv.quant import QuantConfig, pool_batches, quantize_
 from sparseinv.quant.config import DEFAULT_METHOD
 
@@ -46,19 +46,6 @@ def config(strategy: str) -> InversionConfig:
 
 def pool_name(strategy: str) -> str:
     return f"strategies-{strategy}-{NUM_CALIB}-it{POOL_ITERATIONS}"
-
-
-def eval_subset(model, root, per_class: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``per_class`` images of each class of ``root``, eval-transformed, cached on disk."""
-    path = CACHE / f"imagenette_{name}_first{per_class}.pt"
-    if path.is_file():
-        cached = torch.load(path)
-        return cached["images"], cached["labels"]
-    folder = ImageFolder.scan(root, read_class_index(SYNSETS), limit_per_class=per_class)
-    images, labels = transform_folder(folder, model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"images": images, "labels": labels}, path)
-    return images, labels
 
 
 def harvest(model, root, trajectories: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -93,7 +80,7 @@ def main() -> None:
     previous = RESULTS / "strategies.json"
     old = json.loads(previous.read_text()) if previous.is_file() else {}
     model = load_model(DEIT_TINY, DEIT_TINY_CKPT)
-    sets = {"val": eval_subset(model, VAL, args.per_class, "val"), "train100": eval_subset(model, TRAIN100, args.per_class, "train100")}
+    sets = {"val": image_subset(model, VAL, args.per_class, "val"), "train100": image_subset(model, TRAIN100, args.per_class, "train100")}
     keep_old = old.get("per_class") == args.per_class
     payload = {
         "scaled_down": True,
