@@ -22,6 +22,14 @@ _REBIRTH_SHARE = 0.25
 STRATEGIES = ("stop", "rebirth")
 
 
+def _scaled(steps: tuple[int, ...], iterations: int) -> tuple[int, ...]:
+    """Stop steps of a 4000-step run scaled to ``iterations``, kept strictly increasing even for very short runs."""
+    out = [max(1, round(s * iterations / REFERENCE_ITERATIONS)) for s in steps]
+    for i in range(1, len(out)):
+        out[i] = max(out[i], out[i - 1] + 1)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class PruneSchedule:
     """Stop steps ``t_1 < ... < t_n`` and the fraction ``r_k`` of kept patches stopped at each.
@@ -40,18 +48,14 @@ class PruneSchedule:
         For a run of other length the stop steps are scaled by ``iterations / 4000``, so
         each phase keeps its share of the run (400 steps: 5/10/20/30).
         """
-        steps = tuple(max(1, round(s * iterations / REFERENCE_ITERATIONS)) for s in _REFERENCE_STEPS)
-        for i in range(1, len(steps)):  # strictly increasing, even for very short runs
-            steps = steps[:i] + (max(steps[i], steps[i - 1] + 1),) + steps[i + 1 :]
+        steps = _scaled(_REFERENCE_STEPS, iterations)
         return cls(steps=steps, ratios=(0.3,) * len(steps))
 
     @classmethod
     def rebirth(cls, iterations: int = REFERENCE_ITERATIONS) -> "PruneSchedule":
         """Patch Rebirth's default: detach 25% of all patches at 10%, 20% and 40% of the run
         (steps 400/800/1600 of 4000, scaled like :meth:`reference`); the last 25% at the end."""
-        steps = tuple(max(1, round(s * iterations / REFERENCE_ITERATIONS)) for s in _REBIRTH_STEPS)
-        for i in range(1, len(steps)):
-            steps = steps[:i] + (max(steps[i], steps[i - 1] + 1),) + steps[i + 1 :]
+        steps = _scaled(_REBIRTH_STEPS, iterations)
         return cls(steps=steps, ratios=(_REBIRTH_SHARE,) * len(steps))
 
     @property
