@@ -67,7 +67,7 @@ def teacher_of(setup):
                     loss=InversionLoss(ce=0.5, tv_l2=2e-4, tv_l1=1e-5, l2=1e-6), classes=(3, 1), jitter=0.25, flip=False,
                     precision="bf16", final_mask="rescore"),
     InversionConfig(precision="auto", final_mask="last-phase", schedule=PruneSchedule.reference()),
-    InversionConfig(schedule=PruneSchedule.reference(400), iterations=400, color_shift=0.5, loss=InversionLoss(patch_entropy=0.1, attention_prior=0.5)),
+    InversionConfig(schedule=PruneSchedule.reference(400), iterations=400, color_shift=0.5, loss=InversionLoss(patch_entropy=0.1, attention_prior=0.5, head_similarity=0.2)),
 ])
 def test_inversion_config_round_trips_through_its_record(config):
     back = InversionConfig.from_record(json.loads(json.dumps(config.record())))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -244,10 +245,11 @@ def test_priors_change_the_images_and_leave_the_default_run_alone(tiny_vit):
     both off makes exactly the images it made before they existed (same random stream)."""
     labels = torch.tensor([3, 4])
     base = invert_batch(tiny_vit, labels, _config(), seed=2, progress=False)
-    again = invert_batch(tiny_vit, labels, _config(color_shift=0.0, loss=InversionLoss(patch_entropy=0.0, attention_prior=0.0)), seed=2,
-                         progress=False)
+    again = invert_batch(tiny_vit, labels, _config(color_shift=0.0, loss=InversionLoss(patch_entropy=0.0, attention_prior=0.0,
+                                                                                     head_similarity=0.0)), seed=2, progress=False)
     assert torch.equal(base.images, again.images)
-    for changed in (_config(color_shift=0.5), _config(loss=InversionLoss(patch_entropy=1.0)), _config(loss=InversionLoss(attention_prior=1.0))):
+    for changed in (_config(color_shift=0.5), _config(loss=InversionLoss(patch_entropy=1.0)), _config(loss=InversionLoss(attention_prior=1.0)),
+                    _config(loss=InversionLoss(head_similarity=1.0))):
         other = invert_batch(tiny_vit, labels, changed, seed=2, progress=False)
         assert other.images.shape == base.images.shape and not torch.equal(other.images, base.images)
 
@@ -266,6 +268,35 @@ def test_patch_entropy_prior_rewards_a_spread_of_similarities():
     tokens = spread.clone().requires_grad_(True)
     patch_similarity_entropy(tokens, 1).sum().backward()
     assert tokens.grad[:, 1:].abs().sum() > 0 and tokens.grad[:, 0].abs().sum() == 0
+
+
+def test_head_dissimilarity_is_zero_for_heads_that_agree_and_the_prior_pulls_them_together(tiny_vit):
+    from sparseinv.inversion.losses import head_dissimilarity
+    from sparseinv.vit.forward import AttentionMaps
+
+    g = torch.Generator().manual_seed(0)
+    one = torch.randn(2, 1, 7, 7, generator=g).softmax(-1)
+    assert torch.allclose(head_dissimilarity(one.expand(-1, 3, -1, -1)), torch.zeros(2), atol=1e-6)
+    scattered = torch.randn(2, 3, 7, 7, generator=g).mul(4).softmax(-1)
+    assert (head_dissimilarity(scattered) > 0.1).all()
+    # Inverting with the prior leaves the model's heads agreeing more on the images made. A random
+    # test_vit attends almost uniformly; sharper q and k give its heads maps of their own.
+    model = copy.deepcopy(tiny_vit)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight[: 2 * model.embed_dim] *= 8
+    labels = torch.tensor([3, 4])
+    mean, std = vit_info(model).norm_tensors()
+
+    def spread(weight: float) -> float:
+        # No roll or flip: each step's shift re-cuts this random model's patches and scatters its heads anew.
+        config = _config(iterations=30, schedule=PruneSchedule(), jitter=0.0, flip=False, loss=InversionLoss(head_similarity=weight))
+        out = invert_batch(model, labels, config, seed=2, progress=False)
+        with AttentionMaps(model) as rec, torch.no_grad():
+            model((out.images - mean) / std)
+        return float(torch.stack([head_dissimilarity(m) for m in rec.maps]).mean())
+
+    assert spread(50.0) < 0.8 * spread(0.0)
 
 
 def test_attention_prior_is_a_region_and_its_kl_pulls_attention_toward_it():

@@ -7,7 +7,7 @@ import copy
 import sys
 
 from sparseinv.cli.common import Renamed, add_device, config_from_args, resolve_device, split_model_spec
-from sparseinv.distill.config import FEATURE_LAYERS, MIXES, MODES, OPTIMIZERS, QAT_LEARN, TARGETS, DistillConfig
+from sparseinv.distill.config import ATTENTION_FORMS, FEATURE_LAYERS, MIXES, MODES, OPTIMIZERS, QAT_LEARN, TARGETS, DistillConfig
 from sparseinv.errors import UsageError
 from sparseinv.files import check_writable
 
@@ -73,6 +73,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--feature-layers", choices=FEATURE_LAYERS, default=None,
                    help="which tokens --feature-weight compares: the final norm's, or every student block's against the teacher's "
                         f"at the same relative depth (default: {SHALLOW_FEATURES[1]} for --depth/--blocks/--quantized students, {D.feature_layers} otherwise)")
+    p.add_argument("--attention-weight", type=float, default=D.attention_weight, metavar="W",
+                   help="add W x the head-wise attention distillation: each student block's attention maps pulled toward the "
+                        "teacher's at the matched block, KL per head and query (ViT students with the teacher's heads; "
+                        f"default: {D.attention_weight:g})")
+    p.add_argument("--attention-form", choices=ATTENTION_FORMS, default=D.attention_form,
+                   help="which query rows --attention-weight compares: every row, or only the class token's and those of the "
+                        f"patches the teacher attends to most (default: {D.attention_form})")
     p.add_argument("--qat-learn", choices=QAT_LEARN, default=D.qat_learn,
                    help="what a --quantized student learns: its step sizes only (integer codes kept), its latent weights and "
                         f"weight step sizes, or all (default: {D.qat_learn}, the most accurate measured)")

@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attention-prior", type=float, default=0.0, metavar="W",
                    help="weight of an attention prior (after SARDFQ): the last block's class-token attention is pulled toward a "
                         "random Gaussian region of each image (default off)")
+    p.add_argument("--head-similarity", type=float, default=0.0, metavar="W",
+                   help="weight of an inter-head attention-similarity prior (after MimiQ): the heads of every block are pulled "
+                        "toward attending to the same places, as they do on real images (default off)")
     p.add_argument("--color-shift", type=float, default=0.0, metavar="S",
                    help="Plug-In Inversion's colour shift: each step sees every image's channels scaled by exp(U(-S, S)) and "
                         "offset by U(-S, S) (default off)")
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         schedule=schedule_from_args(args),
         strategy=strategy_from_args(args),
         loss=InversionLoss(tv_l2=args.tv_l2, tv_l1=args.tv_l1, l2=args.l2, patch_entropy=args.patch_entropy,
-                           attention_prior=args.attention_prior),
+                           attention_prior=args.attention_prior, head_similarity=args.head_similarity),
         classes=None,
     )
     config.validate()  # before the model loads: cheap mistakes first

@@ -15,6 +15,7 @@ MODES = ("linear-probe", "full")
 OPTIMIZERS = ("sgd", "adamw")
 TARGETS = ("online", "cached")
 FEATURE_LAYERS = ("final", "blocks")
+ATTENTION_FORMS = ("heads", "foreground")  # see sparseinv.distill.attention
 MIXES = ("none", "mixup", "cutmix")
 # What a quantized student learns: its step sizes only (weight and activation), its latent
 # weights and weight step sizes (activation step sizes kept), or all of them.
@@ -67,6 +68,12 @@ class DistillConfig:
             output) or ``blocks`` (the residual stream after every student block against
             the teacher's at the proportional depth, see
             :func:`~sparseinv.distill.students.matched_blocks`).
+        attention_weight: Weight of a third term, the head-wise attention distillation of
+            :func:`~sparseinv.distill.attention.attention_loss`: each student block's
+            attention maps against the teacher's at the matched block (same heads, same
+            fed tokens), ``KL(teacher row || student row)`` averaged (0: off).
+        attention_form: ``heads`` (every query row) or ``foreground`` (the class token's
+            row and those of the patches the teacher attends to most).
         qat_learn: What a quantized student learns: ``step-sizes`` (every weight and
             activation step size, the integer codes kept: on 512 inverted images the
             W4/A4 DeiT-Tiny kept 53.8 real-image top-1 of its 54.5, against 49.8 when its
@@ -96,6 +103,8 @@ class DistillConfig:
     mix_prob: float = 1.0
     feature_weight: float = 0.0
     feature_layers: str = "final"
+    attention_weight: float = 0.0
+    attention_form: str = "heads"
     qat_learn: str = "step-sizes"
     targets: str = "online"
     seed: int = 0
@@ -162,6 +171,12 @@ class DistillConfig:
             raise UsageError(f"unknown --feature-layers '{self.feature_layers}': use {' or '.join(FEATURE_LAYERS)}.")
         if self.feature_weight and self.targets == "cached":
             raise UsageError("--feature-weight needs the teacher's tokens on every view: use --targets online.")
+        if self.attention_weight < 0:
+            raise UsageError(f"--attention-weight cannot be negative, got {self.attention_weight}.")
+        if self.attention_form not in ATTENTION_FORMS:
+            raise UsageError(f"unknown --attention-form '{self.attention_form}': use {' or '.join(ATTENTION_FORMS)}.")
+        if self.attention_weight and self.targets == "cached":
+            raise UsageError("--attention-weight needs the teacher's attention on every view: use --targets online.")
         if self.qat_learn not in QAT_LEARN:
             raise UsageError(f"unknown --qat-learn '{self.qat_learn}': use {', '.join(QAT_LEARN)}.")
         if self.workers < 0:
@@ -175,6 +190,8 @@ class DistillConfig:
                    crop_scale=None if self.crop_scale is None else list(self.crop_scale))
         if self.mix == "none":  # recorded only when on, so a run saved before mixing existed still resumes
             del out["mix"], out["mix_prob"]
+        if not self.attention_weight:  # recorded only when on, so runs saved before it existed still resume
+            del out["attention_weight"], out["attention_form"]
         if not quantized:  # means nothing for other students
             del out["qat_learn"]
         return out

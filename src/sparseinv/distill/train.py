@@ -39,6 +39,7 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from sparseinv import distributed
+from sparseinv.distill.attention import attention_loss
 from sparseinv.distill.config import DistillConfig, kd_loss
 from sparseinv.distill.data import Source, TrainImages, loader
 from sparseinv.distill.students import (
@@ -54,7 +55,7 @@ from sparseinv.distill.students import (
     trainable,
 )
 from sparseinv.errors import UsageError
-from sparseinv.vit.forward import OutputRecorder
+from sparseinv.vit.forward import AttentionMaps, OutputRecorder
 from sparseinv.files import atomic_save, atomic_write_json
 from sparseinv.pool import check_weights
 from sparseinv.quant.model import is_quantized
@@ -149,12 +150,17 @@ def train_epoch(
     total, seen = 0.0, 0
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", total=steps, disable=not progress, leave=False)
     features = config.feature_weight > 0
+    attention = config.attention_weight > 0
     rank = distributed.current()
     with contextlib.ExitStack() as stack:
         if features:
             student_tokens, teacher_tokens = _token_recorders(_unwrap(trained).student, teacher.model, config.feature_layers)
             stack.enter_context(student_tokens)
             stack.enter_context(teacher_tokens)
+        if attention:
+            student = _unwrap(trained).student
+            student_maps = stack.enter_context(AttentionMaps(student))
+            teacher_maps = stack.enter_context(AttentionMaps(teacher.model, matched_blocks(len(student.blocks), len(teacher.model.blocks))))
         for step, (images, keep, index) in enumerate(bar):
             factor = config.lr_factor(epoch + step / max(1, steps))
             for group, base in zip(optimizer.param_groups, base_lrs):
@@ -169,6 +175,9 @@ def train_epoch(
             loss = kd_loss(s_logits, t_logits.to(s_logits.device), config.temperature)
             if features:
                 loss = loss + config.feature_weight * feature_loss(student_tokens, teacher_tokens, rank.mean if rank.active else None)
+            if attention:
+                loss = loss + config.attention_weight * attention_loss(student_maps.maps, teacher_maps.maps, config.attention_form,
+                                                                       teacher.model.num_prefix_tokens)
             total += _step(loss, optimizer, after_step) * len(index)
             seen += len(index)
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -180,6 +189,12 @@ def _token_recorders(student: nn.Module, teacher: nn.Module, layers: str) -> tup
     if layers == "final":
         return OutputRecorder.final(student), OutputRecorder.final(teacher)
     return OutputRecorder.blocks(student), OutputRecorder.blocks(teacher, matched_blocks(len(student.blocks), len(teacher.blocks)))
+
+
+def _heads(model: nn.Module) -> int | None:
+    """Heads per attention block (``None`` when the blocks hold no timm-style attention)."""
+    attn = getattr(model.blocks[0], "attn", None) if hasattr(model, "blocks") and len(model.blocks) else None
+    return getattr(attn, "num_heads", None)
 
 
 def _unwrap(trained: nn.Module) -> nn.Module:
@@ -356,6 +371,10 @@ def distill(
     if config.feature_weight and not (student_feed.vit and student_feed.takes_tokens == teacher_feed.takes_tokens
                                       and getattr(student, "embed_dim", None) == getattr(teacher, "embed_dim", None)):
         raise UsageError("--feature-weight compares tokens: it needs a ViT student as wide as the teacher, on the same patch grid.")
+    if config.attention_weight and not (student_feed.vit and student_feed.takes_tokens == teacher_feed.takes_tokens
+                                        and _heads(student) == _heads(teacher)):
+        raise UsageError("--attention-weight compares attention maps head by head: it needs a ViT student with the teacher's "
+                         "heads per block, on the same patch grid.")
     train_images = TrainImages(data.sources, data.size, data.patch_size, num_keep, config.crop_scale, config.shift_patches, config.flip,
                                config.seed, config.mix, config.mix_prob)
 

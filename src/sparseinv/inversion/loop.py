@@ -26,7 +26,7 @@ from sparseinv.inversion.losses import LossInputs, gaussian_attention_priors
 from sparseinv.inversion.monitor import StepMonitor
 from sparseinv.models import ViTInfo, vit_info, weights_fingerprint
 from sparseinv.inversion.kept_pixels import KeptImages, KeptPixels
-from sparseinv.vit.forward import OutputRecorder, _patch_projection, sparse_forward
+from sparseinv.vit.forward import AttentionMaps, OutputRecorder, _patch_projection, sparse_forward
 
 
 @dataclass
@@ -226,6 +226,7 @@ def _run_phases(
     max_dy, max_dx = int(height * config.jitter), int(width * config.jitter)
     seconds_per_phase: list[float] = []
     attention_recorder = OutputRecorder.attention(model) if config.loss.needs_attention else contextlib.nullcontext()
+    maps_recorder = AttentionMaps(model) if config.loss.needs_attention_maps else contextlib.nullcontext()
     # Drawn only when on, so runs without it keep their random stream (and their images).
     priors = gaussian_attention_priors(generator, batch, info.grid_size).to(device) if config.loss.needs_cls_attention else None
 
@@ -263,7 +264,7 @@ def _run_phases(
             shift = ColorShift.sample(generator, batch, x.shape[1], config.color_shift, device) if config.color_shift else None
             colour = (lambda t: t) if shift is None else shift.apply
             cells = every if dense else aug.remap(pixels.keep, info.grid_size, info.patch_size)
-            with precision.autocast(device), attention_recorder as recorded:
+            with precision.autocast(device), attention_recorder as recorded, maps_recorder as maps:
                 if per_patch:
                     fed = colour(pixels.fed_pixels(kept, cells, aug))
                     out = sparse_forward(model, colour(aug.apply(pixels.canvas)), None if dense else cells, pixel_grad=fed,
@@ -274,7 +275,8 @@ def _run_phases(
             cls_attn, target = (None, None) if priors is None else prior_pairs(out.cls_attn, priors, pixels.keep, aug, dense, info)
             per_image = config.loss(LossInputs(logits=out.logits.float(), targets=labels, pixels=KeptImages(pixels, kept),
                                                attention=None if recorded is None else recorded.values,
-                                               num_prefix=model.num_prefix_tokens, cls_attn=cls_attn, attention_target=target))
+                                               num_prefix=model.num_prefix_tokens, cls_attn=cls_attn, attention_target=target,
+                                               attention_maps=None if maps is None else maps.maps))
             optimizer.zero_grad(set_to_none=True)
             per_image.mean().backward()
             with torch.no_grad():

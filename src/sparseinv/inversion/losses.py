@@ -192,6 +192,21 @@ def attention_prior_kl(cls_attn: torch.Tensor, prior: torch.Tensor) -> torch.Ten
     return (p * (p.clamp_min(1e-12).log() - q.clamp_min(1e-12).log())).sum(1)
 
 
+def head_dissimilarity(maps: torch.Tensor) -> torch.Tensor:
+    """Per image: how far a block's heads disagree about where each query looks. Shape (B,).
+
+    MimiQ's observation: on real images the heads of a ViT block attend alike (their
+    attention rows for one query point at the same places), on inverted images they
+    scatter. The measure is ``1 - cos(row of head h, mean row over heads)``, averaged
+    over heads and query tokens: 0 when every head draws the same map.
+
+    Args:
+        maps: (B, H, N, N) one block's softmax attention over the fed tokens.
+    """
+    rows = maps.float()
+    return (1 - F.cosine_similarity(rows, rows.mean(1, keepdim=True), dim=-1)).mean(dim=(1, 2))
+
+
 class Pixels(Protocol):
     """The optimised pixels, in whatever layout the optimiser keeps them."""
 
@@ -219,6 +234,8 @@ class LossInputs:
         cls_attn: (B, K) the last block's class-token attention to the fed patches, and
         attention_target: (B, K) the attention prior at the same patches, when the
             attention prior is on (:attr:`InversionLoss.needs_cls_attention`); else ``None``.
+        attention_maps: Each block's softmax attention (B, H, N, N) over the fed tokens,
+            when a term asked for them (:attr:`InversionLoss.needs_attention_maps`).
     """
 
     def __init__(
@@ -232,12 +249,14 @@ class LossInputs:
         num_prefix: int = 1,
         cls_attn: torch.Tensor | None = None,
         attention_target: torch.Tensor | None = None,
+        attention_maps: list[torch.Tensor] | None = None,
     ) -> None:
         if (images is None) == (pixels is None) or logits is None or targets is None:
             raise ValueError("LossInputs needs logits, targets and one of images or pixels")
         self.logits, self.targets = logits, targets
         self.attention, self.num_prefix = attention, num_prefix
         self.cls_attn, self.attention_target = cls_attn, attention_target
+        self.attention_maps = attention_maps
         self._images, self._pixels = images, pixels
 
     @property
@@ -265,7 +284,9 @@ class InversionLoss:
     terms are off. ``patch_entropy`` subtracts the weighted mean over blocks of
     :func:`patch_similarity_entropy` (more diverse patch tokens). ``attention_prior``
     adds the weighted :func:`attention_prior_kl` between the last block's class-token
-    attention and a random Gaussian region per image. ``extra`` takes any
+    attention and a random Gaussian region per image. ``head_similarity`` adds the
+    weighted mean over blocks of :func:`head_dissimilarity` (MimiQ's inter-head
+    attention similarity: heads that look at the same places). ``extra`` takes any
     (weight, term) pairs, e.g. a feature-statistics prior or an adversarial term
     against a student.
     """
@@ -276,6 +297,7 @@ class InversionLoss:
     l2: float = 0.0
     patch_entropy: float = 0.0
     attention_prior: float = 0.0
+    head_similarity: float = 0.0
     extra: list[tuple[float, LossTerm]] = field(default_factory=list)
 
     @property
@@ -287,6 +309,11 @@ class InversionLoss:
     def needs_cls_attention(self) -> bool:
         """Whether a term reads the class-token attention and an attention prior (the loop then provides them)."""
         return bool(self.attention_prior)
+
+    @property
+    def needs_attention_maps(self) -> bool:
+        """Whether a term reads every block's softmax attention (the loop then records them, unfused)."""
+        return bool(self.head_similarity)
 
     def __call__(self, inputs: LossInputs) -> torch.Tensor:
         """Per-image loss, shape (B,)."""
@@ -305,6 +332,10 @@ class InversionLoss:
             if inputs.cls_attn is None or inputs.attention_target is None:
                 raise ValueError("the attention prior needs LossInputs.cls_attn and attention_target")
             loss = loss + self.attention_prior * attention_prior_kl(inputs.cls_attn, inputs.attention_target)
+        if self.head_similarity:
+            if inputs.attention_maps is None:
+                raise ValueError("the head-similarity prior needs LossInputs.attention_maps")
+            loss = loss + self.head_similarity * torch.stack([head_dissimilarity(m) for m in inputs.attention_maps]).mean(0)
         for weight, term in self.extra:
             loss = loss + weight * term(inputs)
         return loss
@@ -316,4 +347,6 @@ class InversionLoss:
             out["patch_entropy"] = self.patch_entropy
         if self.attention_prior:
             out["attention_prior"] = self.attention_prior
+        if self.head_similarity:
+            out["head_similarity"] = self.head_similarity
         return {**out, "extra": [[w, type(t).__name__] for w, t in self.extra]}

@@ -59,6 +59,33 @@ class AttentionRecorder:
         self.attn.fused_attn = self._was_fused
 
 
+class AttentionMaps:
+    """Every (or some) block's softmax attention weights, (B, heads, N, N) each, for a ``with``.
+
+    One :class:`AttentionRecorder` per block: the head-wise maps that attention
+    distillation and the inter-head similarity prior compare. ``maps`` holds the
+    last forward's weights, in block order, with their autograd history.
+    """
+
+    def __init__(self, model: nn.Module, indices: Sequence[int] | None = None) -> None:
+        blocks = list(model.blocks)
+        chosen = blocks if indices is None else [blocks[i] for i in indices]
+        self.recorders = [AttentionRecorder(block.attn) for block in chosen]
+
+    @property
+    def maps(self) -> list[torch.Tensor]:
+        return [r.weights for r in self.recorders]
+
+    def __enter__(self) -> "AttentionMaps":
+        for r in self.recorders:
+            r.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for r in self.recorders:
+            r.__exit__(*exc)
+
+
 class OutputRecorder:
     """Records the outputs of some modules of a ViT with forward hooks (register, read, remove).
 

@@ -1,0 +1,171 @@
+"""Quantized students that learn: attention distillation and the inter-head similarity prior.
+
+    python benchmarks/qat_attention.py [--steps 400] [--stages choose report w3a3 prior]
+
+Every cell is ``benchmarks/distill.py``'s quantized protocol (DeiT-Tiny teacher, the
+default ``recon`` post-training model calibrated on the sparse pool's first 32 images,
+400 training steps of 32 as ``sparseinv distill --quantized`` trains by default) with one
+change. Stages:
+
+* choose: the attention term's weight and form on 128 sparse images, chosen by top-1 on
+  the first 20 train100 images per class (real images that no data-free run sees and no
+  table reports);
+* report: the chosen setting against the command's defaults on 512 sparse images, and on
+  dense images at equal inversion time (dense 128), top-1 on val (first 100 per class);
+* w3a3: W3/A3 post-training and trained, beside Gaussian noise and real-image calibration;
+* prior: post-training W4/A4 (and W4/A8, W6/A6) from 32 images inverted with the
+  inter-head attention-similarity prior, against the same 32 without it.
+
+Results: ``benchmarks/results/qat_attention.json``. Cells are cached as distill.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, RESULTS, TRAIN100, ensure_pool, image_subset, write_results
+from distill import (
+    QUANTIZED_DEFAULTS,
+    _config,
+    cells,
+    dense_sources,
+    noise_images,
+    quantized_start,
+    run_cell,
+    sparse_images,
+)
+from quantization import heldout_kl, val_subset
+
+from sparseinv import load_model
+from sparseinv.data import evaluate_tensors
+from sparseinv.distill.data import Source
+from sparseinv.inversion.losses import InversionLoss
+from sparseinv.quant import QuantConfig, pool_batches, quantize_
+from sparseinv.quant.calibrate import folder_batches
+
+YARDSTICK_PER_CLASS = 20
+ATTENTION_WEIGHTS = (1.0, 10.0)
+PRIOR_WEIGHTS = (1.0,)
+PRIOR_BITS = ((4, 4),)
+
+
+def cell(name, images, teacher, p, val, steps, bits=(4, 4), yardstick=None, **overrides) -> dict:
+    return run_cell(name, "quantized", images, teacher, p, val, steps, bits, yardstick=yardstick, **{**QUANTIZED_DEFAULTS, **overrides})
+
+
+def sparse(p, n: int):
+    images = sparse_images(p["sparse"], n)
+    if len(images.sources) < n:  # the pool is still being made: never train on fewer images under its name
+        raise SystemExit(f"{p['sparse']} holds {len(images.sources)} images, not yet {n}")
+    return images
+
+
+def choose(teacher, p, val, yardstick, steps) -> dict:
+    images = sparse(p, 128)
+    trials = {"defaults": cell("sparse 128", images, teacher, p, val, steps, yardstick=yardstick)}
+    for w in ATTENTION_WEIGHTS:
+        trials[f"heads {w:g}"] = cell("sparse 128", images, teacher, p, val, steps, yardstick=yardstick, attention_weight=w)
+    best = max((k for k in trials if k.startswith("heads")), key=lambda k: trials[k]["train100_top1"])
+    weight = trials[best]["config"]["attention_weight"]
+    trials[f"foreground {weight:g}"] = cell("sparse 128", images, teacher, p, val, steps, yardstick=yardstick, attention_weight=weight,
+                                            attention_form="foreground")
+    chosen = max(trials, key=lambda k: trials[k]["train100_top1"])
+    return {"trials": trials, "chosen": chosen, "by": f"train100 top-1 (first {YARDSTICK_PER_CLASS} per class)"}
+
+
+def setting(chosen_name: str) -> dict:
+    if chosen_name == "defaults":
+        return {}
+    form, weight = chosen_name.split()
+    return {"attention_weight": float(weight), "attention_form": form}
+
+
+def report(teacher, p, val, yardstick, steps, chosen: dict) -> dict:
+    sparse(p, 512)
+    all_cells = cells(p, sizes=(512,), seed1=False)
+    rows = {}
+    for name in ("sparse 512", "dense 128", next(k for k in all_cells if "= dense 128's time" in k)):
+        images, seconds = all_cells[name]
+        for label, extra in (("defaults", {}), ("attention", chosen)):
+            rows[f"{name}, {label}"] = {**cell(name, images, teacher, p, val, steps, yardstick=yardstick, **extra), "inversion_seconds": seconds}
+    return rows
+
+
+def w3a3(teacher, p, val, yardstick, steps, chosen: dict) -> dict:
+    out = {}
+    start = quantized_start(teacher, p, 3, 3)
+    out["post-training sparse 32"] = {"top1": evaluate_tensors(start, *val, progress=False)["top1"]}
+    # Real-image calibration: the first 32 train100 images, same method and bits.
+    real = copy.deepcopy(teacher)
+    quantize_(real, QuantConfig.for_method("recon", 3, 3), folder_batches(teacher, TRAIN100, 32, 32), progress=False)
+    out["post-training real train100 32"] = {"top1": evaluate_tensors(real, *val, progress=False)["top1"]}
+    images = sparse(p, 512)
+    noise = dense_sources([Source(f) for f in sorted(noise_images(128).glob("*.png"))], "gaussian noise")
+    out["trained sparse 512, defaults"] = cell("sparse 512", images, teacher, p, val, steps, (3, 3), yardstick)
+    out["trained sparse 512, attention"] = cell("sparse 512", images, teacher, p, val, steps, (3, 3), yardstick, **chosen)
+    out["trained noise 128, attention"] = cell("noise 128", noise, teacher, p, val, steps, (3, 3), yardstick, **chosen)
+    return out
+
+
+def prior(teacher, p, val, yardstick) -> dict:
+    """Post-training from 32 images inverted with the head-similarity prior (pools cached)."""
+    heldout = pool_batches(teacher, p["heldout"], DEIT_TINY, 64, 32) if "heldout" in p else None
+    variants = {"baseline": p["sparse"]}
+    for w in PRIOR_WEIGHTS:
+        config = replace(_config(True, 32, 0), loss=InversionLoss(head_similarity=w))
+        variants[f"head similarity {w:g}"] = ensure_pool(f"prior_head_similarity_{w:g}_32", DEIT_TINY, DEIT_TINY_CKPT, config, teacher)
+    out = {}
+    for name, pool in variants.items():
+        run = json.loads((Path(pool) / "run.json").read_text())
+        out[name] = {"seconds_per_image": statistics.median(b["wall_seconds"] for b in run["batches"][:1]) / 32}
+        batches = pool_batches(teacher, pool, DEIT_TINY, 32, 32)
+        for bits in PRIOR_BITS:
+            model = copy.deepcopy(teacher)
+            quantize_(model, QuantConfig.for_method("recon", *bits), batches, progress=False)
+            out[name][f"W{bits[0]}/A{bits[1]}"] = {"top1": evaluate_tensors(model, *val, progress=False)["top1"],
+                                                   "train100_top1": evaluate_tensors(model, *yardstick, progress=False)["top1"],
+                                                   "heldout_kl": None if heldout is None else heldout_kl(model, teacher, heldout)}
+            print(name, bits, out[name][f"W{bits[0]}/A{bits[1]}"], flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--stages", nargs="+", default=["choose", "report", "w3a3", "prior"])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    teacher = load_model(DEIT_TINY, DEIT_TINY_CKPT)
+    val = val_subset(teacher, 100)
+    yardstick = image_subset(teacher, TRAIN100, YARDSTICK_PER_CLASS, "train100")
+    # distill.py's pools, made there (`python benchmarks/distill.py` or `distill.pools()`); the yardstick
+    # here is train100, so the held-out agreement is not computed.
+    p = {key: CACHE / "pools" / name for key, name in (("sparse", "kt_sparse_512_s0"), ("dense", "kt_dense_128_s0"),
+                                                       ("heldout", "kt_sparse_64_s7")) if key != "heldout" or "prior" in args.stages}
+    path = RESULTS / "qat_attention.json"
+    payload = json.loads(path.read_text()) if path.is_file() else {}
+    payload = {k: v for k, v in payload.items() if k not in ("command", "machine", "commit")}
+    payload.update(steps=args.steps, val_images=len(val[1]), yardstick_images=len(yardstick[1]))
+    started = time.time()
+    if "choose" in args.stages:
+        payload["choose"] = choose(teacher, p, val, yardstick, args.steps)
+    chosen = setting(payload["choose"]["chosen"]) if "choose" in payload else {}
+    if "report" in args.stages:
+        payload["report"] = report(teacher, p, val, yardstick, args.steps, chosen)
+    if "w3a3" in args.stages:
+        payload["w3a3"] = w3a3(teacher, p, val, yardstick, args.steps, chosen)
+    if "prior" in args.stages:
+        payload["prior"] = prior(teacher, p, val, yardstick)
+    payload["seconds"] = time.time() - started
+    print(f"wrote {write_results('qat_attention', payload)}")
+
+
+if __name__ == "__main__":
+    main()
