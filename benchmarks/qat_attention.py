@@ -91,10 +91,13 @@ def report(teacher, p, val, yardstick, steps, chosen: dict) -> dict:
     sparse(p, 512)
     all_cells = cells(p, sizes=(512,), seed1=False)
     rows = {}
-    for name in ("sparse 512", "dense 128", next(k for k in all_cells if "= dense 128's time" in k)):
+    equal_time = next(k for k in all_cells if "= dense 128's time" in k)
+    # The command's defaults and the chosen setting on 512 sparse images; the chosen setting on dense
+    # images and on sparse ones at dense 128's inversion time.
+    for name, label, extra in (("sparse 512", "defaults", {}), ("sparse 512", "attention", chosen),
+                               ("dense 128", "attention", chosen), (equal_time, "attention", chosen)):
         images, seconds = all_cells[name]
-        for label, extra in (("defaults", {}), ("attention", chosen)):
-            rows[f"{name}, {label}"] = {**cell(name, images, teacher, p, val, steps, yardstick=yardstick, **extra), "inversion_seconds": seconds}
+        rows[f"{name}, {label}"] = {**cell(name, images, teacher, p, val, steps, yardstick=yardstick, **extra), "inversion_seconds": seconds}
     return rows
 
 
@@ -108,7 +111,6 @@ def w3a3(teacher, p, val, yardstick, steps, chosen: dict) -> dict:
     out["post-training real train100 32"] = {"top1": evaluate_tensors(real, *val, progress=False)["top1"]}
     images = sparse(p, 512)
     noise = dense_sources([Source(f) for f in sorted(noise_images(128).glob("*.png"))], "gaussian noise")
-    out["trained sparse 512, defaults"] = cell("sparse 512", images, teacher, p, val, steps, (3, 3), yardstick)
     out["trained sparse 512, attention"] = cell("sparse 512", images, teacher, p, val, steps, (3, 3), yardstick, **chosen)
     out["trained noise 128, attention"] = cell("noise 128", noise, teacher, p, val, steps, (3, 3), yardstick, **chosen)
     return out
@@ -150,9 +152,10 @@ def main() -> None:
     p = {key: CACHE / "pools" / name for key, name in (("sparse", "kt_sparse_512_s0"), ("dense", "kt_dense_128_s0"),
                                                        ("heldout", "kt_sparse_64_s7")) if key != "heldout" or "prior" in args.stages}
     path = RESULTS / "qat_attention.json"
-    payload = json.loads(path.read_text()) if path.is_file() else {}
-    payload = {k: v for k, v in payload.items() if k not in ("command", "machine", "commit")}
-    payload.update(steps=args.steps, val_images=len(val[1]), yardstick_images=len(yardstick[1]))
+    payload = {"steps": args.steps, "val_images": len(val[1]), "yardstick_images": len(yardstick[1])}
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    if "choose" in old:
+        payload["choose"] = old["choose"]
     started = time.time()
     if "choose" in args.stages:
         payload["choose"] = choose(teacher, p, val, yardstick, args.steps)
@@ -163,8 +166,11 @@ def main() -> None:
         payload["w3a3"] = w3a3(teacher, p, val, yardstick, args.steps, chosen)
     if "prior" in args.stages:
         payload["prior"] = prior(teacher, p, val, yardstick)
-    payload["seconds"] = time.time() - started
-    print(f"wrote {write_results('qat_attention', payload)}")
+    payload[f"seconds_{'_'.join(args.stages)}"] = time.time() - started
+    # Stages may run in separate processes: keep what the file holds now of the stages not run here.
+    now = json.loads(path.read_text()) if path.is_file() else {}
+    kept = {k: v for k, v in now.items() if k not in payload and k not in ("command", "machine", "commit")}
+    print(f"wrote {write_results('qat_attention', {**kept, **payload})}")
 
 
 if __name__ == "__main__":
