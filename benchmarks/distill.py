@@ -47,10 +47,9 @@ from PIL import Image
 from quantization import val_subset
 
 from sparseinv import load_model, sparse_forward
-from sparseinv.cli.distill import SHALLOW_FEATURES, SHALLOW_LR, SHALLOW_MIX
 from sparseinv.data import ImageFolder, evaluate_tensors, read_class_index
 from sparseinv.distill import DistillConfig, Images, distill, folder_sources, shallow_copy, spread_blocks
-from sparseinv.distill.config import QAT_LEARN
+from sparseinv.distill.config import QAT_LEARN, SHALLOW_FEATURES, SHALLOW_LR, SHALLOW_MIX
 from sparseinv.distill.data import Source
 from sparseinv.models import vit_info
 from sparseinv.pool import open_pool, read_pool

@@ -72,3 +72,35 @@ def test_the_readme_gpu_install_builds_on_the_environments_torch():
     pinned = subprocess.run(["make", "-n", "-B", "install"], cwd=root, capture_output=True, text=True, check=True).stdout
     order = [pinned.index(p) for p in ("torch==2.13.0", "torchvision==0.28.0", "timm==1.0.31")]
     assert order == sorted(order) and "--system-site-packages" not in pinned
+
+
+def test_the_python_example_trains_and_quantizes_as_the_commands_do():
+    """The README's API example and its commands resolve to the same settings (policy lives in the configs)."""
+    from sparseinv import DistillConfig, QuantConfig
+    from sparseinv.cli import build_parser
+    from sparseinv.cli.distill import config_from
+    from sparseinv.cli.quantize import config_from_args
+
+    code = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[0]
+    api_distill = eval(re.search(r"DistillConfig\.for_student\([^)]*\)", code).group(0), {"DistillConfig": DistillConfig})
+    api_quant = eval(re.search(r"QuantConfig\.for_method\([^)]*\)", code).group(0), {"QuantConfig": QuantConfig})
+    commands = readme_commands()
+    depth = next(c for c in commands if c.startswith("sparseinv distill") and "--depth" in c)
+    quant = next(c for c in commands if c.startswith("sparseinv quantize") and "--a-bits 4" in c)
+    assert config_from(build_parser().parse_args(shlex.split(depth)[1:])) == api_distill
+    assert config_from_args(build_parser().parse_args(shlex.split(quant)[1:])) == api_quant
+
+
+@pytest.mark.parametrize("kind, options", [("timm", ["--student", "test_vit"]), ("depth", ["--blocks", "0", "2"]),
+                                           ("quantized", ["--quantized", "q.safetensors"])])
+def test_every_student_kind_resolves_through_its_config(kind, options):
+    from sparseinv import DistillConfig
+    from sparseinv.cli import build_parser
+    from sparseinv.cli.distill import config_from
+
+    base = ["distill", "--teacher", "test_vit", "--pool", "p", "--out", "o.safetensors", *options]
+    assert config_from(build_parser().parse_args(base)) == DistillConfig.for_student(kind)
+    # Given options win over the student's defaults, the same way in both.
+    given = config_from(build_parser().parse_args([*base, "--lr", "0.003", "--mix", "none", "--feature-weight", "0"]))
+    assert given == DistillConfig.for_student(kind, lr=0.003, mix="none", feature_weight=0.0)
+

@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 
-from sparseinv.cli.common import Renamed, add_device, config_from_args, resolve_device, split_model_spec
-from sparseinv.distill.config import ATTENTION_FORMS, FEATURE_LAYERS, MIXES, MODES, OPTIMIZERS, QAT_LEARN, TARGETS, DistillConfig
+from sparseinv.cli.common import Renamed, add_device, resolve_device, split_model_spec
+from sparseinv.distill.config import (
+    ATTENTION_FORMS,
+    FEATURE_LAYERS,
+    MIXES,
+    MODES,
+    OPTIMIZERS,
+    QAT_LEARN,
+    SHALLOW_FEATURES,
+    SHALLOW_LR,
+    SHALLOW_MIX,
+    TARGETS,
+    DistillConfig,
+)
 from sparseinv.errors import UsageError
 from sparseinv.files import check_writable
 
 D = DistillConfig()
-# (--feature-weight, --feature-layers) for students made from the teacher (--depth/--blocks/--quantized).
-SHALLOW_FEATURES = (1.0, "blocks")
-# --mix for shallower copies of the teacher (--depth/--blocks) with online targets: real-image top-1 of
-# the 6-block copy 21.1 against 10.4 (128 sparse images) and 16.2 against 8.0 (512), the most
-# accurate setting measured (benchmarks/distill_mix.py). Unmeasured for other students: off there.
-SHALLOW_MIX = "mixup"
-# --lr for those students: with mixup at 512 images real-image top-1 21.4 at 2e-5, 20.3 at 5e-5 and
-# 16.2 at AdamW's 2e-4 (benchmarks/distill_mix.py --with-512), the most accurate measured; a gentler
-# rate keeps more of what the copy already knows, and imitates the teacher less closely on inverted
-# images (held-out agreement 23.4, 50.0, 79.7).
-SHALLOW_LR = 2e-5
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -167,6 +169,22 @@ def make_student(args: argparse.Namespace, teacher, teacher_name: str, device):
     return shallow_copy(teacher, blocks), teacher_name
 
 
+def student_kind(args: argparse.Namespace) -> str:
+    """Which of :data:`~sparseinv.distill.config.STUDENT_KINDS` the options ask for."""
+    if args.quantized:
+        return "quantized"
+    return "depth" if args.depth is not None or args.blocks else "timm"
+
+
+def config_from(args: argparse.Namespace) -> DistillConfig:
+    """The run's settings: :meth:`DistillConfig.for_student`'s defaults for the student, under what was given."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)
+             if getattr(args, f.name, None) is not None}
+    if args.crop_scale is not None:
+        given["crop_scale"] = tuple(args.crop_scale)
+    return DistillConfig.for_student(student_kind(args), **given).validate()
+
+
 def run(args: argparse.Namespace) -> int:
     from sparseinv import distributed
     from sparseinv.distill import RoundsConfig, distill_with_rounds, is_vit
@@ -175,21 +193,7 @@ def run(args: argparse.Namespace) -> int:
     if args.views is not None:
         print("sparseinv: note: --views is no longer used: every epoch draws fresh random crops and flips "
               "(--crop-scale, --no-flip).", file=sys.stderr)
-    if args.mode is None:
-        args.mode = "linear-probe" if args.student else "full"
-    # Students made from the teacher (a shallower copy, a quantized one) learn each block's work from the
-    # teacher's tokens at its depth: held-out agreement 79.7 against 68.8 (6-block copy) and 100 against
-    # 95.3 (W4/A4) with logits alone, benchmarks/distill.py. Other students learn logits.
-    from_teacher = args.depth is not None or bool(args.blocks) or bool(args.quantized)
-    weight, layers = SHALLOW_FEATURES if from_teacher else (D.feature_weight, D.feature_layers)
-    args.feature_weight = weight if args.feature_weight is None else args.feature_weight
-    args.feature_layers = layers if args.feature_layers is None else args.feature_layers
-    shallow = args.depth is not None or bool(args.blocks)
-    if args.mix is None:
-        args.mix = SHALLOW_MIX if shallow and args.targets == "online" else D.mix
-    if args.lr is None and shallow and args.optimizer in (None, "adamw"):
-        args.lr = SHALLOW_LR
-    config = config_from_args(DistillConfig, args, crop_scale=None if args.crop_scale is None else tuple(args.crop_scale)).validate()
+    config = config_from(args)
     rounds = RoundsConfig(args.invert_every, args.images_per_round).validate()
     if len(args.pool) > 1 and rounds.invert_every:
         raise UsageError("--invert-every grows one pool: give a single --pool.")

@@ -27,6 +27,20 @@ QAT_LEARN = ("step-sizes", "weights", "all")
 # latent weights and step sizes ten times more gently, since one code step is a large jump.
 DEFAULT_LR = {"sgd": 0.01, "adamw": 2e-4}
 QUANTIZED_LR_FACTOR = 0.1
+# The kinds of student, each with its own defaults (DistillConfig.for_student): any timm model,
+# a shallower copy of the teacher (--depth/--blocks), the teacher quantized (--quantized).
+STUDENT_KINDS = ("timm", "depth", "quantized")
+# (feature_weight, feature_layers) for students made from the teacher: each block learns the teacher's
+# tokens at its depth (held-out agreement 79.7 against 68.8 for the 6-block copy, 100 against 95.3 for
+# W4/A4, with logits alone; benchmarks/distill.py).
+SHALLOW_FEATURES = (1.0, "blocks")
+# mix for shallower copies with online targets: real-image top-1 of the 6-block copy 21.1 against 10.4
+# (128 sparse images) and 16.2 against 8.0 (512), the most accurate setting measured
+# (benchmarks/distill_mix.py). Unmeasured for other students: off there.
+SHALLOW_MIX = "mixup"
+# lr for those students (AdamW): with mixup at 512 images real-image top-1 21.4 at 2e-5, 20.3 at 5e-5 and
+# 16.2 at 2e-4 (benchmarks/distill_mix.py --with-512); a gentler rate keeps more of what the copy knows.
+SHALLOW_LR = 2e-5
 
 
 @dataclass
@@ -109,6 +123,26 @@ class DistillConfig:
     targets: str = "online"
     seed: int = 0
     workers: int = 0
+
+    @classmethod
+    def for_student(cls, kind: str, **settings) -> "DistillConfig":
+        """The defaults for a kind of student (:data:`STUDENT_KINDS`), under ``settings``.
+
+        ``sparseinv distill`` resolves its options through this, so the API and the command
+        train a student the same way: ``timm`` students are linear-probed; students made from
+        the teacher (``depth``, ``quantized``) train in full and match the teacher's tokens at
+        every block; shallower copies also mix views (online targets) at AdamW 2e-5.
+        """
+        if kind not in STUDENT_KINDS:
+            raise UsageError(f"unknown student kind '{kind}': use {', '.join(STUDENT_KINDS)}.")
+        policy: dict = {"mode": "linear-probe"} if kind == "timm" else {
+            "mode": "full", "feature_weight": SHALLOW_FEATURES[0], "feature_layers": SHALLOW_FEATURES[1]}
+        if kind == "depth":
+            if settings.get("targets", cls.targets) == "online":
+                policy["mix"] = SHALLOW_MIX
+            if settings.get("optimizer") in (None, "adamw"):
+                policy["lr"] = SHALLOW_LR
+        return cls(**{**policy, **settings})
 
     def optimizer_name(self) -> str:
         if self.optimizer is not None:
