@@ -86,13 +86,13 @@ def setting(chosen_name: str) -> dict:
     return TRIALS[chosen_name]
 
 
-def report(teacher, p, val, yardstick, steps, chosen: dict) -> dict:
+def report(teacher, p, val, yardstick, steps, chosen: dict, also: list[str] = ()) -> dict:
     all_cells = {"sparse 512": (sparse(p, 512), None)} if "dense" not in p else cells(p, sizes=(512,), seed1=False)
     rows = {}
     equal_time = next((k for k in all_cells if "= dense 128's time" in k), None)
     # The command's defaults and the chosen setting on 512 sparse images; the chosen setting on dense
     # images and on sparse ones at dense 128's inversion time.
-    wanted = [("sparse 512", "defaults", {}), ("sparse 512", "attention", chosen)]
+    wanted = [("sparse 512", "defaults", {}), ("sparse 512", "attention", chosen)] + [("sparse 512", name, TRIALS[name]) for name in also]
     if "dense" in p:
         wanted += [("dense 128", "attention", chosen), (equal_time, "attention", chosen)]
     for name, label, extra in wanted:
@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", default=["choose", "report", "w3a3", "prior"])
     parser.add_argument("--trials", nargs="+", choices=list(TRIALS), help="run only these trials of the choice (cells are cached: "
                                                                           "a later run with every trial chooses among them all)")
+    parser.add_argument("--report-also", nargs="*", default=[], choices=list(TRIALS), help="more trials to report on 512 images")
     args = parser.parse_args()
     torch.manual_seed(0)
     teacher = load_model(DEIT_TINY, DEIT_TINY_CKPT)
@@ -175,7 +176,7 @@ def main() -> None:
         start = quantized_start(teacher, p, 4, 4)
         payload["start"] = {"W4/A4 post-training sparse 32": {"top1": evaluate_tensors(start, *val, progress=False)["top1"],
                                                               "train100_top1": evaluate_tensors(start, *yardstick, progress=False)["top1"]}}
-        payload["report"] = report(teacher, p, val, yardstick, args.steps, chosen)
+        payload["report"] = report(teacher, p, val, yardstick, args.steps, chosen, args.report_also)
     if "w3a3" in args.stages:
         # MimiQ's form at weight 1, not the choice above: W3/A3 is measured beside the choice, not after it.
         payload["w3a3"] = w3a3(teacher, p, val, yardstick, args.steps, {"attention_weight": 1.0, "attention_form": "heads"})
