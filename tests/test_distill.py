@@ -18,7 +18,7 @@ from sparseinv import InversionConfig, PruneSchedule, invert, load_model, read_p
 from sparseinv.cli import main
 from sparseinv.data import ImageFolder, read_class_index, transform_folder
 from sparseinv.distill import DistillConfig, RoundsConfig, distill, distill_with_rounds, kd_loss
-from sparseinv.inversion import run_record
+from sparseinv.runs.inversion import run_record
 from sparseinv.models import timm
 from sparseinv.pool import PoolWriter
 

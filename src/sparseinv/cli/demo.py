@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sparseinv.demo import DemoConfig, run_demo, table
+    from sparseinv.runs.demo import DemoConfig, run_demo, table
 
     device = resolve_device(args)
     preset = DemoConfig.quick if args.quick else DemoConfig.full if args.full else DemoConfig

@@ -162,8 +162,10 @@ def make_student(args: argparse.Namespace, teacher, teacher_name: str, device):
 
 def run(args: argparse.Namespace) -> int:
     from sparseinv import distributed
-    from sparseinv.distill import RoundsConfig, distill_with_rounds, is_vit
-    from sparseinv.pool import open_pool
+    from sparseinv.distill import is_vit
+    from sparseinv.runs.inversion import pool_settings
+    from sparseinv.runs.rounds import RoundsConfig, distill_with_rounds
+    from sparseinv.pool import open_pools
 
     if args.views is not None:
         print("sparseinv: note: --views is no longer used: every epoch draws fresh random crops and flips "
@@ -191,12 +193,11 @@ def run(args: argparse.Namespace) -> int:
 
         read_header(args.quantized)  # a wrong file fails before any model loads
     check_writable(args.out)
-    pools = [open_pool(p) for p in args.pool]  # refuses missing, empty or damaged pools
     teacher_name, _ = split_model_spec(args.teacher)
-    for pool in pools:
-        pool.record  # noqa: B018  (refuses a record whose settings cannot be read)
-        if pool.run["model"] != teacher_name:
-            raise UsageError(f"pool '{pool.root}' was inverted from {pool.run['model']}, not from the teacher {teacher_name}.")
+    # Before any model loads; distill() checks them again for the teacher's weights and classes.
+    pools = open_pools(args.pool, teacher_name, role="teacher")
+    if rounds.invert_every:
+        pool_settings(pools[0])  # refuses a record whose settings a round cannot rebuild
     if args.val:
         from sparseinv.data import ImageFolder
 

@@ -88,7 +88,7 @@ def schedule_from_args(args: argparse.Namespace) -> PruneSchedule:
 def run(args: argparse.Namespace) -> int:
     from sparseinv import distributed
     from sparseinv.classes import resolve_classes
-    from sparseinv.inversion import invert, run_record
+    from sparseinv.runs.inversion import invert, run_record
     from sparseinv.inversion.losses import InversionLoss
     from sparseinv.pool import PoolWriter
 
