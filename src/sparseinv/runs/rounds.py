@@ -35,9 +35,9 @@ class RoundsConfig:
 
     def validate(self) -> "RoundsConfig":
         if self.invert_every < 0 or self.images_per_round < 0:
-            raise UsageError("--invert-every and --images-per-round cannot be negative.")
+            raise UsageError("--invert-every and --num-images-per-round cannot be negative.")
         if (self.invert_every > 0) != (self.images_per_round > 0):
-            raise UsageError("--invert-every and --images-per-round go together: give both or neither.")
+            raise UsageError("--invert-every and --num-images-per-round go together: give both or neither.")
         return self
 
 
