@@ -18,7 +18,7 @@ import torch
 from common import DEIT_TINY, DEIT_TINY_CKPT, machine, write_results
 
 from sparseinv import InversionConfig, PruneSchedule, invert, invert_batch, load_model
-from sparseinv.demo import IMAGENETTE
+from sparseinv.runs.demo import IMAGENETTE
 from sparseinv.inversion.precision import bf16_speedup
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from common import DEIT_TINY, DEIT_TINY_CKPT, machine, write_results
 
 from sparseinv import InversionConfig, PruneSchedule, invert, load_model
-from sparseinv.demo import IMAGENETTE
+from sparseinv.runs.demo import IMAGENETTE
 
 SCHEDULES = [
     ((), 0.0), ((40, 60, 80, 100), 0.3), ((20, 40, 60, 80), 0.3), ((60, 80, 100, 120), 0.3),

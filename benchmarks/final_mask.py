@@ -24,7 +24,7 @@ from quantization import val_subset
 
 from sparseinv import InversionConfig, PruneSchedule, invert, load_model
 from sparseinv.data import evaluate_tensors
-from sparseinv.demo import IMAGENETTE
+from sparseinv.runs.demo import IMAGENETTE
 from sparseinv.pool import read_pool
 from sparseinv.quant import QuantConfig, pool_batches, quantize_
 

@@ -77,13 +77,13 @@ def test_evaluate_the_model_itself(chain):
 @pytest.mark.parametrize("student", [
     ["--depth", "3"],
     ["--blocks", "0", "2", "4"],
-    ["--student", "test_vit", "--random-student", "--mode", "linear-probe"],
-    ["--depth", "3", "--invert-every", "1", "--images-per-round", "2"],
+    ["--student", "test_vit", "--student-random-weights", "--mode", "linear-probe"],
+    ["--depth", "3", "--invert-every", "1", "--num-images-per-round", "2"],
 ], ids=["depth", "blocks", "student", "invert-every"])
 def test_distill_every_student_kind(chain, student):
-    teacher = f"test_vit:{chain['ckpt']}"
+    teacher = ["test_vit", "--teacher-checkpoint", str(chain["ckpt"])]
     out = chain["root"] / f"student-{student[0].strip('-')}-{len(student)}.safetensors"
-    assert main(["distill", "--teacher", teacher, *student, "--pool", str(chain["pool"]), "--epochs", "1", "--batch-size", "2",
+    assert main(["distill", "--teacher", *teacher, *student, "--pool", str(chain["pool"]), "--epochs", "1", "--batch-size", "2",
                  "--out", str(out), "--device", DEVICE, "--quiet"]) == 0
     assert out.is_file()
 
@@ -93,7 +93,7 @@ def test_distill_a_quantized_student(chain):
     assert main(["quantize", *chain["model"], "--calib", str(chain["pool"]), "--w-bits", "4", "--a-bits", "8", "--recon-iters", "2",
                  "--out", str(q), "--device", DEVICE, "--quiet"]) == 0
     out = chain["root"] / "qat.safetensors"
-    assert main(["distill", "--teacher", f"test_vit:{chain['ckpt']}", "--quantized", str(q), "--pool", str(chain["pool"]),
+    assert main(["distill", "--teacher", "test_vit", "--teacher-checkpoint", str(chain['ckpt']), "--quantized", str(q), "--pool", str(chain["pool"]),
                  "--epochs", "1", "--batch-size", "2", "--out", str(out), "--device", DEVICE, "--quiet"]) == 0
     assert main(["evaluate", *chain["model"], "--quantized", str(out), "--data", str(chain["data"]), "--device", DEVICE, "--quiet"]) == 0
 

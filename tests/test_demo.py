@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import SHARED, SYNSETS, VAL
-from sparseinv import demo as demo_module
+from sparseinv.runs import demo as demo_module
 from sparseinv.cli import main
 from sparseinv.data import ImageFolder, read_class_index, transform_folder
-from sparseinv.demo import BITS, IMAGENETTE, SOURCES, DemoConfig, estimate_seconds
+from sparseinv.runs.demo import BITS, IMAGENETTE, SOURCES, DemoConfig, estimate_seconds
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from sparseinv import InversionConfig, PruneSchedule, invert, load_model, read_p
 from sparseinv.cli import main
 from sparseinv.data import ImageFolder, read_class_index, transform_folder
 from sparseinv.distill import DistillConfig, RoundsConfig, distill, distill_with_rounds, kd_loss
-from sparseinv.inversion import run_record
+from sparseinv.runs.inversion import run_record
 from sparseinv.models import timm
 from sparseinv.pool import PoolWriter
 
@@ -156,7 +156,7 @@ def _top1(model, root, class_index=None, limit=None) -> tuple[float, list[int]]:
 
 def test_cli_distills_and_reads_teacher_classes_from_checkpoint(files, tmp_path, capsys):
     out = tmp_path / "student.safetensors"
-    code = main(["distill", "--teacher", f"test_vit:{files['teacher']}", "--student", f"test_vit:{files['student']}",
+    code = main(["distill", "--teacher", "test_vit", "--teacher-checkpoint", str(files['teacher']), "--student", "test_vit", "--student-checkpoint", str(files['student']),
                  "--pool", files["pool"], "--epochs", "2", "--batch-size", "2", "--val", _val_folder(tmp_path / "val"),
                  "--out", str(out), "--quiet"])
     assert code == 0
@@ -178,14 +178,14 @@ def _refused(capsys, argv) -> str:
 
 
 def test_cli_refuses_a_pool_from_another_model(files, tmp_path, capsys):
-    err = _refused(capsys, ["distill", "--teacher", f"test_vit2:{files['teacher']}", "--student", "test_vit",
+    err = _refused(capsys, ["distill", "--teacher", "test_vit2", "--teacher-checkpoint", str(files['teacher']), "--student", "test_vit",
                             "--pool", files["pool"], "--out", str(tmp_path / "s.safetensors")])
     assert "test_vit2" in err and "teacher" in err
 
 
 def test_cli_a_non_vit_student_sees_sparse_images_whole_and_says_so(files, tmp_path, capsys):
     capsys.readouterr()
-    assert main(["distill", "--teacher", f"test_vit:{files['teacher']}", "--student", "test_resnet", "--random-student",
+    assert main(["distill", "--teacher", "test_vit", "--teacher-checkpoint", str(files['teacher']), "--student", "test_resnet", "--student-random-weights",
                  "--pool", files["pool"], "--epochs", "1", "--batch-size", "2", "--out", str(tmp_path / "s.safetensors"), "--quiet"]) == 0
     assert "not a token-sequence ViT: it sees the sparse images whole" in capsys.readouterr().err
 
@@ -194,7 +194,7 @@ def test_cli_refuses_an_empty_pool(files, tmp_path, capsys):
     teacher = load_model("test_vit", files["teacher"], num_classes=TEACHER_CLASSES)
     empty = tmp_path / "empty"
     PoolWriter(empty, run_record(teacher, InversionConfig(num_images=4, iterations=6), "test_vit", None)).open()
-    err = _refused(capsys, ["distill", "--teacher", f"test_vit:{files['teacher']}", "--student", "test_vit",
+    err = _refused(capsys, ["distill", "--teacher", "test_vit", "--teacher-checkpoint", str(files['teacher']), "--student", "test_vit",
                             "--pool", str(empty), "--out", str(tmp_path / "s.safetensors")])
     assert "no images" in err
     (tmp_path / "bare").mkdir()
@@ -249,9 +249,9 @@ def test_cli_val_class_map_and_limit(files, tmp_path, capsys):
     index = tmp_path / "index.txt"
     index.write_text("".join(f"class{c} name\n" for c in reversed(range(TEACHER_CLASSES))))  # class4 is class 0, class0 class 4
     out = tmp_path / "student.safetensors"
-    argv = ["distill", "--teacher", f"test_vit:{files['teacher']}", "--student", f"test_vit:{files['student']}",
+    argv = ["distill", "--teacher", "test_vit", "--teacher-checkpoint", str(files['teacher']), "--student", "test_vit", "--student-checkpoint", str(files['student']),
             "--pool", files["pool"], "--epochs", "1", "--batch-size", "2", "--val", str(val),
-            "--val-class-map", str(index), "--val-limit-per-class", "1", "--out", str(out), "--quiet"]
+            "--val-class-map", str(index), "--val-num-images-per-class", "1", "--out", str(out), "--quiet"]
     assert main(argv) == 0
     got = json.loads((tmp_path / "student.json").read_text())["history"][0]["val_top1"]
     student = load_model("test_vit", str(out), num_classes=TEACHER_CLASSES)
@@ -269,7 +269,7 @@ def test_cli_val_class_map_and_limit(files, tmp_path, capsys):
 def test_cli_depth_student_is_the_teachers_shallow_copy_and_evaluates(files, tmp_path, capsys):
     """distill --depth N -> a smaller model that evaluate reads back at its own depth and class count."""
     out = tmp_path / "small.safetensors"
-    assert main(["distill", "--teacher", f"test_vit:{files['teacher']}", "--depth", "3", "--pool", files["pool"],
+    assert main(["distill", "--teacher", "test_vit", "--teacher-checkpoint", str(files['teacher']), "--depth", "3", "--pool", files["pool"],
                  "--epochs", "1", "--batch-size", "2", "--out", str(out), "--quiet"]) == 0
     assert "full distillation" in capsys.readouterr().out  # a copy of the teacher trains every weight by default
     config = json.loads((tmp_path / "small.json").read_text())["settings"]["config"]
@@ -292,7 +292,7 @@ def test_cli_depth_student_is_the_teachers_shallow_copy_and_evaluates(files, tmp
 
 def test_cli_students_other_than_shallow_copies_learn_logits_only_unless_asked(files, tmp_path):
     out = tmp_path / "probe.safetensors"
-    base = ["distill", "--teacher", f"test_vit:{files['teacher']}", "--student", f"test_vit:{files['student']}", "--pool", files["pool"],
+    base = ["distill", "--teacher", "test_vit", "--teacher-checkpoint", str(files['teacher']), "--student", "test_vit", "--student-checkpoint", str(files['student']), "--pool", files["pool"],
             "--epochs", "1", "--batch-size", "2", "--quiet"]
     assert main([*base, "--out", str(out)]) == 0
     config = json.loads((tmp_path / "probe.json").read_text())["settings"]["config"]
@@ -309,8 +309,8 @@ def test_cli_quantized_student_trains_and_its_file_evaluates(files, tmp_path, ca
     q, qat = tmp_path / "q.safetensors", tmp_path / "qat.safetensors"
     teacher = ["--model", "test_vit", "--checkpoint", files["teacher"]]
     assert main(["quantize", *teacher, "--calib", files["pool"], "--w-bits", "4", "--a-bits", "8", "--recon-iters", "2",
-                 "--num-calib", "4", "--out", str(q), "--quiet"]) == 0
-    assert main(["distill", "--teacher", f"test_vit:{files['teacher']}", "--quantized", str(q), "--pool", files["pool"],
+                 "--calib-num-images", "4", "--out", str(q), "--quiet"]) == 0
+    assert main(["distill", "--teacher", "test_vit", "--teacher-checkpoint", str(files['teacher']), "--quantized", str(q), "--pool", files["pool"],
                  "--epochs", "2", "--batch-size", "2", "--lr", "1e-3", "--qat-learn", "all", "--out", str(qat), "--quiet"]) == 0
     config = json.loads((tmp_path / "qat.json").read_text())["settings"]["config"]
     assert config["qat_learn"] == "all"
@@ -321,24 +321,24 @@ def test_cli_quantized_student_trains_and_its_file_evaluates(files, tmp_path, ca
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("w_int"))  # codes moved
     val = _val_folder(tmp_path / "val")
     assert main(["evaluate", *teacher, "--quantized", str(qat), "--data", val, "--quiet"]) == 0
-    err = _refused(capsys, ["distill", "--teacher", f"test_vit:{files['teacher']}", "--quantized", str(q), "--mode", "linear-probe",
+    err = _refused(capsys, ["distill", "--teacher", "test_vit", "--teacher-checkpoint", str(files['teacher']), "--quantized", str(q), "--mode", "linear-probe",
                             "--pool", files["pool"], "--out", str(tmp_path / "x.safetensors")])
     assert "full mode" in err
 
 
 def test_cli_takes_one_kind_of_student(files, tmp_path, capsys):
-    base = ["distill", "--teacher", f"test_vit:{files['teacher']}", "--pool", files["pool"], "--out", str(tmp_path / "s.safetensors")]
+    base = ["distill", "--teacher", "test_vit", "--teacher-checkpoint", str(files['teacher']), "--pool", files["pool"], "--out", str(tmp_path / "s.safetensors")]
     with pytest.raises(SystemExit):
         main([*base, "--student", "test_vit", "--depth", "2"])
     err = _refused(capsys, [*base, "--depth", "9"])
     assert "--depth 9" in err
-    err = _refused(capsys, [*base, "--depth", "2", "--random-student"])
-    assert "--random-student" in err
+    err = _refused(capsys, [*base, "--depth", "2", "--student-random-weights"])
+    assert "--student-random-weights" in err
 
 
 def test_cli_shallow_copy_with_cached_targets_trains_unmixed(files, tmp_path):
     """Mixing needs the teacher on every mixed view: with --targets cached a --depth student's default is no mixing."""
     out = tmp_path / "cached.safetensors"
-    assert main(["distill", "--teacher", f"test_vit:{files['teacher']}", "--depth", "3", "--pool", files["pool"], "--targets", "cached",
+    assert main(["distill", "--teacher", "test_vit", "--teacher-checkpoint", str(files['teacher']), "--depth", "3", "--pool", files["pool"], "--targets", "cached",
                  "--feature-weight", "0", "--epochs", "1", "--batch-size", "2", "--out", str(out), "--quiet"]) == 0
     assert "mix" not in json.loads((tmp_path / "cached.json").read_text())["settings"]["config"]

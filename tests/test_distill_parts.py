@@ -34,6 +34,7 @@ from sparseinv.vit.forward import OutputRecorder
 from sparseinv.errors import UsageError
 from sparseinv.models import timm
 from sparseinv.pool import open_pool
+from sparseinv.runs.inversion import pool_settings
 from sparseinv.quant import QuantConfig, load_quantized, pool_batches, quantize_
 from sparseinv.quant.model import act_quantizers, weight_modules
 from sparseinv.vit.forward import sparse_forward
@@ -101,7 +102,9 @@ def test_a_record_with_extra_loss_terms_or_a_missing_setting_is_refused():
 def test_pool_record_is_typed(setup):
     record = open_pool(setup["pool"]).record
     assert record.model == "test_vit" and record.num_classes == 5 and record.grid_size == (10, 10)
-    assert record.settings == InversionConfig(num_images=6, batch_size=3, iterations=6, schedule=SCHEDULE)
+    # The format keeps the settings as recorded; the runs layer rebuilds them (the pool never imports the engine).
+    assert record.settings == json.loads(json.dumps(InversionConfig(num_images=6, batch_size=3, iterations=6, schedule=SCHEDULE).record()))
+    assert pool_settings(open_pool(setup["pool"])) == InversionConfig(num_images=6, batch_size=3, iterations=6, schedule=SCHEDULE)
 
 
 def test_rounds_invert_with_every_setting_of_the_pool(setup, tmp_path):
@@ -112,18 +115,19 @@ def test_rounds_invert_with_every_setting_of_the_pool(setup, tmp_path):
         invert(teacher, config, str(tmp_path / "pool"), model_name="test_vit", progress=False)
         distill_with_rounds(teacher, load_model("test_vit", setup["ckpt"]), tmp_path / "pool", DistillConfig(epochs=2, batch_size=2),
                             RoundsConfig(invert_every=1, images_per_round=2), tmp_path / "s.safetensors", progress=False)
-    grown = open_pool(tmp_path / "s.rounds" / "round_001").record.settings
+    grown = pool_settings(open_pool(tmp_path / "s.rounds" / "round_001"))
     assert grown == replace(config, seed=3 + 1000 + 1)
 
 
 def test_distill_itself_never_inverts(setup, tmp_path, monkeypatch):
-    import sparseinv.inversion
+    import sparseinv.inversion.loop
+    import sparseinv.runs.inversion
 
     def refuse(*args, **kwargs):
         raise AssertionError("distill called the inverter")
 
-    monkeypatch.setattr(sparseinv.inversion, "invert", refuse)
-    monkeypatch.setattr(sparseinv.inversion, "invert_batch", refuse)
+    monkeypatch.setattr(sparseinv.runs.inversion, "invert", refuse)
+    monkeypatch.setattr(sparseinv.inversion.loop, "invert_batch", refuse)
     summary = distill(teacher_of(setup), load_model("test_vit", setup["ckpt"]), setup["pool"], DistillConfig(epochs=1, batch_size=3),
                       tmp_path / "s.safetensors", progress=False)
     assert summary["epoch"] == 1

@@ -107,7 +107,7 @@ def test_a_killed_rank_loses_only_its_batch_and_any_process_count_finishes(setup
 @pytest.mark.parametrize("mode", ["full", "linear-probe"])
 def test_distributed_distillation_trains_the_weights_one_process_does(setup, mode):
     ckpt = setup["ckpt"]
-    args = ["distill", "--teacher", f"test_vit:{setup['other']}", "--student", f"test_vit:{ckpt}", "--pool", str(setup["reference"]),
+    args = ["distill", "--teacher", "test_vit", "--teacher-checkpoint", str(setup['other']), "--student", "test_vit", "--student-checkpoint", str(ckpt), "--pool", str(setup["reference"]),
             "--mode", mode, "--epochs", "2", "--batch-size", "4", "--quiet", "--allow-other-weights",
             # a fresh head moves slowly at T = 20 (its gradient is the softmax difference over T)
             "--lr", "0.05" if mode == "full" else "0.5",
@@ -152,8 +152,8 @@ def _max_difference(a: dict, b: dict) -> float:
 
 def test_distributed_rounds_grow_the_pool_one_process_grows_and_train_alike(setup):
     """--invert-every under torchrun: the round's images are the ones one process inverts, byte for byte, and the student trains alike."""
-    args = ["distill", "--teacher", f"test_vit:{setup['ckpt']}", "--student", f"test_vit:{setup['other']}", "--pool", str(setup["reference"]),
-            "--mode", "full", "--epochs", "2", "--batch-size", "4", "--invert-every", "1", "--images-per-round", "2",
+    args = ["distill", "--teacher", "test_vit", "--teacher-checkpoint", str(setup['ckpt']), "--student", "test_vit", "--student-checkpoint", str(setup['other']), "--pool", str(setup["reference"]),
+            "--mode", "full", "--epochs", "2", "--batch-size", "4", "--invert-every", "1", "--num-images-per-round", "2",
             "--lr", "0.05", "--optimizer", "sgd", "--quiet"]
     one, two = setup["root"] / "rounds-one" / "s.safetensors", setup["root"] / "rounds-two" / "s.safetensors"
     assert one_thread_main([*args, "--out", str(one)]) == 0
@@ -177,8 +177,8 @@ def test_distributed_quantization_aware_training_trains_the_step_sizes_one_proce
     token-matching term is on (a quantized student's default): its normaliser is the whole batch's, not each process's."""
     quantized = setup["root"] / "qat-start.safetensors"
     assert one_thread_main(["quantize", *setup["model"], "--calib", str(setup["reference"]), "--w-bits", "4", "--a-bits", "8",
-                            "--method", "calib", "--num-calib", "8", "--out", str(quantized), "--quiet"]) == 0
-    args = ["distill", "--teacher", f"test_vit:{setup['ckpt']}", "--quantized", str(quantized), "--pool", str(setup["reference"]),
+                            "--method", "calib", "--calib-num-images", "8", "--out", str(quantized), "--quiet"]) == 0
+    args = ["distill", "--teacher", "test_vit", "--teacher-checkpoint", str(setup['ckpt']), "--quantized", str(quantized), "--pool", str(setup["reference"]),
             # One step of the whole pool: rounding makes QAT chaotic (a step size 1e-7 apart rounds some activation the
             # other way and the next gradient differs), so runs that differ only in summation order are compared after one.
             "--epochs", "1", "--batch-size", "16", "--warmup", "0", "--lr", "1e-3", "--optimizer", "sgd", "--quiet"]

@@ -206,7 +206,7 @@ def test_cli_export_and_evaluate_onnx(tmp_path, capsys, files):
     [
         ("psaq", (), "needs the 'int' scheme"),
         ("w8a4", (), "needs 8-bit activations"),
-        ("w8a8", ("--batch-size", "zero"), "--batch-size must be"),
+        ("w8a8", ("--onnx-batch-size", "zero"), "--onnx-batch-size must be"),
     ],
 )
 def test_cli_export_refuses(tmp_path, capsys, files, quantized, extra, message):

@@ -11,6 +11,7 @@ from PIL import Image
 
 import sparseinv.inversion.loop as inversion
 from conftest import interrupt_second_batch
+from sparseinv.runs.inversion import assign_labels
 from sparseinv import InversionConfig, InversionLoss, PruneSchedule, invert, invert_batch, read_pool, sparse_forward, vit_info
 
 SPARSE = PruneSchedule(steps=(2, 4), ratios=(0.5, 0.5))  # 100 -> 50 -> 25 patches; mask keeps 25
@@ -94,9 +95,9 @@ def test_returns_best_pixels_not_last(tiny_vit):
 
 
 def test_labels_are_balanced_and_follow_given_classes():
-    labels = inversion.assign_labels(InversionConfig(num_images=7, classes=(4, 9)), num_classes=10)
+    labels = assign_labels(InversionConfig(num_images=7, classes=(4, 9)), num_classes=10)
     assert labels == [4, 9, 4, 9, 4, 9, 4]
-    drawn = inversion.assign_labels(InversionConfig(num_images=25, seed=1), num_classes=10)
+    drawn = assign_labels(InversionConfig(num_images=25, seed=1), num_classes=10)
     assert all(drawn.count(c) in (2, 3) for c in range(10))
     assert sorted(drawn[:10]) == list(range(10))
 

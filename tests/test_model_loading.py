@@ -111,7 +111,7 @@ def test_a_fine_tuned_37_class_deit_small_goes_from_inversion_to_an_int8_onnx_fi
     pool, quantized, onnx = tmp_path / "pool", tmp_path / "q.safetensors", tmp_path / "q.onnx"
     assert main(["invert", *base, "--num-images", "2", "--batch-size", "2", "--iterations", "6", "--classes", "0", "36",
                  "--out", str(pool)]) == 0
-    assert main(["quantize", *base, "--calib", str(pool), "--method", "calib", "--num-calib", "2", "--out", str(quantized)]) == 0
+    assert main(["quantize", *base, "--calib", str(pool), "--method", "calib", "--calib-num-images", "2", "--out", str(quantized)]) == 0
     assert main(["export", "--model", "deit_small_patch16_224", "--checkpoint", str(ckpt), "--quantized", str(quantized),
                  "--out", str(onnx)]) == 0
     capsys.readouterr()

@@ -9,7 +9,7 @@ import torch
 
 import sparseinv.pool as pool_module
 from sparseinv.inversion.config import InversionConfig
-from sparseinv.inversion.loop import run_record
+from sparseinv.runs.inversion import run_record
 from sparseinv.pool import PoolWriter, read_manifest
 
 

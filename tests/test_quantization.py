@@ -419,7 +419,7 @@ def test_cli_refuses_a_calibration_folder_without_images(cli_files, tmp_path, ca
 @pytest.fixture(scope="module")
 def quantized_file(cli_files):
     out = cli_files["root"] / "noise.safetensors"
-    assert main(["quantize", "--model", "test_vit", "--checkpoint", cli_files["ckpt"], "--calib", "noise", "--num-calib", "4",
+    assert main(["quantize", "--model", "test_vit", "--checkpoint", cli_files["ckpt"], "--calib", "noise", "--calib-num-images", "4",
                  "--recon-iters", "3", "--out", str(out), "--quiet"]) == 0
     return str(out)
 

@@ -139,9 +139,9 @@ def test_cli_rebirth_pool_feeds_quantize_distill_and_evaluate(tmp_path, capsys):
     assert sorted(set(read_pool(pool).detached_at.flatten().tolist())) == [1, 2, 3, 8]
     q = tmp_path / "q.safetensors"
     assert main(["quantize", *model, "--calib", str(pool), "--w-bits", "4", "--a-bits", "8", "--recon-iters", "2",
-                 "--num-calib", "4", "--out", str(q), "--quiet"]) == 0
+                 "--calib-num-images", "4", "--out", str(q), "--quiet"]) == 0
     student = tmp_path / "student.safetensors"
-    assert main(["distill", "--teacher", f"test_vit:{ckpt}", "--depth", "3", "--pool", str(pool), "--epochs", "1",
+    assert main(["distill", "--teacher", "test_vit", "--teacher-checkpoint", str(ckpt), "--depth", "3", "--pool", str(pool), "--epochs", "1",
                  "--batch-size", "2", "--out", str(student), "--quiet"]) == 0
     assert student.is_file()
     assert main(["invert", *model, "--schedule", "rebirth", "--iterations", "3", "--out", str(tmp_path / "short"), "--quiet"]) == 2

@@ -42,7 +42,7 @@ def fixtures(tmp_path_factory):
     quantized = root / "q.safetensors"
     model_args = ["--model", "test_vit", "--checkpoint", str(ckpt)]
     assert main(["quantize", *model_args, "--calib", str(root / "pool"), "--method", "calib", "--w-bits", "8", "--a-bits", "8",
-                 "--num-calib", str(NUM_IMAGES), "--out", str(quantized), "--quiet"]) == 0
+                 "--calib-num-images", str(NUM_IMAGES), "--out", str(quantized), "--quiet"]) == 0
     images = root / "images"
     for i, name in enumerate(("n01440764", "n01443537")):  # ImageNet synsets: evaluate maps them to classes 0 and 1
         (images / name).mkdir(parents=True)
@@ -60,7 +60,7 @@ def _copy_pool(fixtures, tmp_path) -> Path:
 
 def _quantize(fixtures, pool, out) -> list[str]:
     return ["quantize", *fixtures["model"], "--calib", str(pool), "--method", "calib", "--w-bits", "8", "--a-bits", "8",
-            "--num-calib", str(NUM_IMAGES), "--out", str(out), "--quiet"]
+            "--calib-num-images", str(NUM_IMAGES), "--out", str(out), "--quiet"]
 
 
 def _evaluate(fixtures, quantized=None, data=None, extra=()) -> list[str]:
@@ -180,7 +180,7 @@ def test_damaged_pool_is_refused_by_every_reader(capsys, tmp_path, fixtures, cas
     _refused(capsys, _quantize(fixtures, pool, out), message)
     assert not out.exists()
     student = tmp_path / "student.safetensors"
-    _refused(capsys, ["distill", "--teacher", f"test_vit:{fixtures['ckpt']}", "--student", f"test_vit:{fixtures['ckpt']}",
+    _refused(capsys, ["distill", "--teacher", "test_vit", "--teacher-checkpoint", str(fixtures['ckpt']), "--student", "test_vit", "--student-checkpoint", str(fixtures['ckpt']),
                       "--pool", str(pool), "--epochs", "1", "--out", str(student), "--quiet"], message)
     assert list(tmp_path.iterdir()) == [pool]
 
@@ -326,7 +326,7 @@ def test_damaged_checkpoint_is_refused(capsys, tmp_path, fixtures, case, command
     argv = {
         "invert": ["invert", "--model", "test_vit", "--checkpoint", str(ckpt), "--iterations", "2", "--dense", "--num-images", "1", "--out", str(out)],
         "quantize": ["quantize", "--model", "test_vit", "--checkpoint", str(ckpt), "--calib", "noise", "--w-bits", "8", "--a-bits", "8", "--out", str(out)],
-        "distill": ["distill", "--teacher", f"test_vit:{ckpt}", "--student", "test_vit", "--random-student", "--pool", str(fixtures["pool"]), "--out", str(out)],
+        "distill": ["distill", "--teacher", "test_vit", "--teacher-checkpoint", str(ckpt), "--student", "test_vit", "--student-random-weights", "--pool", str(fixtures["pool"]), "--out", str(out)],
     }[command]
     _refused(capsys, [*argv, "--quiet"], message)
     assert not out.exists()
@@ -367,7 +367,7 @@ def test_output_that_cannot_be_written_is_refused_before_work(capsys, tmp_path, 
         "invert": ["invert", *fixtures["model"], "--iterations", "2", "--dense", "--num-images", "1", "--out", str(out)],
         "quantize": _quantize(fixtures, fixtures["pool"], out)[:-1],
         "evaluate": _evaluate(fixtures, extra=["--json", str(out)]),
-        "distill": ["distill", "--teacher", f"test_vit:{fixtures['ckpt']}", "--student", f"test_vit:{fixtures['ckpt']}",
+        "distill": ["distill", "--teacher", "test_vit", "--teacher-checkpoint", str(fixtures['ckpt']), "--student", "test_vit", "--student-checkpoint", str(fixtures['ckpt']),
                     "--pool", str(fixtures["pool"]), "--out", str(out)],
     }[command]
     _refused(capsys, [*argv, "--quiet"], "is a file, not a folder")
@@ -382,7 +382,7 @@ def test_output_on_a_file_system_that_refuses_writes_is_refused_in_one_line(caps
         "invert": ["invert", *fixtures["model"], "--iterations", "2", "--dense", "--num-images", "1", "--out", out],
         "quantize": _quantize(fixtures, fixtures["pool"], out)[:-1],
         "evaluate": _evaluate(fixtures, extra=["--json", out]),
-        "distill": ["distill", "--teacher", f"test_vit:{fixtures['ckpt']}", "--student", f"test_vit:{fixtures['ckpt']}",
+        "distill": ["distill", "--teacher", "test_vit", "--teacher-checkpoint", str(fixtures['ckpt']), "--student", "test_vit", "--student-checkpoint", str(fixtures['ckpt']),
                     "--pool", str(fixtures["pool"]), "--out", out],
         "export": ["export", *fixtures["model"], "--out", out],
     }[command]
@@ -413,7 +413,7 @@ def test_outputs_follow_the_umask_whatever_their_writer(tmp_path, fixtures, umas
     try:
         quantized = tmp_path / "q.safetensors"  # safetensors writes its own files 0600
         assert main(["quantize", *fixtures["model"], "--calib", str(fixtures["pool"]), "--method", "calib", "--w-bits", "8",
-                     "--a-bits", "8", "--num-calib", "2", "--out", str(quantized), "--quiet"]) == 0
+                     "--a-bits", "8", "--calib-num-images", "2", "--out", str(quantized), "--quiet"]) == 0
         atomic_write(tmp_path / "notes.json", "{}")
     finally:
         os.umask(old)
@@ -487,12 +487,12 @@ def test_a_pool_from_other_weights_is_refused_unless_allowed(capsys, tmp_path, f
     other = save_test_vit(tmp_path / "other.safetensors", seed=1)
     model = ["--model", "test_vit", "--checkpoint", str(other)]
     q = tmp_path / "q.safetensors"
-    quantize = ["quantize", *model, "--calib", str(fixtures["pool"]), "--method", "calib", "--num-calib", "2", "--out", str(q), "--quiet"]
+    quantize = ["quantize", *model, "--calib", str(fixtures["pool"]), "--method", "calib", "--calib-num-images", "2", "--out", str(q), "--quiet"]
     err = _refused(capsys, quantize, "other weights")
     assert "--allow-other-weights" in err and not q.exists()
     assert main([*quantize, "--allow-other-weights"]) == 0
     assert "(allowed)" in capsys.readouterr().err
-    distill = ["distill", "--teacher", f"test_vit:{other}", "--depth", "1", "--pool", str(fixtures["pool"]), "--epochs", "1",
+    distill = ["distill", "--teacher", "test_vit", "--teacher-checkpoint", str(other), "--depth", "1", "--pool", str(fixtures["pool"]), "--epochs", "1",
                "--batch-size", "2", "--out", str(tmp_path / "s.safetensors"), "--quiet"]
     _refused(capsys, distill, "other weights")
     assert main([*distill, "--allow-other-weights"]) == 0

@@ -11,11 +11,12 @@ from sparseinv._lazy import lazy_exports
 if TYPE_CHECKING:
     from sparseinv.distill import DistillConfig, distill, kd_loss
     from sparseinv.errors import UsageError
-    from sparseinv.inversion import BatchResult, InversionConfig, InversionResult, invert, invert_batch
+    from sparseinv.inversion import BatchResult, InversionConfig, invert_batch
     from sparseinv.inversion.losses import InversionLoss, LossInputs
     from sparseinv.models import ViTInfo, load_model, vit_info
     from sparseinv.pool import Pool, read_pool
     from sparseinv.quant import QuantConfig, calibrate, calibration_batches, load_quantized, quantize_, save_quantized
+    from sparseinv.runs.inversion import InversionResult, invert
     from sparseinv.inversion.schedule import PruneSchedule
     from sparseinv.vit.forward import SparseOutput, sparse_forward
 
@@ -26,8 +27,8 @@ _EXPORTS = {
     "UsageError": "sparseinv.errors",
     "BatchResult": "sparseinv.inversion",
     "InversionConfig": "sparseinv.inversion",
-    "InversionResult": "sparseinv.inversion",
-    "invert": "sparseinv.inversion",
+    "InversionResult": "sparseinv.runs.inversion",
+    "invert": "sparseinv.runs.inversion",
     "invert_batch": "sparseinv.inversion",
     "InversionLoss": "sparseinv.inversion.losses",
     "LossInputs": "sparseinv.inversion.losses",

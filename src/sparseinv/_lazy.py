@@ -52,3 +52,16 @@ def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str],
         return sorted({*vars(sys.modules[package]), *exports})
 
     return __getattr__, __dir__
+
+
+def moved_to(module: str) -> Callable[[str], object]:
+    """``__getattr__`` for a module's older path: every name is ``module``'s, imported on first use.
+
+    The old module names its new home as a string only, so a layer that once held it (the
+    inversion engine, distillation) imports nothing from the runs layer above it.
+    """
+
+    def __getattr__(name: str) -> object:
+        return getattr(importlib.import_module(module), name)
+
+    return __getattr__

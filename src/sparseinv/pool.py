@@ -32,9 +32,9 @@ import json
 import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -43,9 +43,6 @@ from torch import nn
 
 from sparseinv.errors import UsageError, first_line
 from sparseinv.files import FolderLock, atomic_save, atomic_write, atomic_write_json, check_writable
-
-if TYPE_CHECKING:  # the record's settings; sparseinv.inversion itself writes pools
-    from sparseinv.inversion.config import InversionConfig
 
 FORMAT = "sparseinv-pool/1"
 
@@ -108,17 +105,6 @@ class Pool:
     @property
     def record(self) -> "PoolRecord":
         return PoolRecord.from_run(self.run, self.root)
-
-    def check_weights(self, model: nn.Module, role: str = "model", allow_other: bool = False) -> None:
-        """Refuse a pool inverted from other weights than ``model``'s (see :func:`check_weights`)."""
-        check_weights(self.root, self.run, model, role, allow_other)
-
-    def check_model(self, model_name: str, role: str = "model") -> None:
-        """Refuse a pool inverted from another architecture than ``model_name``."""
-        if self.model_name != model_name:
-            raise UsageError(
-                f"pool '{self.root}' was inverted from {self.model_name}, not from the {role} {model_name}."
-            )
 
 
 def check_weights(root: Path, run: dict, model: nn.Module, role: str, allow_other: bool = False) -> None:
@@ -267,7 +253,9 @@ class PoolRecord:
         num_patches: Patches of a whole image (a dense image keeps them all).
         patch_size: (height, width) of a patch in pixels.
         input_size: (channels, height, width) of an image.
-        settings: The inversion settings, every one, as :meth:`InversionConfig.from_record` reads them.
+        settings: The inversion settings as recorded (:meth:`InversionConfig.record`); the
+            runs layer rebuilds them (:func:`sparseinv.runs.inversion.pool_settings`), so
+            the format never reaches up into the engine that writes it.
     """
 
     model: str
@@ -276,7 +264,7 @@ class PoolRecord:
     num_patches: int
     patch_size: tuple[int, int]
     input_size: tuple[int, int, int]
-    settings: InversionConfig
+    settings: dict
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -284,17 +272,7 @@ class PoolRecord:
 
     @classmethod
     def from_run(cls, run: dict, root: Path | None = None) -> "PoolRecord":
-        """Read ``run.json``'s fields (already checked by :func:`open_pool`).
-
-        Raises:
-            UsageError: settings that cannot be rebuilt into an :class:`InversionConfig`.
-        """
-        from sparseinv.inversion.config import InversionConfig
-
-        try:
-            settings = InversionConfig.from_record(run.get("settings") or {})
-        except UsageError as err:
-            raise UsageError(f"pool record '{root}/run.json': {err}") from None
+        """Read ``run.json``'s fields (already checked by :func:`open_pool`)."""
         return cls(
             model=run["model"],
             checkpoint=run.get("checkpoint"),
@@ -302,7 +280,7 @@ class PoolRecord:
             num_patches=int(run["num_patches"]),
             patch_size=tuple(int(p) for p in run["patch_size"]),
             input_size=tuple(int(s) for s in run["input_size"]),
-            settings=settings,
+            settings=dict(run.get("settings") or {}),
         )
 
 
@@ -386,6 +364,45 @@ def open_pool(root: str | os.PathLike) -> PoolIndex:
     for number, entry in enumerate(entries, 1):
         _verify_check(entry, f"pool manifest '{root / 'manifest.jsonl'}' line {number}")
     return PoolIndex(root, run, entries)
+
+
+def open_pools(pools, model_name: str | None = None, model: nn.Module | None = None, *, role: str = "model",
+               allow_other_weights: bool = False) -> list[PoolIndex]:
+    """Pools opened for a model: the one place a set of pools is checked before it is used.
+
+    Each pool is opened and checked (:func:`open_pool`); then, in this order, each must have
+    been inverted from ``model_name`` (when given); all from one model at one size; from
+    ``model``'s weights (unless ``allow_other_weights``: see :func:`check_weights`) and
+    class count (when ``model`` is given); and every image must open at the pool's size
+    (headers only: pixels are read when used).
+
+    Args:
+        pools: A pool folder, :class:`Pool` or :class:`PoolIndex`, or a sequence of them.
+        role: What the model is to the command (``"teacher"``), for the messages.
+
+    Raises:
+        UsageError: no pool, or a pool that fails any check, named.
+    """
+    items = pools if isinstance(pools, Sequence) and not isinstance(pools, str) else [pools]
+    opened = [p if isinstance(p, PoolIndex) else open_pool(p.root if isinstance(p, Pool) else p) for p in items]
+    if not opened:
+        raise UsageError("no pool was given.")
+    for pool in opened:
+        if model_name is not None and pool.run["model"] != model_name:
+            raise UsageError(f"pool '{pool.root}' was inverted from {pool.run['model']}, not from the {role} {model_name}.")
+    first = opened[0].record
+    for pool in opened[1:]:
+        rec = pool.record
+        if (rec.model, rec.input_size, rec.patch_size, rec.num_classes) != (first.model, first.input_size, first.patch_size, first.num_classes):
+            raise UsageError(f"pool '{pool.root}' was inverted from another model or at another size than '{opened[0].root}'.")
+    for pool in [] if model is None else opened:
+        check_weights(pool.root, pool.run, model, role, allow_other_weights)
+        if pool.record.num_classes != int(model.num_classes):
+            raise UsageError(f"pool '{pool.root}' was inverted from a {pool.record.num_classes}-class model, "
+                             f"but the {role} has {int(model.num_classes)} classes.")
+    for pool in opened:
+        pool.check_headers()  # a missing or wrongly sized image is refused now, not mid-run
+    return opened
 
 
 def read_pool(root: str | os.PathLike) -> Pool:

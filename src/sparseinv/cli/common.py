@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 class Renamed(argparse.Action):
     """An option's old spelling: still accepted, with a one-line note, into the new option's value.
 
-    The new spelling wins when both are given, whatever their order.
+    The new spelling wins when both are given, whatever their order (unless it is given
+    at its default value, which the old spelling then replaces).
     """
 
     def __init__(self, option_strings, dest, new: str, **kwargs) -> None:
@@ -25,8 +26,17 @@ class Renamed(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         print(f"note: {option_string} is now {self.new}.", file=sys.stderr)
-        if getattr(namespace, self.dest, None) is None:
-            setattr(namespace, self.dest, values)
+        if getattr(namespace, self.dest, None) in (None, parser.get_default(self.dest)):
+            setattr(namespace, self.dest, self.const if self.nargs == 0 else values)  # nargs=0: a flag
+
+
+def add_renamed(parser: argparse.ArgumentParser, old: list[str], new: str, dest: str, **kwargs) -> None:
+    """Accept the older spellings ``old`` of option ``new`` (whose value goes to ``dest``)."""
+    parser.add_argument(*old, dest=dest, action=Renamed, new=new, **kwargs)
+
+
+def add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="print only the result: no progress bars, no exporter notes")
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +71,17 @@ def split_model_spec(spec: str) -> tuple[str, str | None]:
     prefix = "hf-hub:" if spec.startswith("hf-hub:") else ""
     name, _, checkpoint = spec[len(prefix):].partition(":")
     return prefix + name, (checkpoint or None)
+
+
+def model_and_checkpoint(spec: str, checkpoint: str | None, option: str) -> tuple[str, str | None]:
+    """``option NAME`` with ``option-checkpoint PATH``, or the older ``option NAME:CHECKPOINT`` (with a note)."""
+    name, inline = split_model_spec(spec)
+    if inline is None:
+        return name, checkpoint
+    if checkpoint is not None:
+        raise UsageError(f"{option} {spec} names a checkpoint and so does {option}-checkpoint: give it once, as {option}-checkpoint.")
+    print(f"note: {option} NAME:CHECKPOINT is now {option} NAME {option}-checkpoint CHECKPOINT.", file=sys.stderr)
+    return name, inline
 
 
 def add_model(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sparseinv.cli.common import add_device, resolve_device
+from sparseinv.cli.common import add_device, add_quiet, resolve_device
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,13 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="2 images x 30 steps: checks the pipeline in about a minute")
     size.add_argument("--full", action="store_true", help="the paper's reference protocol: 32 images x 4000 steps (hours on a CPU)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet(p)
     add_device(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from sparseinv.demo import DemoConfig, run_demo, table
+    from sparseinv.runs.demo import DemoConfig, run_demo, table
 
     device = resolve_device(args)
     preset = DemoConfig.quick if args.quick else DemoConfig.full if args.full else DemoConfig

@@ -7,7 +7,7 @@ import copy
 import dataclasses
 import sys
 
-from sparseinv.cli.common import Renamed, add_device, resolve_device, split_model_spec
+from sparseinv.cli.common import Renamed, add_device, add_quiet, add_renamed, model_and_checkpoint, resolve_device
 from sparseinv.distill.config import (
     ATTENTION_FORMS,
     FEATURE_LAYERS,
@@ -39,9 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "quantized file: quantization-aware training)."
         ),
     )
-    p.add_argument("--teacher", required=True, metavar="NAME[:CHECKPOINT]", help="the model the pools were inverted from")
+    p.add_argument("--teacher", required=True, metavar="NAME", help="timm name of the model the pools were inverted from")
+    p.add_argument("--teacher-checkpoint", metavar="PATH", help="the teacher's weights (default: timm's pretrained weights from the hub)")
     kind = p.add_mutually_exclusive_group(required=True)
-    kind.add_argument("--student", metavar="NAME[:CHECKPOINT]", help="any timm model to train (its head is rebuilt to the teacher's classes)")
+    kind.add_argument("--student", metavar="NAME", help="any timm model to train (its head is rebuilt to the teacher's classes)")
     kind.add_argument("--depth", type=int, metavar="N", help="student = the teacher with N of its blocks, spread evenly from the first (12 -> 6: blocks 0, 2, ..., 10)")
     kind.add_argument("--blocks", type=int, nargs="+", metavar="I", help="student = the teacher with exactly these blocks (0-based, in order)")
     kind.add_argument("--quantized", metavar="FILE", help="student = the teacher quantized as in FILE (from 'sparseinv quantize'); --out is then a quantized file")
@@ -50,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=MODES, default=None,
                    help="linear-probe: frozen backbone, fresh head; full: every weight (default: linear-probe for --student, full otherwise)")
     p.add_argument("--epochs", type=int, default=D.epochs, help=f"passes over the images (default: {D.epochs})")
-    p.add_argument("-b", "--batch-size", type=int, default=D.batch_size, help=f"images per step (default: {D.batch_size})")
+    p.add_argument("-b", "--batch-size", type=int, default=D.batch_size, help=f"images per optimisation step (default: {D.batch_size})")
     p.add_argument("--temperature", type=float, default=D.temperature, help=f"softmax temperature T (default: {D.temperature:g})")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="default: sgd for linear-probe, adamw for full")
     p.add_argument("--lr", type=float, default=None,
@@ -94,25 +95,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-class-map", help="file whose line i starts with class i's folder name (default: ImageNet synset folders map "
                                            "by synset for 1000-class teachers; otherwise sorted folder order, when the counts match)")
     p.add_argument("--val-class-index", dest="val_class_map", action=Renamed, new="--val-class-map")
-    p.add_argument("--val-limit-per-class", type=int, help="evaluate on only the first N images of each class")
+    p.add_argument("--val-num-images-per-class", type=int, help="evaluate on only the first N images of each class")
+    add_renamed(p, ["--val-limit-per-class"], "--val-num-images-per-class", "val_num_images_per_class", type=int)
     p.add_argument("--invert-every", type=int, default=0, metavar="K", help="invert a new round of images from the teacher every K epochs (the first pool's settings)")
-    p.add_argument("--images-per-round", type=int, default=0, metavar="M", help="images inverted per round")
+    p.add_argument("--num-images-per-round", type=int, default=0, metavar="M", help="images inverted per round")
+    add_renamed(p, ["--images-per-round"], "--num-images-per-round", "num_images_per_round", type=int)
     p.add_argument("--allow-other-weights", action="store_true", help="accept pools inverted from other weights than the teacher's")
-    p.add_argument("--random-student", action="store_true", help="start a --student from random weights (no checkpoint)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--student-checkpoint", metavar="PATH", help="a --student's weights (default: timm's pretrained weights from the hub)")
+    p.add_argument("--student-random-weights", dest="random_student", action="store_true", help="start a --student from random weights (no checkpoint)")
+    add_renamed(p, ["--random-student"], "--student-random-weights", "random_student", nargs=0, const=True)
+    add_quiet(p)
     add_device(p)
     p.set_defaults(func=run)
 
 
-def load_teacher(spec: str, device) -> tuple:
+def load_teacher(name: str, checkpoint: str | None, device) -> tuple:
     """The teacher, with its class count read from the checkpoint's head."""
     from sparseinv.models import load_model
 
-    name, checkpoint = split_model_spec(spec)
     return load_model(name, checkpoint, device=device), name, checkpoint
 
 
-def load_student(spec: str, device, random_weights: bool):
+def load_student(name: str, checkpoint: str | None, device, random_weights: bool):
     """Any timm model; ViTs through :func:`load_model`, others by timm directly.
 
     The class count follows the checkpoint's classifier, so a 1000-class ImageNet
@@ -123,7 +127,6 @@ def load_student(spec: str, device, random_weights: bool):
     from sparseinv.distill import is_vit
     from sparseinv.models import check_model_name, checkpoint_shape, load_model, read_state_dict, state_mismatch, timm
 
-    name, checkpoint = split_model_spec(spec)
     check_model_name(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random weights the same in every process of a run
@@ -150,7 +153,7 @@ def _hub(name: str, device):
     try:
         return timm.create_model(name, pretrained=True).to(device).eval()
     except Exception as err:  # hub errors come in many types; all mean "no weights"
-        raise UsageError(f"could not fetch pretrained weights for '{name}' ({type(err).__name__}); pass --student NAME:CHECKPOINT.") from None
+        raise UsageError(f"could not fetch pretrained weights for '{name}' ({type(err).__name__}); pass --student-checkpoint PATH.") from None
 
 
 def make_student(args: argparse.Namespace, teacher, teacher_name: str, device):
@@ -158,9 +161,10 @@ def make_student(args: argparse.Namespace, teacher, teacher_name: str, device):
     from sparseinv.distill import shallow_copy, spread_blocks
 
     if args.student:
-        return load_student(args.student, device, args.random_student)
-    if args.random_student:
-        raise UsageError("--random-student goes with --student only: --depth, --blocks and --quantized start from the teacher.")
+        return load_student(*model_and_checkpoint(args.student, args.student_checkpoint, "--student"), device, args.random_student)
+    if args.random_student or args.student_checkpoint:
+        raise UsageError("--student-random-weights and --student-checkpoint go with --student only: --depth, --blocks and "
+                         "--quantized start from the teacher.")
     if args.quantized:
         from sparseinv.quant import load_quantized
 
@@ -187,14 +191,16 @@ def config_from(args: argparse.Namespace) -> DistillConfig:
 
 def run(args: argparse.Namespace) -> int:
     from sparseinv import distributed
-    from sparseinv.distill import RoundsConfig, distill_with_rounds, is_vit
-    from sparseinv.pool import open_pool
+    from sparseinv.distill import is_vit
+    from sparseinv.runs.inversion import pool_settings
+    from sparseinv.runs.rounds import RoundsConfig, distill_with_rounds
+    from sparseinv.pool import open_pools
 
     if args.views is not None:
         print("sparseinv: note: --views is no longer used: every epoch draws fresh random crops and flips "
               "(--crop-scale, --no-flip).", file=sys.stderr)
     config = config_from(args)
-    rounds = RoundsConfig(args.invert_every, args.images_per_round).validate()
+    rounds = RoundsConfig(args.invert_every, args.num_images_per_round).validate()
     if len(args.pool) > 1 and rounds.invert_every:
         raise UsageError("--invert-every grows one pool: give a single --pool.")
     if args.quantized:
@@ -202,24 +208,23 @@ def run(args: argparse.Namespace) -> int:
 
         read_header(args.quantized)  # a wrong file fails before any model loads
     check_writable(args.out)
-    pools = [open_pool(p) for p in args.pool]  # refuses missing, empty or damaged pools
-    teacher_name, _ = split_model_spec(args.teacher)
-    for pool in pools:
-        pool.record  # noqa: B018  (refuses a record whose settings cannot be read)
-        if pool.run["model"] != teacher_name:
-            raise UsageError(f"pool '{pool.root}' was inverted from {pool.run['model']}, not from the teacher {teacher_name}.")
+    teacher_name, teacher_ckpt = model_and_checkpoint(args.teacher, args.teacher_checkpoint, "--teacher")
+    # Before any model loads; distill() checks them again for the teacher's weights and classes.
+    pools = open_pools(args.pool, teacher_name, role="teacher")
+    if rounds.invert_every:
+        pool_settings(pools[0])  # refuses a record whose settings a round cannot rebuild
     if args.val:
         from sparseinv.data import ImageFolder
 
         val_folders = ImageFolder.class_folders(args.val)
     device = resolve_device(args)
-    teacher, teacher_name, teacher_ckpt = load_teacher(args.teacher, device)
+    teacher, teacher_name, teacher_ckpt = load_teacher(teacher_name, teacher_ckpt, device)
     val = None
     if args.val:
         from sparseinv.classes import folder_class_index
 
         index, _ = folder_class_index(val_folders, teacher.num_classes, args.val_class_map, f"--val '{args.val}'")
-        val = ImageFolder.scan(args.val, index, limit_per_class=args.val_limit_per_class)
+        val = ImageFolder.scan(args.val, index, limit_per_class=args.val_num_images_per_class)
     student, student_name = make_student(args, teacher, teacher_name, device)
     if pools[0].is_sparse and not is_vit(student):
         print(f"sparseinv: note: the student {student_name} is not a token-sequence ViT: it sees the sparse images whole, "

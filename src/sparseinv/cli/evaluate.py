@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sparseinv.cli.common import Renamed, add_device, add_model, model_from_args, resolve_device
+from sparseinv.cli.common import Renamed, add_device, add_model, add_quiet, add_renamed, model_from_args, resolve_device
 from sparseinv.errors import UsageError
 from sparseinv.files import atomic_write_json, check_writable
 
@@ -24,10 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--class-map", help="file whose line i starts with class i's folder name (default: ImageNet synset folders map "
                                        "by synset for 1000-class models; otherwise sorted folder order, when the counts match)")
     p.add_argument("--class-index", dest="class_map", action=Renamed, new="--class-map")
-    p.add_argument("--limit-per-class", type=int, help="only the first N images of each class")
-    p.add_argument("-b", "--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--num-images-per-class", type=int, help="only the first N images of each class")
+    add_renamed(p, ["--limit-per-class"], "--num-images-per-class", "num_images_per_class", type=int)
+    p.add_argument("--eval-batch-size", type=int, default=64, help="images per forward pass")
+    add_renamed(p, ["-b", "--batch-size"], "--eval-batch-size", "eval_batch_size", type=int)
     p.add_argument("--json", help="also write the result to this JSON file")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p)
     add_device(p)
     p.set_defaults(func=run)
 
@@ -38,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from sparseinv.models import load_model
     from sparseinv.quant import load_quantized, read_header
 
-    if args.limit_per_class is not None and args.limit_per_class < 1:
-        raise UsageError(f"--limit-per-class {args.limit_per_class} must be at least 1.")
+    if args.num_images_per_class is not None and args.num_images_per_class < 1:
+        raise UsageError(f"--num-images-per-class {args.num_images_per_class} must be at least 1.")
     if args.json:
         check_writable(args.json, "--json")
     if args.quantized and args.onnx:
@@ -57,15 +59,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = model_from_args(args, device)
     class_index, note = folder_class_index(folders, model.num_classes, args.class_map, f"'{args.data}'")
-    folder = ImageFolder.scan(args.data, class_index, args.limit_per_class)
+    folder = ImageFolder.scan(args.data, class_index, args.num_images_per_class)
     if max(folder.labels) >= model.num_classes:
         raise UsageError(f"'{args.data}' has class index {max(folder.labels)}, but {args.model} has only {model.num_classes} classes.")
     if args.quantized:
         load_quantized(model, args.quantized, args.model)
     if args.onnx:
-        result = evaluate_onnx(session, folder, model, batch_size=args.batch_size, progress=not args.quiet)
+        result = evaluate_onnx(session, folder, model, batch_size=args.eval_batch_size, progress=not args.quiet)
     else:
-        result = evaluate(model, folder, batch_size=args.batch_size, progress=not args.quiet)
+        result = evaluate(model, folder, batch_size=args.eval_batch_size, progress=not args.quiet)
     config = getattr(model, "quant_config", None)
     record = {
         "model": args.model,
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         "onnx": args.onnx,
         "quant_config": None if config is None else config.record(),
         "data": str(args.data),
-        "limit_per_class": args.limit_per_class,
+        "limit_per_class": args.num_images_per_class,
         **result,
     }
     if args.json:

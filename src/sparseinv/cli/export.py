@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from sparseinv.cli.common import add_model, model_from_args
+from sparseinv.cli.common import add_device, add_model, add_quiet, add_renamed, model_from_args, resolve_device
 from sparseinv.errors import UsageError
 from sparseinv.files import check_writable
 
@@ -24,31 +24,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model(p)
     p.add_argument("--quantized", help="a .safetensors file from 'sparseinv quantize' (default: export full precision)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
-    p.add_argument("-b", "--batch-size", default="dynamic", help="'dynamic' or a fixed batch size N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch while tracing (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="print only the result line, not the exporter's notes")
+    p.add_argument("--onnx-batch-size", default="dynamic", help="the ONNX model's batch dimension: 'dynamic' or a fixed N")
+    add_renamed(p, ["-b", "--batch-size"], "--onnx-batch-size", "onnx_batch_size")
+    add_quiet(p)
+    add_device(p)  # the model loads there; the exporter traces it on the CPU
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from sparseinv.quant import load_quantized, read_header
 
     batch = None
-    if args.batch_size != "dynamic":
+    if args.onnx_batch_size != "dynamic":
         try:
-            batch = int(args.batch_size)
+            batch = int(args.onnx_batch_size)
         except ValueError:
             batch = 0
         if batch < 1:
-            raise UsageError(f"--batch-size must be 'dynamic' or a positive integer, got '{args.batch_size}'.")
+            raise UsageError(f"--onnx-batch-size must be 'dynamic' or a positive integer, got '{args.onnx_batch_size}'.")
     check_writable(args.out)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     if args.quantized:
         read_header(args.quantized)  # a wrong file fails before the model loads
-    model = model_from_args(args, torch.device("cpu"))
+    model = model_from_args(args, resolve_device(args))
     if args.quantized:
         load_quantized(model, args.quantized, args.model)
     from sparseinv.export import INTEGER_OPS, export_onnx, integer_ops

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from sparseinv.cli.common import add_device, add_model, config_from_args, model_from_args, resolve_device
+from sparseinv.cli.common import add_device, add_model, add_quiet, config_from_args, model_from_args, resolve_device
 from sparseinv.errors import UsageError
 from sparseinv.files import FolderLock, check_writable
 from sparseinv.inversion.config import FINAL_MASKS, PRECISIONS, InversionConfig
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model(p)
     p.add_argument("--out", required=True, help="pool folder; an unfinished pool with the same settings is continued")
     p.add_argument("--num-images", type=int, default=32, help="images to invert (labels balanced over --classes or all classes)")
-    p.add_argument("-b", "--batch-size", type=int, default=32, help="images optimised together; each batch is committed to the pool when done")
+    p.add_argument("-b", "--batch-size", type=int, default=32, help="images per optimisation step; each batch is committed to the pool when done")
     p.add_argument("--iterations", type=int, default=4000, help="optimisation steps per batch (the paper: 4000)")
     p.add_argument("--lr", type=float, default=0.25, help="Adam learning rate on the pixels")
     p.add_argument("--tv-l2", type=float, default=1e-4, help="weight of the L2 total variation (default 1e-4)")
@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the model's arithmetic: bf16 autocast (pixels, optimiser and loss stay fp32); auto: bf16 where this device "
                         "computes it faster (a short probe), else fp32 (default: fp32)")
     p.add_argument("--seed", type=int, default=0, help="seeds labels, initial pixels and augmentations (batch b uses seed and b)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p)
     add_device(p)
     p.set_defaults(func=run)
 
@@ -91,7 +91,7 @@ def schedule_from_args(args: argparse.Namespace) -> PruneSchedule:
 def run(args: argparse.Namespace) -> int:
     from sparseinv import distributed
     from sparseinv.classes import resolve_classes
-    from sparseinv.inversion import invert, run_record
+    from sparseinv.runs.inversion import invert, run_record
     from sparseinv.inversion.losses import InversionLoss
     from sparseinv.pool import PoolWriter
 

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import time
 
-from sparseinv.cli.common import add_device, add_model, model_from_args, resolve_device
+from sparseinv.cli.common import add_device, add_model, add_quiet, add_renamed, model_from_args, resolve_device
 from sparseinv.errors import UsageError
 from sparseinv.files import check_writable
 from sparseinv.quant.config import CALIBRATORS, DEFAULT_METHOD, METHODS, SCHEMES, QuantConfig, ReconConfig
@@ -53,12 +53,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--recon-lr", type=float, help=f"learning rate of the rounding logits (default {defaults.lr_round})")
     r.add_argument("--recon-drop", type=float, help=f"QDrop probability (default {defaults.drop_prob})")
     r.add_argument("--recon-views", type=int, help=f"whole-patch rolls and mirrors of each image to reconstruct on (default {defaults.views})")
-    p.add_argument("--num-calib", type=int, default=32, help="calibration images (default 32)")
-    p.add_argument("-b", "--batch-size", type=int, default=32, help="calibration batch size (default 32)")
+    p.add_argument("--calib-num-images", type=int, default=32, help="calibration images (default 32)")
+    add_renamed(p, ["--num-calib"], "--calib-num-images", "calib_num_images", type=int)
+    p.add_argument("--calib-batch-size", type=int, default=32, help="calibration images per forward pass (default 32)")
+    add_renamed(p, ["-b", "--batch-size"], "--calib-batch-size", "calib_batch_size", type=int)
     p.add_argument("--seed", type=int, default=0, help="seed for --calib noise and reconstruction")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.add_argument("--allow-other-weights", action="store_true", help="accept a --calib pool inverted from other weights than --checkpoint's")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p)
     add_device(p)
     p.set_defaults(func=run)
 
@@ -87,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.out)
     device = resolve_device(args)
     model = model_from_args(args, device)
-    batches = calibration_batches(model, args.calib, args.model, args.num_calib, args.batch_size, args.seed, args.allow_other_weights)
+    batches = calibration_batches(model, args.calib, args.model, args.calib_num_images, args.calib_batch_size, args.seed,
+                                  args.allow_other_weights)
     fp = fingerprint(model)
     start = time.perf_counter()
     quantize_(model, config, batches, progress=not args.quiet)

@@ -7,7 +7,8 @@
 * :mod:`~sparseinv.distill.students`: the students (any timm classifier, a shallower copy
   of the teacher, a quantized model) and how pixels reach them.
 * :mod:`~sparseinv.distill.train`: one epoch, evaluation, the checkpoint, :func:`distill`.
-* :mod:`~sparseinv.distill.rounds`: growing the pool between epochs (calls the inverter).
+* growing the pool between epochs calls the inverter, so it is a run above this package
+  (:mod:`sparseinv.runs.rounds`); its names are still exported here.
 """
 
 from typing import TYPE_CHECKING
@@ -17,7 +18,6 @@ from sparseinv._lazy import lazy_exports
 if TYPE_CHECKING:
     from sparseinv.distill.config import MODES, DistillConfig, kd_loss
     from sparseinv.distill.data import Source, TrainImages, folder_sources, pool_sources
-    from sparseinv.distill.rounds import RoundsConfig, distill_with_rounds, round_folder
     from sparseinv.distill.students import (
         classifiers,
         end_qat,
@@ -37,9 +37,10 @@ _EXPORTS = {
     "TrainImages": "sparseinv.distill.data",
     "folder_sources": "sparseinv.distill.data",
     "pool_sources": "sparseinv.distill.data",
-    "RoundsConfig": "sparseinv.distill.rounds",
-    "distill_with_rounds": "sparseinv.distill.rounds",
-    "round_folder": "sparseinv.distill.rounds",
+    # The older import path of the runs layer's rounds; named, never imported, by this package.
+    "RoundsConfig": "sparseinv.runs.rounds",
+    "distill_with_rounds": "sparseinv.runs.rounds",
+    "round_folder": "sparseinv.runs.rounds",
     "classifiers": "sparseinv.distill.students",
     "end_qat": "sparseinv.distill.students",
     "is_vit": "sparseinv.distill.students",

@@ -28,7 +28,7 @@ import copy
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +57,6 @@ from sparseinv.distill.students import (
 from sparseinv.errors import UsageError
 from sparseinv.vit.forward import AttentionMaps, OutputRecorder
 from sparseinv.files import atomic_save, atomic_write_json
-from sparseinv.pool import check_weights
 from sparseinv.quant.model import is_quantized
 
 
@@ -87,23 +86,20 @@ class Images:
     names: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_pools(cls, pools: Sequence) -> "Images":
-        """Every image of ``pools`` (:class:`~sparseinv.pool.PoolIndex`, one kind: sparse or dense).
+    def from_pools(cls, pools, teacher_name: str | None = None, teacher: nn.Module | None = None,
+                   allow_other_weights: bool = False) -> "Images":
+        """Every image of ``pools`` (folders, :class:`~sparseinv.pool.Pool` or
+        :class:`~sparseinv.pool.PoolIndex`, one kind: sparse or dense), checked for the
+        teacher by :func:`~sparseinv.pool.open_pools`.
 
         Sparse pools that keep different numbers of patches (a rescore pool beside a
         last-phase one) are fed the smallest count, so every batch stacks.
         """
         from sparseinv.distill.data import pool_sources
+        from sparseinv.pool import open_pools
 
-        if not pools:
-            raise UsageError("distillation needs at least one pool.")
-        records = [p.record for p in pools]
-        first = records[0]
-        for pool, rec in zip(pools[1:], records[1:]):
-            if (rec.model, rec.input_size, rec.patch_size, rec.num_classes) != (first.model, first.input_size, first.patch_size, first.num_classes):
-                raise UsageError(f"pool '{pool.root}' was inverted from another model or at another size than '{pools[0].root}'.")
-        for pool in pools:
-            pool.check_headers()  # a missing or wrongly sized image is refused now, not mid-training
+        pools = open_pools(pools, teacher_name, teacher, role="teacher", allow_other_weights=allow_other_weights)
+        first = pools[0].record
         sources = pool_sources(pools)
         num_keep = min(p.num_kept for p in pools) if pools[0].is_sparse else None
         return cls(sources, tuple(first.input_size[1:]), tuple(first.patch_size), num_keep, [str(Path(p.root).resolve()) for p in pools])
@@ -338,18 +334,8 @@ def distill(
     rank = distributed.current()
     if config.batch_size % rank.world_size:
         raise UsageError(f"--batch-size {config.batch_size} is the global batch and must divide evenly over the {rank.world_size} processes.")
-    pools = _pool_indexes(images)
-    data = images if isinstance(images, Images) else Images.from_pools(pools)
-    if teacher_name is not None:
-        for pool in pools:
-            if pool.record.model != teacher_name:
-                raise UsageError(f"pool '{pool.root}' was inverted from {pool.record.model}, not from the teacher {teacher_name}.")
+    data = images if isinstance(images, Images) else Images.from_pools(images, teacher_name, teacher, allow_other_weights)
     num_classes = int(teacher.num_classes)
-    for pool in pools:
-        check_weights(pool.root, pool.run, teacher, "teacher", allow_other_weights)
-        if pool.record.num_classes != num_classes:
-            raise UsageError(f"pool '{pool.root}' was inverted from a {pool.record.num_classes}-class model, "
-                             f"but the teacher has {num_classes} classes.")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     quantized = is_quantized(student)
@@ -461,21 +447,3 @@ def distill(
         atomic_write_json(sibling(out, ".json"), summary)
     rank.barrier()  # every rank returns once the files are there
     return summary
-
-
-def _pool_indexes(images) -> list:
-    from sparseinv.pool import Pool, PoolIndex, open_pool
-
-    if isinstance(images, Images):
-        return []
-    items = images if isinstance(images, (list, tuple)) else [images]
-    out = []
-    for item in items:
-        if isinstance(item, PoolIndex):
-            out.append(item)
-        elif isinstance(item, Pool):
-            out.append(open_pool(item.root))
-        else:
-            out.append(open_pool(item))
-    return out
-

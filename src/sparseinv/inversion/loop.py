@@ -1,10 +1,10 @@
-"""The inversion loop: one batch, and many batches into a pool.
+"""The inversion loop: one batch of labels in, its images and kept patches out.
 
 :func:`invert_batch` is the loop for one batch: Adam over pixels, roll/flip
 augmentation, a pluggable loss, best-so-far pixels per image, and, when the schedule
 says so, scoring patches by last-block CLS attention and dropping the rest from the
-token sequence for good. :func:`invert` runs many batches and, given a folder, writes
-them as a pool that survives interruption.
+token sequence for good. Many batches, pools, ranks and the picture of a run are the
+runs layer's (:func:`sparseinv.runs.inversion.invert`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparseinv import distributed
 from sparseinv.inversion.augment import ColorShift
 from sparseinv.vit.views import RollFlip
 from sparseinv.inversion.config import InversionConfig
 from sparseinv.inversion.precision import Precision, resolve_precision
 from sparseinv.inversion.losses import LossInputs, gaussian_attention_priors
 from sparseinv.inversion.monitor import StepMonitor
-from sparseinv.models import ViTInfo, vit_info, weights_fingerprint
+from sparseinv.models import ViTInfo, vit_info
 from sparseinv.inversion.kept_pixels import KeptImages, KeptPixels
 from sparseinv.vit.forward import AttentionMaps, OutputRecorder, _patch_projection, sparse_forward
 
@@ -59,21 +58,6 @@ class BatchResult:
     @property
     def wall_seconds(self) -> float:
         return sum(self.seconds_per_phase) + self.final_seconds
-
-
-def assign_labels(config: InversionConfig, num_classes: int) -> list[int]:
-    """One target class per image, balanced over the chosen classes.
-
-    Given classes are cycled in the order given; otherwise every class is drawn once
-    (a seeded permutation) before any repeats.
-    """
-    if config.classes is not None:
-        return [config.classes[i % len(config.classes)] for i in range(config.num_images)]
-    generator = torch.Generator().manual_seed(config.seed)
-    labels: list[int] = []
-    while len(labels) < config.num_images:
-        labels.extend(torch.randperm(num_classes, generator=generator).tolist())
-    return labels[: config.num_images]
 
 
 def _sync(device: torch.device) -> None:
@@ -182,6 +166,71 @@ def prior_pairs(cls_attn: torch.Tensor, priors: torch.Tensor, keep: torch.Tensor
     return cls_attn, priors.gather(1, keep)
 
 
+@dataclass(frozen=True)
+class _Feed:
+    """What every step of one batch feeds the model and scores it by; fixed for the batch.
+
+    Attributes:
+        every: (B, N) every patch index: the dense phase's fed cells, and the final mask of a dense image.
+        per_patch: With a per-patch projection the gradient enters through the fed patches
+            alone; otherwise (other patch embeddings) through the whole augmented image.
+        recorder: Records every block's attention for the losses that read it (else a null context).
+        maps: Records every block's softmax attention for the losses that read it (else a null context).
+        priors: (B, N) each image's attention prior, when the loss has one.
+        max_shift: The largest roll, (rows, columns) of pixels.
+    """
+
+    model: nn.Module
+    labels: torch.Tensor
+    config: InversionConfig
+    info: ViTInfo
+    precision: Precision
+    generator: torch.Generator
+    every: torch.Tensor
+    per_patch: bool
+    recorder: contextlib.AbstractContextManager
+    maps: contextlib.AbstractContextManager
+    priors: torch.Tensor | None
+    max_shift: tuple[int, int]
+
+
+class _Optimised:
+    """The pixels one batch optimises (the kept patches, :class:`KeptPixels`), their Adam,
+    and the best of them in the current phase."""
+
+    def __init__(self, x: torch.Tensor, every: torch.Tensor, info: ViTInfo, config: InversionConfig) -> None:
+        self.best_loss = torch.full((x.shape[0],), float("inf"), device=x.device)
+        self.pixels = KeptPixels(x, every, info)
+        self.kept = self.pixels.gather(x).requires_grad_(True)
+        self.optimizer = pixel_adam(self.kept, config.lr, config.betas)
+        self.best = self.kept.detach().clone()
+
+    def keep_only(self, keep: torch.Tensor, info: ViTInfo) -> None:
+        """Go on with the patches ``keep`` of the current image (a stop)."""
+        old, old_kept = self.pixels, self.kept
+        self.pixels = KeptPixels(old.canvas, keep, info)
+        self.kept = old.select(old_kept.detach(), keep).requires_grad_(True)
+        self.optimizer = _carry_adam(self.optimizer, old_kept, self.kept, lambda t: old.select(t, keep))
+        # Losses over different token sets are not comparable: fewer tokens give a
+        # higher loss, so a "best" from an earlier phase would win for good and the
+        # output would be an image optimised for patches it no longer has. The best
+        # pixels are therefore the best of the current phase.
+        self.best_loss.fill_(float("inf"))
+        self.best = self.kept.detach().clone()
+
+    def step(self, per_image: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Keep the pixels that gave ``per_image`` where they beat the best, then one Adam step, clamped to [low, high]."""
+        self.optimizer.zero_grad(set_to_none=True)
+        per_image.mean().backward()
+        with torch.no_grad():
+            improved = per_image.detach() < self.best_loss
+            self.best_loss = torch.where(improved, per_image.detach(), self.best_loss)
+            torch.where(improved.view(-1, *[1] * (self.kept.dim() - 1)), self.kept, self.best, out=self.best)
+            self.optimizer.step()
+            torch.maximum(torch.minimum(self.kept, high, out=self.kept.data), low, out=self.kept.data)
+            self.pixels.write(self.kept)
+
+
 def _run_phases(
     model: nn.Module,
     labels: torch.Tensor,
@@ -201,91 +250,35 @@ def _run_phases(
     patches instead (frozen in the canvas, part of the output, no longer fed) and the
     least-attended keep inverting; the output is the whole canvas.
     """
-    device = labels.device
-    schedule = config.schedule
-    batch = labels.shape[0]
+    device, batch = labels.device, labels.shape[0]
     _, height, width = info.input_size
     mean, std = info.norm_tensors(device)
     low, high = ((v - mean) / std for v in (0, 1))
     low, high = low.view(1, 3, 1, 1, 1), high.view(1, 3, 1, 1, 1)  # for (B, 3, K, ph, pw)
-    # With a per-patch projection the gradient enters through the fed patches alone;
-    # otherwise (other patch embeddings) through the whole augmented image.
-    per_patch = _patch_projection(model) is not None
-    best_loss = torch.full((batch,), float("inf"), device=device)
-
-    rebirth = config.strategy == "rebirth"
-    counts = schedule.keep_counts(info.num_patches, config.strategy)
-    bounds = schedule.phase_bounds(config.iterations)
+    counts = config.schedule.keep_counts(info.num_patches, config.strategy)
     every = torch.arange(info.num_patches, device=device).expand(batch, -1)
     # Rebirth: the step each patch is detached at; those never detached at a stop are at the end.
-    detached_at = torch.full((batch, info.num_patches), config.iterations, dtype=torch.long, device=device) if rebirth else None
-    pixels = KeptPixels(x, every, info)
-    kept = pixels.gather(x).requires_grad_(True)
-    optimizer = pixel_adam(kept, config.lr, config.betas)
-    best = kept.detach().clone()
-    max_dy, max_dx = int(height * config.jitter), int(width * config.jitter)
-    seconds_per_phase: list[float] = []
-    attention_recorder = OutputRecorder.attention(model) if config.loss.needs_attention else contextlib.nullcontext()
-    maps_recorder = AttentionMaps(model) if config.loss.needs_attention_maps else contextlib.nullcontext()
+    detached_at = (torch.full((batch, info.num_patches), config.iterations, dtype=torch.long, device=device)
+                   if config.strategy == "rebirth" else None)
+    state = _Optimised(x, every, info, config)
+    recorder = OutputRecorder.attention(model) if config.loss.needs_attention else contextlib.nullcontext()
+    maps = AttentionMaps(model) if config.loss.needs_attention_maps else contextlib.nullcontext()
     # Drawn only when on, so runs without it keep their random stream (and their images).
     priors = gaussian_attention_priors(generator, batch, info.grid_size).to(device) if config.loss.needs_cls_attention else None
-
+    feed = _Feed(model, labels, config, info, precision, generator, every, _patch_projection(model) is not None, recorder, maps, priors,
+                 (int(height * config.jitter), int(width * config.jitter)))
+    seconds_per_phase: list[float] = []
     # Nothing in a step reads a value back to the host (see StepMonitor): the GPU runs ahead.
     monitor = StepMonitor(device, config.lr)
     bar = tqdm(total=config.iterations, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for phase, (start, end) in enumerate(bounds):
+    for phase, (start, end) in enumerate(config.schedule.phase_bounds(config.iterations)):
         _sync(device)
         phase_start = time.perf_counter()
         if phase > 0:
-            # Score on the un-augmented current image, then stop the low-attention patches.
-            with torch.no_grad():
-                current = pixels.canvas
-                with precision.autocast(device):
-                    scored = sparse_forward(model, current, None if phase == 1 else pixels.keep, return_cls_attn=True)
-                if rebirth:
-                    gone, keep = _split_patches(scored.cls_attn, pixels.keep, counts[phase - 1] - counts[phase])
-                    detached_at.scatter_(1, gone, start)
-                else:
-                    keep = _top_patches(scored.cls_attn, pixels.keep, counts[phase])
-            old, old_kept = pixels, kept
-            pixels = KeptPixels(current, keep, info)
-            kept = old.select(old_kept.detach(), keep).requires_grad_(True)
-            optimizer = _carry_adam(optimizer, old_kept, kept, lambda t, old=old, keep=keep: old.select(t, keep))
-            # Losses over different token sets are not comparable: fewer tokens give a
-            # higher loss, so a "best" from an earlier phase would win for good and the
-            # output would be an image optimised for patches it no longer has. The best
-            # pixels are therefore the best of the current phase.
-            best_loss.fill_(float("inf"))
-            best = kept.detach().clone()
-        dense = phase == 0
+            state.keep_only(_next_keep(feed, state.pixels, phase, start, counts, detached_at), info)
         for step in range(start, end):
-            aug = RollFlip.sample(generator, max_dy, max_dx, config.flip)
-            # Drawn only when on, so runs without it keep their random stream (and their images).
-            shift = ColorShift.sample(generator, batch, x.shape[1], config.color_shift, device) if config.color_shift else None
-            colour = (lambda t: t) if shift is None else shift.apply
-            cells = every if dense else aug.remap(pixels.keep, info.grid_size, info.patch_size)
-            with precision.autocast(device), attention_recorder as recorded, maps_recorder as maps:
-                if per_patch:
-                    fed = colour(pixels.fed_pixels(kept, cells, aug))
-                    out = sparse_forward(model, colour(aug.apply(pixels.canvas)), None if dense else cells, pixel_grad=fed,
-                                         return_cls_attn=priors is not None)
-                else:
-                    out = sparse_forward(model, colour(aug.apply(pixels.compose(kept))), None if dense else cells,
-                                         return_cls_attn=priors is not None)
-            cls_attn, target = (None, None) if priors is None else prior_pairs(out.cls_attn, priors, pixels.keep, aug, dense, info)
-            per_image = config.loss(LossInputs(logits=out.logits.float(), targets=labels, pixels=KeptImages(pixels, kept),
-                                               attention=None if recorded is None else recorded.values,
-                                               num_prefix=model.num_prefix_tokens, cls_attn=cls_attn, attention_target=target,
-                                               attention_maps=None if maps is None else maps.maps))
-            optimizer.zero_grad(set_to_none=True)
-            per_image.mean().backward()
-            with torch.no_grad():
-                improved = per_image.detach() < best_loss
-                best_loss = torch.where(improved, per_image.detach(), best_loss)
-                torch.where(improved.view(-1, *[1] * (kept.dim() - 1)), kept, best, out=best)
-                optimizer.step()
-                torch.maximum(torch.minimum(kept, high, out=kept.data), low, out=kept.data)
-                pixels.write(kept)
+            per_image = _step_loss(feed, state.pixels, state.kept, dense=phase == 0)
+            state.step(per_image, low, high)
             if monitor.due(step + 1, step + 1 == end):
                 monitor.snapshot(per_image, step + 1)
             bar.update(1)
@@ -297,22 +290,7 @@ def _run_phases(
     bar.close()
 
     final_start = time.perf_counter()
-    with torch.no_grad():
-        best_x = pixels.compose(best)
-        final_count = info.num_patches if rebirth else schedule.final_keep(info.num_patches)
-        if final_count == info.num_patches:
-            kept_patches = every.clone()
-        elif config.final_mask == "last-phase":
-            kept_patches = pixels.keep.clone()
-        else:
-            scored = sparse_forward(model, best_x, None, return_cls_attn=True)
-            kept_patches = _top_patches(scored.cls_attn, every, final_count)
-        images = (best_x * std + mean).clamp_(0, 1)
-        images = torch.round(images * 255) / 255  # exactly what the PNGs will hold
-        images = images * _patch_mask(kept_patches, info)
-        probs = sparse_forward(model, (images - mean) / std, kept_patches).logits.softmax(dim=1)
-        target_prob = probs.gather(1, labels[:, None]).squeeze(1)
-        correct = probs.argmax(dim=1) == labels
+    images, kept_patches, target_prob, correct = _final_images(feed, state)
     _sync(device)
     return BatchResult(
         images=images.cpu(),
@@ -327,147 +305,60 @@ def _run_phases(
     )
 
 
-@dataclass
-class InversionResult:
-    """All images of a run, in memory, plus its run record.
-
-    Attributes:
-        images: (N, 3, H, W) pixels in [0, 1], stopped patches zero.
-        labels: (N,) target classes.
-        kept_patches: (N, K) sorted kept patch indices.
-        target_prob: (N,) the model's probability of each label, fed sparse.
-        run: The run record (as in the pool's ``run.json``).
-        detached_at: rebirth only, (N, num_patches) the step each patch was detached at.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    kept_patches: torch.Tensor
-    target_prob: torch.Tensor
-    run: dict
-    detached_at: torch.Tensor | None = None
+@torch.no_grad()
+def _next_keep(feed: _Feed, pixels: KeptPixels, phase: int, start: int, counts: list[int],
+               detached_at: torch.Tensor | None) -> torch.Tensor:
+    """The patches phase ``phase`` (from step ``start``) optimises, scored on the un-augmented
+    current image; rebirth (``detached_at`` given) records the step of the patches it detaches."""
+    with feed.precision.autocast(feed.labels.device):
+        scored = sparse_forward(feed.model, pixels.canvas, None if phase == 1 else pixels.keep, return_cls_attn=True)
+    if detached_at is None:
+        return _top_patches(scored.cls_attn, pixels.keep, counts[phase])
+    gone, keep = _split_patches(scored.cls_attn, pixels.keep, counts[phase - 1] - counts[phase])
+    detached_at.scatter_(1, gone, start)
+    return keep
 
 
-def run_record(model: nn.Module, config: InversionConfig, model_name: str | None, checkpoint: str | None) -> dict:
-    """The parts of ``run.json`` known before the first step."""
-    info = vit_info(model)
-    return {
-        "model": model_name or getattr(model, "default_cfg", {}).get("architecture", type(model).__name__),
-        "checkpoint": None if checkpoint is None else str(checkpoint),
-        "weights": weights_fingerprint(model),
-        "settings": config.record(),
-        "input_size": list(info.input_size),
-        "patch_size": list(info.patch_size),
-        "num_patches": info.num_patches,
-        "num_classes": info.num_classes,
-        "mean": list(info.mean),
-        "std": list(info.std),
-        "torch": torch.__version__,
-        "device": str(next(model.parameters()).device),
-        "threads": torch.get_num_threads(),
-        "precision": resolve_precision(config.precision, next(model.parameters()).device).record(),
-    }
+def _step_loss(feed: _Feed, pixels: KeptPixels, kept: torch.Tensor, dense: bool) -> torch.Tensor:
+    """One step's per-image loss, on a fresh roll and flip (and colour shift) of the current image."""
+    config, info, model, device = feed.config, feed.info, feed.model, feed.labels.device
+    aug = RollFlip.sample(feed.generator, *feed.max_shift, config.flip)
+    # Drawn only when on, so runs without it keep their random stream (and their images).
+    shift = ColorShift.sample(feed.generator, kept.shape[0], info.input_size[0], config.color_shift, device) if config.color_shift else None
+    colour = (lambda t: t) if shift is None else shift.apply
+    cells = feed.every if dense else aug.remap(pixels.keep, info.grid_size, info.patch_size)
+    with feed.precision.autocast(device), feed.recorder as recorded, feed.maps as maps:
+        if feed.per_patch:
+            fed = colour(pixels.fed_pixels(kept, cells, aug))
+            out = sparse_forward(model, colour(aug.apply(pixels.canvas)), None if dense else cells, pixel_grad=fed,
+                                 return_cls_attn=feed.priors is not None)
+        else:
+            out = sparse_forward(model, colour(aug.apply(pixels.compose(kept))), None if dense else cells,
+                                 return_cls_attn=feed.priors is not None)
+    cls_attn, target = (None, None) if feed.priors is None else prior_pairs(out.cls_attn, feed.priors, pixels.keep, aug, dense, info)
+    return config.loss(LossInputs(logits=out.logits.float(), targets=feed.labels, pixels=KeptImages(pixels, kept),
+                                  attention=None if recorded is None else recorded.values,
+                                  num_prefix=model.num_prefix_tokens, cls_attn=cls_attn, attention_target=target,
+                                  attention_maps=None if maps is None else maps.maps))
 
 
-def invert(
-    model: nn.Module,
-    config: InversionConfig,
-    out: str | None = None,
-    *,
-    model_name: str | None = None,
-    checkpoint: str | None = None,
-    progress: bool = True,
-) -> InversionResult:
-    """Invert ``config.num_images`` images in batches; optionally write them as a pool.
-
-    With ``out``, each batch is committed to the pool folder as soon as it is done,
-    and a folder already holding part of the same run is continued, not restarted.
-    Image ``i`` is made in batch ``i // batch_size``, seeded by ``config.seed`` and the
-    batch index alone, so a continued run gives the images an uninterrupted one would.
-
-    Run by several processes (``torchrun``, see :mod:`sparseinv.distributed`), the
-    batches still to do are dealt round robin to the ranks (batch ``b`` to rank
-    ``b mod P`` in a fresh run), each rank commits its own, and rank 0 merges; every
-    rank returns the whole result. The images do not depend on the number of processes.
-
-    Raises:
-        UsageError: bad settings, or ``out`` holding a pool made with other settings.
-    """
-    from sparseinv.pool import PoolWriter, read_pool, summarise_batches
-    from sparseinv.viz import class_namer, image_grid_png
-
-    run_start = time.perf_counter()
-    info = vit_info(model)
-    config.validate(info.num_classes)
-    device = next(model.parameters()).device
-    labels = assign_labels(config, info.num_classes)
-    rank = distributed.current()
-    num_batches = -(-config.num_images // config.batch_size)
-    writer = None
-    done: list[int] = []
-    if out is not None:
-        writer = PoolWriter(out, run_record(model, config, model_name, checkpoint), rank=rank.rank)
-        done = rank.on_main(writer.open)
-    try:
-        results: dict[int, tuple[BatchResult, dict]] = {}
-        todo = sorted(set(range(num_batches)) - set(done))
-        for b in rank.share(todo):
-            chunk = labels[b * config.batch_size : (b + 1) * config.batch_size]
-            where = f" (rank {rank.rank})" if rank.active else ""
-            result = invert_batch(
-                model,
-                torch.tensor(chunk, device=device),
-                config,
-                seed=config.seed * 1_000_003 + b,
-                progress=progress and rank.is_main,
-                desc=f"batch {b + 1}/{num_batches}{where}",
-            )
-            stats = {
-                "index": b,
-                "size": len(chunk),
-                "wall_seconds": result.wall_seconds,
-                "seconds_per_phase": result.seconds_per_phase,
-                "tokens_per_phase": result.tokens_per_phase,
-                "final_seconds": result.final_seconds,
-                "num_correct": int(result.correct.sum()),
-                "rank": rank.rank,
-            }
-            if writer is not None:
-                writer.add_batch(b, result.images, result.labels, result.kept_patches, result.target_prob, stats,
-                                 detached_at=result.detached_at)
-            else:
-                results[b] = (result, stats)
-        if writer is not None:
-            writer.wait()  # this rank's last commits, before rank 0 merges them
-            rank_seconds = rank.all_gather(time.perf_counter() - run_start)  # also waits for every rank's batches
-            pool = None
-
-            def finish() -> dict:
-                nonlocal pool
-                writer.merge()  # the other ranks' last batches, so the picture shows every image
-                pool = read_pool(out)
-                name = class_namer(model)
-                extra = {"world_size": rank.world_size, "per_rank_seconds": rank_seconds,
-                         "elapsed_seconds": time.perf_counter() - run_start}
-                return writer.finish(image_grid_png(pool.images, [name(c) for c in pool.labels]), **extra)
-
-            run = rank.on_main(finish)
-            if pool is None:  # the other ranks read the pool rank 0 finished
-                pool = read_pool(out)
-            return InversionResult(pool.images, pool.labels, pool.kept_patches, pool.target_prob, run, pool.detached_at)
-    finally:
-        if writer is not None:
-            writer.close()
-    for gathered in rank.all_gather(results):  # every rank's batches (one's own alone in a single process)
-        results.update(gathered)
-    ordered = [results[b] for b in range(num_batches)]
-    run = run_record(model, config, model_name, checkpoint)
-    run.update(summarise_batches([stats for _, stats in ordered]))
-    return InversionResult(
-        images=torch.cat([r.images for r, _ in ordered]),
-        labels=torch.cat([r.labels for r, _ in ordered]),
-        kept_patches=torch.cat([r.kept_patches for r, _ in ordered]),
-        target_prob=torch.cat([r.target_prob for r, _ in ordered]),
-        run=run,
-        detached_at=None if ordered[0][0].detached_at is None else torch.cat([r.detached_at for r, _ in ordered]),
-    )
+@torch.no_grad()
+def _final_images(feed: _Feed, state: _Optimised) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best pixels of the last phase as 8-bit-exact images with their mask, and the model's
+    verdict on them: (images, kept patches, probability of the label, top class is the label)."""
+    model, config, info, labels = feed.model, feed.config, feed.info, feed.labels
+    mean, std = info.norm_tensors(labels.device)
+    best_x = state.pixels.compose(state.best)
+    final_count = info.num_patches if config.strategy == "rebirth" else config.schedule.final_keep(info.num_patches)
+    if final_count == info.num_patches:
+        kept_patches = feed.every.clone()
+    elif config.final_mask == "last-phase":
+        kept_patches = state.pixels.keep.clone()
+    else:
+        scored = sparse_forward(model, best_x, None, return_cls_attn=True)
+        kept_patches = _top_patches(scored.cls_attn, feed.every, final_count)
+    images = (best_x * std + mean).clamp_(0, 1)
+    images = torch.round(images * 255) / 255  # exactly what the PNGs will hold
+    images = images * _patch_mask(kept_patches, info)
+    probs = sparse_forward(model, (images - mean) / std, kept_patches).logits.softmax(dim=1)
+    return images, kept_patches, probs.gather(1, labels[:, None]).squeeze(1), probs.argmax(dim=1) == labels

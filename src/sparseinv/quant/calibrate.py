@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from sparseinv.data import ImageFolder, transform_folder
 from sparseinv.errors import UsageError
 from sparseinv.models import vit_info
-from sparseinv.pool import read_pool, read_run
+from sparseinv.pool import open_pools, read_run
 from sparseinv.quant.model import act_quantizers, quant_modules, set_quant_mode, weight_modules
 from sparseinv.quant.quantizers import ActQuantizer, QuantLinear
 from sparseinv.quant.reconstruct import reconstruct
@@ -48,14 +48,14 @@ def pool_batches(model: nn.Module, root: str | os.PathLike, model_name: str, num
     """The first ``num`` images of a pool, normalised for ``model``, with their kept patches.
 
     Raises:
-        UsageError: the pool was inverted from another model, or from other weights
-            (unless ``allow_other_weights``).
+        UsageError: a pool :func:`~sparseinv.pool.open_pools` refuses for ``model``: from
+            another model, or from other weights (unless ``allow_other_weights``).
     """
-    pool = read_pool(root)
-    pool.check_model(model_name, "model being quantized")
-    pool.check_weights(model, "model being quantized", allow_other_weights)
-    images = _normalise(model, pool.images[:num])
-    return _split(images, pool.kept_patches[:num] if pool.is_sparse else None, batch_size)
+    pool = open_pools(root, model_name, model, role="model being quantized", allow_other_weights=allow_other_weights)[0]
+    count = min(num, len(pool))
+    images = _normalise(model, torch.stack([pool.read(i) for i in range(count)]))
+    keep = torch.tensor([e["kept_patches"] for e in pool.entries[:count]]) if pool.is_sparse else None
+    return _split(images, keep, batch_size)
 
 
 def noise_batches(model: nn.Module, num: int = 32, batch_size: int = 32, seed: int = 0) -> list[Batch]:
