@@ -13,6 +13,7 @@ change. Stages:
 * report: the chosen setting against the command's defaults on 512 sparse images, and on
   dense images at equal inversion time (dense 128), top-1 on val (first 100 per class);
 * w3a3: W3/A3 post-training and trained, beside Gaussian noise and real-image calibration;
+* compression: the 6-block copy of the teacher from 512 sparse images, with and without the term;
 * prior: post-training W4/A4 (and W4/A8, W6/A6) from 32 images inverted with the
   inter-head attention-similarity prior, against the same 32 without it.
 
@@ -101,6 +102,20 @@ def report(teacher, p, val, yardstick, steps, chosen: dict, also: list[str] = ()
     return rows
 
 
+def compression(teacher, p, val, yardstick, steps) -> dict:
+    """The 6-block copy from 512 sparse images as `sparseinv distill --depth 6` trains it, with and without the attention term."""
+    from distill import DEPTH_DEFAULTS
+    from sparseinv.distill import shallow_copy, spread_blocks
+
+    six = shallow_copy(teacher, spread_blocks(len(teacher.blocks), 6))
+    out = {"start": {"top1": evaluate_tensors(six, *val, progress=False)["top1"],
+                     "train100_top1": evaluate_tensors(six, *yardstick, progress=False)["top1"]}}
+    images = sparse(p, 512)
+    for label, extra in (("defaults", {}), ("heads 1", TRIALS["heads 1"])):
+        out[label] = run_cell("sparse 512", "compression", images, teacher, p, val, steps, yardstick=yardstick, **{**DEPTH_DEFAULTS, **extra})
+    return out
+
+
 def w3a3(teacher, p, val, yardstick, steps, setting: dict) -> dict:
     """W3/A3: post-training from 32 sparse, noise and real train100 images (``recon``), then trained from 512 sparse."""
     sources = {"sparse 32": None, "noise 32": noise_batches(teacher, 32, 32), "real train100 32": folder_batches(teacher, TRAIN100, 32, 32)}
@@ -177,6 +192,8 @@ def main() -> None:
         payload["start"] = {"W4/A4 post-training sparse 32": {"top1": evaluate_tensors(start, *val, progress=False)["top1"],
                                                               "train100_top1": evaluate_tensors(start, *yardstick, progress=False)["top1"]}}
         payload["report"] = report(teacher, p, val, yardstick, args.steps, chosen, args.report_also)
+    if "compression" in args.stages:
+        payload["compression"] = compression(teacher, p, val, yardstick, args.steps)
     if "w3a3" in args.stages:
         # MimiQ's form at weight 1, not the choice above: W3/A3 is measured beside the choice, not after it.
         payload["w3a3"] = w3a3(teacher, p, val, yardstick, args.steps, {"attention_weight": 1.0, "attention_form": "heads"})
