@@ -92,3 +92,36 @@ def interrupt_second_batch(monkeypatch) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loop, "invert_batch", invert_batch)
+
+
+def teacher_and_pool(root: Path) -> dict:
+    """A random 5-class test_vit teacher saved under ``root`` and a 6-image sparse pool from it
+    (stops at steps 2 and 4 of 6, 30% each: last-phase masks keep 49 of 100 patches)."""
+    from safetensors.torch import save_file
+
+    from sparseinv import InversionConfig, PruneSchedule, invert
+    from sparseinv.models import timm
+
+    torch.manual_seed(0)
+    ckpt = root / "teacher.safetensors"
+    save_file(timm.create_model("test_vit", num_classes=5).state_dict(), str(ckpt))
+    teacher = load_model("test_vit", ckpt)
+    invert(teacher, InversionConfig(num_images=6, batch_size=3, iterations=6, schedule=PruneSchedule((2, 4), (0.3, 0.3))),
+           str(root / "pool"), model_name="test_vit", progress=False)
+    return {"root": root, "ckpt": ckpt, "pool": root / "pool"}
+
+
+def teacher_and_quantized(setup: dict):
+    """:func:`teacher_and_pool`'s teacher and a W4/A4 ``recon`` copy of it (2 reconstruction steps) calibrated on the pool."""
+    import copy
+    from dataclasses import replace
+
+    from sparseinv.quant import QuantConfig, pool_batches, quantize_
+
+    teacher = load_model("test_vit", setup["ckpt"])
+    q = copy.deepcopy(teacher)
+    config = QuantConfig.for_method("recon", 4, 4)
+    quantize_(q, replace(config, recon=replace(config.recon, iters=2)), pool_batches(q, str(setup["pool"]), "test_vit", num=6),
+              progress=False)
+    return teacher, q
+

@@ -10,28 +10,20 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from sparseinv import InversionConfig, PruneSchedule, invert, load_model
+from sparseinv import load_model
 from sparseinv.distill import DistillConfig, distill, shallow_copy
 from sparseinv.distill.attention import attention_loss, foreground_rows, row_kl
 from sparseinv.errors import UsageError
 from sparseinv.models import timm
-from sparseinv.quant import QuantConfig, pool_batches, quantize_
 from sparseinv.quant.model import act_quantizers
 from sparseinv.vit.forward import AttentionMaps, sparse_forward
+from conftest import teacher_and_pool, teacher_and_quantized
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("attn")
-    torch.manual_seed(0)
-    ckpt = root / "teacher.safetensors"
-    save_file(timm.create_model("test_vit", num_classes=5).state_dict(), str(ckpt))
-    teacher = load_model("test_vit", ckpt)
-    invert(teacher, InversionConfig(num_images=6, batch_size=3, iterations=6, schedule=PruneSchedule((2, 4), (0.3, 0.3))),
-           str(root / "pool"), model_name="test_vit", progress=False)
-    return {"ckpt": ckpt, "pool": root / "pool"}
+    return teacher_and_pool(tmp_path_factory.mktemp("attn"))
 
 
 def _teacher(setup):
@@ -82,12 +74,7 @@ def test_foreground_rows_are_the_prefix_and_the_most_attended_patches():
 
 
 def _quantized(setup):
-    teacher = _teacher(setup)
-    q = copy.deepcopy(teacher)
-    config = QuantConfig.for_method("recon", 4, 4)
-    quantize_(q, replace(config, recon=replace(config.recon, iters=2)), pool_batches(q, str(setup["pool"]), "test_vit", num=6),
-              progress=False)
-    return teacher, q
+    return teacher_and_quantized(setup)
 
 
 def test_the_term_trains_the_quantized_students_q_and_k_step_sizes(setup, tmp_path):

@@ -11,7 +11,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sparseinv import InversionConfig, InversionLoss, PruneSchedule, invert, load_model
 from sparseinv.distill import (
@@ -35,24 +35,17 @@ from sparseinv.errors import UsageError
 from sparseinv.models import timm
 from sparseinv.pool import open_pool
 from sparseinv.runs.inversion import pool_settings
-from sparseinv.quant import QuantConfig, load_quantized, pool_batches, quantize_
+from sparseinv.quant import load_quantized
 from sparseinv.quant.model import act_quantizers, weight_modules
 from sparseinv.vit.forward import sparse_forward
+from conftest import teacher_and_pool, teacher_and_quantized
 
 SCHEDULE = PruneSchedule((2, 4), (0.3, 0.3))
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A random test_vit teacher (saved) and a 6-image sparse pool from it (last-phase masks: 49 of 100 patches)."""
-    root = tmp_path_factory.mktemp("parts")
-    torch.manual_seed(0)
-    ckpt = root / "teacher.safetensors"
-    save_file(timm.create_model("test_vit", num_classes=5).state_dict(), str(ckpt))
-    teacher = load_model("test_vit", ckpt)
-    invert(teacher, InversionConfig(num_images=6, batch_size=3, iterations=6, schedule=SCHEDULE), str(root / "pool"),
-           model_name="test_vit", progress=False)
-    return {"root": root, "ckpt": ckpt, "pool": root / "pool"}
+    return teacher_and_pool(tmp_path_factory.mktemp("parts"))
 
 
 def teacher_of(setup):
@@ -323,12 +316,7 @@ def test_a_distilled_deit_student_trains_both_heads(setup, tmp_path):
 
 
 def _quantized(setup):
-    teacher = teacher_of(setup)
-    q = copy.deepcopy(teacher)
-    config = QuantConfig.for_method("recon", 4, 4)
-    quantize_(q, replace(config, recon=replace(config.recon, iters=2)), pool_batches(q, str(setup["pool"]), "test_vit", num=6),
-              progress=False)
-    return teacher, q
+    return teacher_and_quantized(setup)
 
 
 def test_qat_starts_where_post_training_ends(setup):
