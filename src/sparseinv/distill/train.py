@@ -187,6 +187,129 @@ def _token_recorders(student: nn.Module, teacher: nn.Module, layers: str) -> tup
     return OutputRecorder.blocks(student), OutputRecorder.blocks(teacher, matched_blocks(len(student.blocks), len(teacher.blocks)))
 
 
+def _check_run(config: DistillConfig):
+    """Refuse settings no run could use here; this process's rank."""
+    config.validate()
+    rank = distributed.current()
+    if config.batch_size % rank.world_size:
+        raise UsageError(f"--batch-size {config.batch_size} is the global batch and must divide evenly over the {rank.world_size} processes.")
+    return rank
+
+
+def _finish_student(student: nn.Module, out: Path, meta: dict, main: bool) -> None:
+    """Save the trained student (rank 0); a quantized one is a plain quantized model again, as the file holds it."""
+    if main:
+        save_student(student, out, meta)
+    if is_quantized(student):
+        end_qat(student)
+        student._qat = False
+
+
+def _one_epoch(trained: nn.Module, teacher: Feeder, images: TrainImages, optimizer: torch.optim.Optimizer, config: DistillConfig,
+               epoch: int, base_lrs: list[float], targets: torch.Tensor | None, progress: bool) -> dict:
+    """Train one epoch on this process's share of the images; its record (loss over every process)."""
+    rank = distributed.current()
+    student = _unwrap(trained).student
+    started = time.time()
+    order = _epoch_order(len(images), epoch, config.seed, rank)
+    images.set_epoch(epoch)
+    local_batch = config.batch_size // rank.world_size
+    student.train(config.mode == "full")
+    total, seen = train_epoch(
+        trained, teacher, loader(images, order, local_batch, config.workers), optimizer, config,
+        epoch=epoch, steps=-(-len(order) // local_batch), base_lrs=base_lrs, targets=targets,
+        after_step=(lambda: clamp_step_sizes(student)) if is_quantized(student) else None, progress=progress and rank.is_main,
+    )
+    student.eval()
+    return {"epoch": epoch + 1, "loss": rank.sum(total) / max(1, rank.sum(seen)), "num_images": len(images),
+            "seconds": time.time() - started}
+
+
+def _feeds(teacher: nn.Module, student: nn.Module, data: Images, config: DistillConfig) -> tuple[Feeder, Feeder, TrainImages]:
+    """How pool pixels reach the teacher and the student, and the images each epoch views afresh."""
+    teacher_feed = Feeder(teacher, data.size, data.patch_size)
+    student_feed = Feeder(student, data.size, data.patch_size)
+    _check_comparable(config, student_feed, teacher_feed)
+    num_keep = data.num_keep if (teacher_feed.takes_tokens or student_feed.takes_tokens) else None
+    return teacher_feed, student_feed, TrainImages(data.sources, data.size, data.patch_size, num_keep, config.crop_scale,
+                                                   config.shift_patches, config.flip, config.seed, config.mix, config.mix_prob)
+
+
+def _report_epoch(record: dict, epochs: int, progress: bool) -> None:
+    if progress:
+        val_text = f" | val top-1 {record['val_top1']:.2f}" if "val_top1" in record else ""
+        print(f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f} on {record['num_images']} images{val_text}", flush=True)
+
+
+def _summary(meta: dict, out: Path, best_path: Path, last: Path, best: dict, history: list[dict], num_images: int,
+             settings: dict, world_size: int) -> dict:
+    """What :func:`distill` returns and writes beside ``out`` (``<stem>.json``)."""
+    final = history[-1] if history else {}
+    return {
+        **meta,
+        "epoch": len(history),
+        "val_top1": final.get("val_top1"),
+        "out": str(out),
+        "best": str(best_path),
+        "last": str(last),
+        "best_epoch": best["epoch"],
+        "best_val_top1": best.get("val_top1"),
+        "final_val_top1": final.get("val_top1"),
+        "num_images": final.get("num_images", num_images),
+        "train_seconds": sum(r["seconds"] for r in history),
+        "settings": settings,
+        "history": history,
+        "world_size": world_size,
+    }
+
+
+def _prepare_models(teacher: nn.Module, student: nn.Module, config: DistillConfig, num_classes: int,
+                    quantized: bool) -> torch.optim.Optimizer:
+    """Freeze the teacher, ready the student (head, QAT), mark what trains; the optimiser over it."""
+    if quantized and config.mode != "full":
+        raise UsageError("a quantized student trains in full mode (its latent weights and step sizes): pass --mode full.")
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    prepare_student(student, num_classes, config.mode, config.seed)
+    if quantized and not getattr(student, "_qat", False):
+        start_qat(student)
+        student._qat = True
+    return _optimizer(trainable(student, config.mode, config.qat_learn), config, quantized)
+
+
+def _check_comparable(config: DistillConfig, student: Feeder, teacher: Feeder) -> None:
+    """Refuse the token and attention terms where the student's tokens or heads do not line up with the teacher's."""
+    same_tokens = student.vit and student.takes_tokens == teacher.takes_tokens
+    if config.feature_weight and not (same_tokens and getattr(student.model, "embed_dim", None) == getattr(teacher.model, "embed_dim", None)):
+        raise UsageError("--feature-weight compares tokens: it needs a ViT student as wide as the teacher, on the same patch grid.")
+    if config.attention_weight and not (same_tokens and _heads(student.model) == _heads(teacher.model)):
+        raise UsageError("--attention-weight compares attention maps head by head: it needs a ViT student with the teacher's "
+                         "heads per block, on the same patch grid.")
+
+
+def _epoch_order(count: int, epoch: int, seed: int, rank) -> list[int]:
+    """This process's share of the epoch's permutation.
+
+    Seeded by epoch alone, so a resumed run shuffles exactly as an uninterrupted one; rank r
+    takes every P-th of the permutation, so step k's global batch is the same slice for any P.
+    """
+    sampler = DistributedSampler(range(count), num_replicas=rank.world_size, rank=rank.rank, shuffle=True, seed=seed * 1_000_003)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def _keep_best(student: nn.Module, record: dict, val, best: dict, best_path: Path, meta: dict, progress: bool) -> dict:
+    """Score the epoch (val top-1, else the training loss), saving the student when it is the best so far."""
+    if val is not None:
+        record["val_top1"] = float(evaluate_student(student, val, progress)["top1"])
+    score = record["val_top1"] if val is not None else -record["loss"]
+    if best["score"] is None or score > best["score"]:
+        best = {"epoch": record["epoch"], "score": score, "val_top1": record.get("val_top1")}
+        save_student(student, best_path, {**meta, "epoch": record["epoch"], "val_top1": record.get("val_top1")})
+    return best
+
+
 def _heads(model: nn.Module) -> int | None:
     """Heads per attention block (``None`` when the blocks hold no timm-style attention)."""
     attn = getattr(model.blocks[0], "attn", None) if hasattr(model, "blocks") and len(model.blocks) else None
@@ -266,6 +389,18 @@ class Checkpoint:
             raise UsageError(f"'{self.path}' belongs to a run with other settings; delete it or choose another --out.")
         return state
 
+    def resume(self, student: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict], dict]:
+        """Load the saved state into ``student`` and ``optimizer``: (next epoch, history, best); a fresh start without one."""
+        state = self.load()
+        if state is None:
+            return 0, [], {"epoch": None, "score": None}
+        try:
+            student.load_state_dict(state["student"])
+            optimizer.load_state_dict(state["optimizer"])
+            return state["epoch"], state["history"], state["best"]
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise UsageError(f"resume checkpoint '{self.path}' is damaged ({type(err).__name__}); delete it to start afresh.") from None
+
     def save(self, state: dict) -> None:
         atomic_save(self.path, lambda tmp: torch.save({"settings": self.settings, **state}, tmp))
 
@@ -330,119 +465,39 @@ def distill(
         UsageError: pools from another model, a student that cannot learn from them,
             or a resume file from another run.
     """
-    config.validate()
-    rank = distributed.current()
-    if config.batch_size % rank.world_size:
-        raise UsageError(f"--batch-size {config.batch_size} is the global batch and must divide evenly over the {rank.world_size} processes.")
+    rank = _check_run(config)
     data = images if isinstance(images, Images) else Images.from_pools(images, teacher_name, teacher, allow_other_weights)
-    num_classes = int(teacher.num_classes)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     quantized = is_quantized(student)
-    if quantized and config.mode != "full":
-        raise UsageError("a quantized student trains in full mode (its latent weights and step sizes): pass --mode full.")
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    prepare_student(student, num_classes, config.mode, config.seed)
-    if quantized and not getattr(student, "_qat", False):
-        start_qat(student)
-        student._qat = True
-    params = trainable(student, config.mode, config.qat_learn)
-    optimizer = _optimizer(params, config, quantized)
+    optimizer = _prepare_models(teacher, student, config, int(teacher.num_classes), quantized)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    teacher_feed = Feeder(teacher, data.size, data.patch_size)
-    student_feed = Feeder(student, data.size, data.patch_size)
-    num_keep = data.num_keep if (teacher_feed.takes_tokens or student_feed.takes_tokens) else None
-    if config.feature_weight and not (student_feed.vit and student_feed.takes_tokens == teacher_feed.takes_tokens
-                                      and getattr(student, "embed_dim", None) == getattr(teacher, "embed_dim", None)):
-        raise UsageError("--feature-weight compares tokens: it needs a ViT student as wide as the teacher, on the same patch grid.")
-    if config.attention_weight and not (student_feed.vit and student_feed.takes_tokens == teacher_feed.takes_tokens
-                                        and _heads(student) == _heads(teacher)):
-        raise UsageError("--attention-weight compares attention maps head by head: it needs a ViT student with the teacher's "
-                         "heads per block, on the same patch grid.")
-    train_images = TrainImages(data.sources, data.size, data.patch_size, num_keep, config.crop_scale, config.shift_patches, config.flip,
-                               config.seed, config.mix, config.mix_prob)
-
+    teacher_feed, student_feed, train_images = _feeds(teacher, student, data, config)
     settings = {"config": config.record(quantized), "images": data.names or [str(s.path) for s in data.sources],
                 "student": student_name, "teacher": teacher_name, "quantized": quantized}
     checkpoint = Checkpoint(sibling(out, ".last.pt"), settings)
     best_path = sibling(out, ".best.safetensors")
-    history: list[dict] = []
-    best: dict = {"epoch": None, "score": None}
-    start_epoch = 0
-    state = checkpoint.load()
-    if state is not None:
-        try:
-            student.load_state_dict(state["student"])
-            optimizer.load_state_dict(state["optimizer"])
-            start_epoch, history, best = state["epoch"], state["history"], state["best"]
-        except (KeyError, RuntimeError, ValueError) as err:
-            raise UsageError(f"resume checkpoint '{checkpoint.path}' is damaged ({type(err).__name__}); delete it to start afresh.") from None
-
+    start_epoch, history, best = checkpoint.resume(student, optimizer)
     targets = cached_targets(teacher_feed, train_images) if config.targets == "cached" else None
     trained: nn.Module = StudentLogits(student_feed)
     if rank.active:
         trained = DistributedDataParallel(trained, find_unused_parameters=config.mode == "linear-probe")
-    local_batch = config.batch_size // rank.world_size
-    meta_base = {"model": student_name, "num_classes": num_classes, "teacher": teacher_name, "mode": config.mode}
+    meta_base = {"model": student_name, "num_classes": int(teacher.num_classes), "teacher": teacher_name, "mode": config.mode}
     stop = config.epochs if until_epoch is None else min(config.epochs, until_epoch)
     for epoch in range(start_epoch, stop):
-        started = time.time()
-        # Seeded by epoch alone, so a resumed run shuffles exactly as an uninterrupted one;
-        # rank r takes every P-th of the permutation, so step k's global batch is the same slice for any P.
-        sampler = DistributedSampler(range(len(train_images)), num_replicas=rank.world_size, rank=rank.rank, shuffle=True,
-                                     seed=config.seed * 1_000_003)
-        sampler.set_epoch(epoch)
-        order = list(sampler)
-        train_images.set_epoch(epoch)
-        student.train(config.mode == "full")
-        total, seen = train_epoch(
-            trained, teacher_feed, loader(train_images, order, local_batch, config.workers), optimizer, config,
-            epoch=epoch, steps=-(-len(order) // local_batch), base_lrs=base_lrs, targets=targets,
-            after_step=(lambda: clamp_step_sizes(student)) if quantized else None, progress=progress and rank.is_main,
-        )
-        student.eval()
-        record = {"epoch": epoch + 1, "loss": rank.sum(total) / max(1, rank.sum(seen)), "num_images": len(train_images),
-                  "seconds": time.time() - started}
+        record = _one_epoch(trained, teacher_feed, train_images, optimizer, config, epoch, base_lrs, targets, progress)
         history.append(record)
         if not rank.is_main:  # rank 0 evaluates, keeps the best and writes the files
             continue
-        if val is not None:
-            record["val_top1"] = float(evaluate_student(student, val, progress)["top1"])
-        score = record["val_top1"] if val is not None else -record["loss"]
-        if best["score"] is None or score > best["score"]:
-            best = {"epoch": epoch + 1, "score": score, "val_top1": record.get("val_top1")}
-            save_student(student, best_path, {**meta_base, "epoch": epoch + 1, "val_top1": record.get("val_top1")})
+        best = _keep_best(student, record, val, best, best_path, meta_base, progress)
         checkpoint.save({"epoch": epoch + 1, "student": student.state_dict(), "optimizer": optimizer.state_dict(),
                          "history": history, "best": best})
-        if progress:
-            val_text = f" | val top-1 {record['val_top1']:.2f}" if "val_top1" in record else ""
-            print(f"epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f} on {record['num_images']} images{val_text}", flush=True)
+        _report_epoch(record, config.epochs, progress)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
-    final = history[-1] if history else {}
-    meta = {**meta_base, "epoch": len(history), "val_top1": final.get("val_top1")}
     if len(history) == config.epochs:
-        if rank.is_main:
-            save_student(student, out, meta)
-        if quantized:  # the model in memory is a plain quantized model again, as the file holds it
-            end_qat(student)
-            student._qat = False
-    summary = {
-        **meta,
-        "out": str(out),
-        "best": str(best_path),
-        "last": str(checkpoint.path),
-        "best_epoch": best["epoch"],
-        "best_val_top1": best.get("val_top1"),
-        "final_val_top1": final.get("val_top1"),
-        "num_images": final.get("num_images", len(train_images)),
-        "train_seconds": sum(r["seconds"] for r in history),
-        "settings": settings,
-        "history": history,
-        "world_size": rank.world_size,
-    }
+        _finish_student(student, out, {**meta_base, "epoch": len(history), "val_top1": history[-1].get("val_top1")}, rank.is_main)
+    summary = _summary(meta_base, out, best_path, checkpoint.path, best, history, len(train_images), settings, rank.world_size)
     if rank.is_main:
         atomic_write_json(sibling(out, ".json"), summary)
     rank.barrier()  # every rank returns once the files are there
