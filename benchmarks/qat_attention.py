@@ -72,6 +72,9 @@ TRIALS = {
     "foreground 1": {"attention_weight": 1.0, "attention_form": "foreground"},
     "heads 10": {"attention_weight": 10.0, "attention_form": "heads"},
     "heads 1, lr 2e-6": {"attention_weight": 1.0, "attention_form": "heads", "lr": 2e-6},
+    # A third approach: step sizes learned in log space (each moves by a fraction of itself) at a rate
+    # that moves a median weight step size about as far per step as 2e-5 does in linear space.
+    "log step sizes, lr 1e-3": {"qat_log_step_sizes": True, "lr": 1e-3},
 }
 
 

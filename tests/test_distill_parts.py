@@ -351,6 +351,31 @@ def test_a_quantized_student_learns_and_saves_a_file_that_loads_to_the_same_mode
         assert torch.allclose(back(x), after, rtol=0, atol=1e-6)
 
 
+def test_log_step_sizes_move_each_step_size_by_a_fraction_of_itself_and_save_as_plain_codes(setup, tmp_path):
+    teacher, q = _quantized(setup)
+    x = torch.rand(4, 3, 160, 160)
+    before = {n: m.w_scale.detach().clone() for n, m in q.named_modules() if hasattr(m, "w_scale")}
+    with torch.no_grad():
+        start_logits = q(x)
+    out = tmp_path / "q.safetensors"
+    config = DistillConfig(mode="full", epochs=3, batch_size=3, lr=1e-2, qat_log_step_sizes=True)
+    summary = distill(teacher, q, setup["pool"], config, out, student_name="test_vit", progress=False)
+    assert summary["settings"]["config"]["qat_log_step_sizes"] is True
+    assert "qat_log_step_sizes" not in DistillConfig(mode="full").record(quantized=True)  # recorded only when on
+    # Every weight step size moved by at most ~lr per step relative to itself (3 steps at 1e-2): the
+    # smallest ones included, which a linear-space rate moves by many times their size.
+    for name, m in q.named_modules():
+        if name in before:
+            ratio = (m.w_scale / before[name]).flatten()
+            assert float((ratio.log().abs()).max()) < 0.05, name
+    assert not any("parametrizations" in n for n, _ in q.named_parameters())  # a plain quantized model again
+    with torch.no_grad():
+        after = q(x)
+        assert (after - start_logits).abs().max() > 1e-4
+        back = load_quantized(load_model("test_vit", setup["ckpt"]), out, "test_vit")
+        assert torch.allclose(back(x), after, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("learn, latent, weight_steps, act_steps", [
     ("step-sizes", False, True, True), ("weights", True, True, False), ("all", True, True, True)])
 def test_qat_learn_names_what_a_quantized_student_trains(setup, learn, latent, weight_steps, act_steps):

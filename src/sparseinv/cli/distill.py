@@ -27,6 +27,28 @@ from sparseinv.files import check_writable
 D = DistillConfig()
 
 
+def _add_term_options(p: argparse.ArgumentParser) -> None:
+    """What the student is taught besides the logits, and what a quantized student learns."""
+    p.add_argument("--feature-weight", type=float, default=None, metavar="W",
+                   help="add W x the relative squared difference of the student's and the teacher's tokens (ViT students as "
+                        f"wide as the teacher; default: {SHALLOW_FEATURES[0]:g} for --depth/--blocks/--quantized students, {D.feature_weight:g} otherwise)")
+    p.add_argument("--feature-layers", choices=FEATURE_LAYERS, default=None,
+                   help="which tokens --feature-weight compares: the final norm's, or every student block's against the teacher's "
+                        f"at the same relative depth (default: {SHALLOW_FEATURES[1]} for --depth/--blocks/--quantized students, {D.feature_layers} otherwise)")
+    p.add_argument("--attention-weight", type=float, default=D.attention_weight, metavar="W",
+                   help="add W x the head-wise attention distillation: each student block's attention maps pulled toward the "
+                        "teacher's at the matched block, KL per head and query (ViT students with the teacher's heads; "
+                        f"default: {D.attention_weight:g})")
+    p.add_argument("--attention-form", choices=ATTENTION_FORMS, default=D.attention_form,
+                   help="which query rows --attention-weight compares: every row, or only the class token's and those of the "
+                        f"patches the teacher attends to most (default: {D.attention_form})")
+    p.add_argument("--qat-learn", choices=QAT_LEARN, default=D.qat_learn,
+                   help="what a --quantized student learns: its step sizes only (integer codes kept), its latent weights and "
+                        f"weight step sizes, or all (default: {D.qat_learn}, the most accurate measured)")
+    p.add_argument("--qat-log-step-sizes", action="store_true", default=None,
+                   help="a --quantized student learns each step size as its logarithm: every step moves it by a fraction of itself")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "distill",
@@ -70,22 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="mix each sample with another image of the set (blend, or a pasted box); the teacher labels the mixed view "
                         f"(default: {SHALLOW_MIX} for --depth/--blocks students with online targets, {D.mix} otherwise)")
     p.add_argument("--mix-prob", type=float, default=D.mix_prob, metavar="P", help=f"fraction of the samples mixed (default: {D.mix_prob:g})")
-    p.add_argument("--feature-weight", type=float, default=None, metavar="W",
-                   help="add W x the relative squared difference of the student's and the teacher's tokens (ViT students as "
-                        f"wide as the teacher; default: {SHALLOW_FEATURES[0]:g} for --depth/--blocks/--quantized students, {D.feature_weight:g} otherwise)")
-    p.add_argument("--feature-layers", choices=FEATURE_LAYERS, default=None,
-                   help="which tokens --feature-weight compares: the final norm's, or every student block's against the teacher's "
-                        f"at the same relative depth (default: {SHALLOW_FEATURES[1]} for --depth/--blocks/--quantized students, {D.feature_layers} otherwise)")
-    p.add_argument("--attention-weight", type=float, default=D.attention_weight, metavar="W",
-                   help="add W x the head-wise attention distillation: each student block's attention maps pulled toward the "
-                        "teacher's at the matched block, KL per head and query (ViT students with the teacher's heads; "
-                        f"default: {D.attention_weight:g})")
-    p.add_argument("--attention-form", choices=ATTENTION_FORMS, default=D.attention_form,
-                   help="which query rows --attention-weight compares: every row, or only the class token's and those of the "
-                        f"patches the teacher attends to most (default: {D.attention_form})")
-    p.add_argument("--qat-learn", choices=QAT_LEARN, default=D.qat_learn,
-                   help="what a --quantized student learns: its step sizes only (integer codes kept), its latent weights and "
-                        f"weight step sizes, or all (default: {D.qat_learn}, the most accurate measured)")
+    _add_term_options(p)
     p.add_argument("--targets", choices=TARGETS, default=D.targets,
                    help=f"online: the teacher labels every augmented view; cached: each image once (default: {D.targets})")
     p.add_argument("--seed", type=int, default=D.seed, help="seeds the fresh head, the crops and the shuffling")

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from sparseinv.errors import UsageError
 from sparseinv.models import timm, vit_info
@@ -111,24 +112,53 @@ def trainable(student: nn.Module, mode: str, qat_learn: str = "all") -> list[nn.
 # ---------------------------------------------------------------- quantization-aware training
 
 
-def _to_parameter(module: nn.Module, name: str) -> None:
+class _LogScale(nn.Module):
+    """A step size learned as its logarithm (``exp`` of the parameter): an optimiser step then moves
+    it by a fraction of itself, where weight step sizes span more than two orders of magnitude."""
+
+    def forward(self, log_scale: torch.Tensor) -> torch.Tensor:
+        return log_scale.exp()
+
+    def right_inverse(self, scale: torch.Tensor) -> torch.Tensor:
+        return scale.clamp_min(1e-12).log()
+
+
+def _learned(module: nn.Module, name: str) -> nn.Parameter | None:
+    """The parameter that trains for ``name`` (its logarithm when learned in log space), if any."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return module._parameters.get(name)
+
+
+def _to_parameter(module: nn.Module, name: str, log: bool = False) -> None:
     value = module._buffers.pop(name)
     module.register_parameter(name, nn.Parameter(value.detach().clone()))
+    if log:
+        parametrize.register_parametrization(module, name, _LogScale())
 
 
 def _to_buffer(module: nn.Module, name: str) -> None:
-    value = module._parameters.pop(name)
+    if parametrize.is_parametrized(module, name):
+        value = getattr(module, name)
+        # Not parametrize.remove_parametrizations: a deep copy (save_student's) shares the injected
+        # class with its original, and removing deletes the property from that class, for both.
+        # A quantizer carries one learned step size: its plain class comes back whole.
+        del module.parametrizations
+        module.__class__ = module.__class__.__bases__[0]
+    else:
+        value = module._parameters.pop(name)
     module.register_buffer(name, value.detach().clone())
 
 
-def start_qat(model: nn.Module) -> nn.Module:
+def start_qat(model: nn.Module, log_step_sizes: bool = False) -> nn.Module:
     """Make a quantized model trainable: straight-through weights, learned step sizes.
 
     Each quantized weight's latent float value starts at its dequantized code, so the
     model computes exactly what the post-training model did; rounding is the
     straight-through estimator from then on. Weight and activation step sizes become
     parameters (LSQ) so every process of a run shares their gradients. The softmax's
-    log2 quantizer keeps its range.
+    log2 quantizer keeps its range. ``log_step_sizes`` learns each step size as its
+    logarithm (relative steps; the model then computes within rounding of the start).
     """
     if not is_quantized(model):
         raise UsageError("start_qat needs a model returned by quantize_ (or load_quantized).")
@@ -138,10 +168,10 @@ def start_qat(model: nn.Module) -> nn.Module:
                 m.float_weight.copy_(m.w_int.float() * m._scale_view())
                 m.w_int = torch.empty(0, dtype=torch.int8, device=m.w_scale.device)
             if "w_scale" in m._buffers:
-                _to_parameter(m, "w_scale")
+                _to_parameter(m, "w_scale", log_step_sizes)
         for q in act_quantizers(model):
             if not isinstance(q, Log2Quantizer) and "scale" in q._buffers:
-                _to_parameter(q, "scale")
+                _to_parameter(q, "scale", log_step_sizes)
     return model
 
 
@@ -156,29 +186,30 @@ def qat_parameters(model: nn.Module, learn: str = "all") -> list[nn.Parameter]:
     for m in weight_modules(model):
         if learn != "step-sizes":
             params.append(m.float_weight)
-        if "w_scale" in m._parameters:
-            params.append(m.w_scale)
+        if (w_scale := _learned(m, "w_scale")) is not None:
+            params.append(w_scale)
     if learn != "weights":
-        params += [q.scale for q in act_quantizers(model) if "scale" in q._parameters]
+        params += [p for q in act_quantizers(model) if (p := _learned(q, "scale")) is not None]
     return params
 
 
 @torch.no_grad()
 def clamp_step_sizes(model: nn.Module) -> None:
     """Keep learned step sizes positive after an optimiser step."""
-    for p in [m.w_scale for m in weight_modules(model)] + [q.scale for q in act_quantizers(model)]:
-        p.clamp_(min=1e-8)
+    for module, name in [(m, "w_scale") for m in weight_modules(model)] + [(q, "scale") for q in act_quantizers(model)]:
+        if not parametrize.is_parametrized(module, name):  # exp() of a log step size is positive already
+            getattr(module, name).clamp_(min=1e-8)
 
 
 def end_qat(model: nn.Module) -> nn.Module:
     """Fix the integer codes from the latent weights and turn step sizes back into buffers,
     so :func:`sparseinv.quant.save_quantized` writes what the model computed."""
     for m in weight_modules(model):
-        if "w_scale" in m._parameters:
+        if _learned(m, "w_scale") is not None:
             _to_buffer(m, "w_scale")
         m.freeze_weight()
     for q in act_quantizers(model):
-        if "scale" in q._parameters:
+        if _learned(q, "scale") is not None:
             _to_buffer(q, "scale")
     return model
 

@@ -273,7 +273,7 @@ def _prepare_models(teacher: nn.Module, student: nn.Module, config: DistillConfi
         p.requires_grad_(False)
     prepare_student(student, num_classes, config.mode, config.seed)
     if quantized and not getattr(student, "_qat", False):
-        start_qat(student)
+        start_qat(student, config.qat_log_step_sizes)
         student._qat = True
     return _optimizer(trainable(student, config.mode, config.qat_learn), config, quantized)
 
