@@ -175,7 +175,8 @@ def images_per_second(model, batch: int = 64, repeats: int = 3) -> float:
 
 # `sparseinv distill --depth N` trains the shallower copy this way unless told otherwise.
 DEPTH_DEFAULTS = dict(feature_weight=SHALLOW_FEATURES[0], feature_layers=SHALLOW_FEATURES[1], mix=SHALLOW_MIX, lr=SHALLOW_LR)
-# ...and `sparseinv distill --quantized FILE` the quantized student (QAT_LRS[0] is its rate, checked in main).
+# ...and `sparseinv distill --quantized FILE` trained the quantized student before attention distillation became its
+# default (benchmarks/qat_attention.py; QAT_LRS[0] is its rate, checked in main).
 QUANTIZED_DEFAULTS = dict(feature_weight=SHALLOW_FEATURES[0], feature_layers=SHALLOW_FEATURES[1], lr=QAT_LRS[0],
                           qat_learn=DistillConfig.qat_learn)
 # Settings a protocol's cells train with unless a cell says otherwise (not part of the cache key):

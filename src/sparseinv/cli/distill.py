@@ -15,6 +15,7 @@ from sparseinv.distill.config import (
     MODES,
     OPTIMIZERS,
     QAT_LEARN,
+    QUANTIZED_ATTENTION,
     SHALLOW_FEATURES,
     SHALLOW_LR,
     SHALLOW_MIX,
@@ -35,10 +36,10 @@ def _add_term_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-layers", choices=FEATURE_LAYERS, default=None,
                    help="which tokens --feature-weight compares: the final norm's, or every student block's against the teacher's "
                         f"at the same relative depth (default: {SHALLOW_FEATURES[1]} for --depth/--blocks/--quantized students, {D.feature_layers} otherwise)")
-    p.add_argument("--attention-weight", type=float, default=D.attention_weight, metavar="W",
+    p.add_argument("--attention-weight", type=float, default=None, metavar="W",
                    help="add W x the head-wise attention distillation: each student block's attention maps pulled toward the "
                         "teacher's at the matched block, KL per head and query (ViT students with the teacher's heads; "
-                        f"default: {D.attention_weight:g})")
+                        f"default: {QUANTIZED_ATTENTION:g} for --quantized students, {D.attention_weight:g} otherwise)")
     p.add_argument("--attention-form", choices=ATTENTION_FORMS, default=D.attention_form,
                    help="which query rows --attention-weight compares: every row, or only the class token's and those of the "
                         f"patches the teacher attends to most (default: {D.attention_form})")

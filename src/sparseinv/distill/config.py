@@ -41,6 +41,11 @@ SHALLOW_MIX = "mixup"
 # lr for those students (AdamW): with mixup at 512 images real-image top-1 21.4 at 2e-5, 20.3 at 5e-5 and
 # 16.2 at 2e-4 (benchmarks/distill_mix.py --with-512); a gentler rate keeps more of what the copy knows.
 SHALLOW_LR = 2e-5
+# attention_weight for quantized students: on 128 sparse images the head-wise term at weight 1 gave
+# the W4/A4 DeiT-Tiny 53.0 train100 top-1 against 52.0 without it (foreground rows 48.0, weight 10
+# 48.5), and 52.0 against 49.0 on 512 (benchmarks/qat_attention.py); it lowered the 6-block copy
+# (16.5 against 20.0), so shallower copies keep it off.
+QUANTIZED_ATTENTION = 1.0
 
 
 @dataclass
@@ -135,12 +140,15 @@ class DistillConfig:
         ``sparseinv distill`` resolves its options through this, so the API and the command
         train a student the same way: ``timm`` students are linear-probed; students made from
         the teacher (``depth``, ``quantized``) train in full and match the teacher's tokens at
-        every block; shallower copies also mix views (online targets) at AdamW 2e-5.
+        every block; shallower copies also mix views (online targets) at AdamW 2e-5; quantized
+        ones also match the teacher's attention maps head by head (weight 1).
         """
         if kind not in STUDENT_KINDS:
             raise UsageError(f"unknown student kind '{kind}': use {', '.join(STUDENT_KINDS)}.")
         policy: dict = {"mode": "linear-probe"} if kind == "timm" else {
             "mode": "full", "feature_weight": SHALLOW_FEATURES[0], "feature_layers": SHALLOW_FEATURES[1]}
+        if kind == "quantized":
+            policy["attention_weight"] = QUANTIZED_ATTENTION
         if kind == "depth":
             if settings.get("targets", cls.targets) == "online":
                 policy["mix"] = SHALLOW_MIX
