@@ -15,7 +15,13 @@ change. Stages:
 * w3a3: W3/A3 post-training and trained, beside Gaussian noise and real-image calibration;
 * compression: the 6-block copy of the teacher from 512 sparse images, with and without the term;
 * prior: post-training W4/A4 (and W4/A8, W6/A6) from 32 images inverted with the
-  inter-head attention-similarity prior, against the same 32 without it.
+  inter-head attention-similarity prior, against the same 32 without it;
+* rounds: images that keep up with the student. From 64 sparse images (the held-out pool,
+  seed 7) the W4/A4 student trains ~400 steps as ``distill --quantized`` does by default;
+  halfway a round inverts 64 more from the teacher, plain or with the teacher-student
+  disagreement term against the student of that moment (``--round-disagreement``),
+  beside the same 128 images (the plain round's) as a fixed pool from the start: the
+  plain round and the fixed pool cost the same inversion time.
 
 Results: ``benchmarks/results/qat_attention.json``. Cells are cached as distill.py's.
 """
@@ -31,7 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, RESULTS, TRAIN100, ensure_pool, image_subset, write_results
+from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, RESULTS, TRAIN100, commit, ensure_pool, image_subset, write_results
 from distill import (
     QUANTIZED_DEFAULTS,
     _config,
@@ -158,6 +164,49 @@ def prior(teacher, p, val, yardstick) -> dict:
     return out
 
 
+ROUND_EPOCHS, ROUND_EVERY, FIXED_EPOCHS = 134, 67, 100  # 64 images x 67 + 128 x 67 epochs ~ 128 x 100: ~400 steps of 32
+ROUND_VARIANTS = {"plain rounds": 0.0, "disagreement 1": 1.0, "disagreement 10": 10.0, "fixed 128": None}
+
+
+def rounds(teacher, p, val, yardstick, which: list[str]) -> dict:
+    """Each variant's W4/A4 student (cached per variant); ``fixed 128`` needs the plain round's pool."""
+    from sparseinv.distill import DistillConfig, distill
+    from sparseinv.runs.rounds import RoundsConfig, distill_with_rounds, round_folder
+
+    first = CACHE / "pools" / "kt_sparse_64_s7"
+    plain_round = round_folder(CACHE / "distill_cells" / "rounds-plain_rounds" / "student.safetensors", 1)
+    out = {}
+    for label in which:
+        folder = CACHE / "distill_cells" / f"rounds-{label.replace(' ', '_')}"
+        if folder.with_suffix(".json").is_file():
+            out[label] = json.loads(folder.with_suffix(".json").read_text())
+            continue
+        student, started = quantized_start(teacher, p, 4, 4), time.perf_counter()
+        names = dict(teacher_name=DEIT_TINY, student_name=DEIT_TINY, progress=False)
+        if ROUND_VARIANTS[label] is None:
+            if not _complete(plain_round):
+                raise SystemExit(f"'fixed 128' trains on the plain round's images: run the 'plain rounds' variant first ({plain_round}).")
+            config = DistillConfig.for_student("quantized", epochs=FIXED_EPOCHS, batch_size=32)
+            summary = distill(teacher, student, [first, plain_round], config, folder / "student.safetensors", **names)
+            inverted = [first, plain_round]
+        else:
+            config = DistillConfig.for_student("quantized", epochs=ROUND_EPOCHS, batch_size=32)
+            grow = RoundsConfig(ROUND_EVERY, 64, ROUND_VARIANTS[label])
+            summary = distill_with_rounds(teacher, student, first, config, grow, folder / "student.safetensors",
+                                          teacher_checkpoint=str(DEIT_TINY_CKPT), **names)
+            inverted = [first, round_folder(folder / "student.safetensors", 1)]
+        seconds = [json.loads((f / "run.json").read_text())["wall_seconds"] for f in inverted]
+        out[label] = {"top1": evaluate_tensors(student, *val, progress=False)["top1"],
+                      "train100_top1": evaluate_tensors(student, *yardstick, progress=False)["top1"],
+                      "steps": sum(-(-r["num_images"] // 32) for r in summary["history"]),
+                      "images": summary["history"][-1]["num_images"], "inversion_seconds": sum(seconds),
+                      "round_inversion_seconds": seconds[1], "seconds": time.perf_counter() - started,
+                      "disagreement": ROUND_VARIANTS[label], "config": summary["settings"]["config"], "commit": commit()}
+        folder.with_suffix(".json").write_text(json.dumps(out[label], indent=2))
+        print(f"rounds {label}: {out[label]}", flush=True)
+    return out
+
+
 def _complete(pool: Path) -> bool:
     run = pool / "run.json"
     return run.is_file() and bool(json.loads(run.read_text()).get("complete"))
@@ -170,6 +219,8 @@ def main() -> None:
     parser.add_argument("--trials", nargs="+", choices=list(TRIALS), help="run only these trials of the choice (cells are cached: "
                                                                           "a later run with every trial chooses among them all)")
     parser.add_argument("--report-also", nargs="*", default=[], choices=list(TRIALS), help="more trials to report on 512 images")
+    parser.add_argument("--rounds", nargs="+", default=["plain rounds", "disagreement 1", "fixed 128"], choices=list(ROUND_VARIANTS),
+                        help="the rounds stage's variants (each cached; run them one process each to use both cores)")
     args = parser.parse_args()
     torch.manual_seed(0)
     teacher = load_model(DEIT_TINY, DEIT_TINY_CKPT)
@@ -202,6 +253,8 @@ def main() -> None:
         payload["w3a3"] = w3a3(teacher, p, val, yardstick, args.steps, {"attention_weight": 1.0, "attention_form": "heads"})
     if "prior" in args.stages:
         payload["prior"] = prior(teacher, p, val, yardstick)
+    if "rounds" in args.stages:
+        payload["rounds"] = {**old.get("rounds", {}), **rounds(teacher, p, val, yardstick, args.rounds)}
     payload[f"seconds_{'_'.join(args.stages)}"] = time.time() - started
     # Stages may run in separate processes: keep what the file holds now of the stages not run here.
     now = json.loads(path.read_text()) if path.is_file() else {}

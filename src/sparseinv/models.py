@@ -54,6 +54,15 @@ class ViTInfo:
         return mean, std
 
 
+def is_vit(model: nn.Module) -> bool:
+    """Whether ``model`` is a token-sequence ViT that the sparse forward pass can feed (:func:`vit_info` reads it)."""
+    try:
+        vit_info(model)
+    except UsageError:
+        return False
+    return True
+
+
 def vit_info(model: nn.Module) -> ViTInfo:
     """Read normalisation, geometry and prefix tokens from a timm ViT.
 

@@ -22,19 +22,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparseinv.errors import UsageError
-from sparseinv.models import timm, vit_info
+from sparseinv.models import is_vit, timm, vit_info
 from sparseinv.quant.model import act_quantizers, is_quantized, weight_modules
 from sparseinv.quant.quantizers import Log2Quantizer
 from sparseinv.vit.forward import OutputRecorder, logits
-
-
-def is_vit(model: nn.Module) -> bool:
-    """Whether ``model`` is a token-sequence ViT that :func:`sparse_forward` can feed."""
-    try:
-        vit_info(model)
-    except UsageError:
-        return False
-    return True
 
 
 def classifiers(model: nn.Module) -> tuple[nn.Module, ...]:

@@ -23,7 +23,7 @@ from sparseinv.inversion.config import InversionConfig
 from sparseinv.inversion.precision import Precision, resolve_precision
 from sparseinv.inversion.losses import LossInputs, gaussian_attention_priors
 from sparseinv.inversion.monitor import StepMonitor
-from sparseinv.models import ViTInfo, vit_info
+from sparseinv.models import ViTInfo, is_vit, vit_info
 from sparseinv.inversion.kept_pixels import KeptImages, KeptPixels
 from sparseinv.vit.forward import AttentionMaps, OutputRecorder, _patch_projection, sparse_forward
 
@@ -336,10 +336,20 @@ def _step_loss(feed: _Feed, pixels: KeptPixels, kept: torch.Tensor, dense: bool)
             out = sparse_forward(model, colour(aug.apply(pixels.compose(kept))), None if dense else cells,
                                  return_cls_attn=feed.priors is not None)
     cls_attn, target = (None, None) if feed.priors is None else prior_pairs(out.cls_attn, feed.priors, pixels.keep, aug, dense, info)
+
+    def fed(other: nn.Module) -> torch.Tensor:
+        # The same pixels, roll, flip and colour; a ViT on this patch grid gets the same tokens.
+        x = colour(aug.apply(pixels.compose(kept)))
+        with feed.precision.autocast(device):
+            if not is_vit(other):
+                return other(x).float()
+            same_grid = vit_info(other).grid_size == info.grid_size
+            return sparse_forward(other, x, None if dense or not same_grid else cells).logits.float()
+
     return config.loss(LossInputs(logits=out.logits.float(), targets=feed.labels, pixels=KeptImages(pixels, kept),
                                   attention=None if recorded is None else recorded.values,
                                   num_prefix=model.num_prefix_tokens, cls_attn=cls_attn, attention_target=target,
-                                  attention_maps=None if maps is None else maps.maps))
+                                  attention_maps=None if maps is None else maps.maps, fed=fed))
 
 
 @torch.no_grad()

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 # The four neighbour directions: where pixel b of each pair lies from pixel a, as
@@ -236,6 +237,10 @@ class LossInputs:
             attention prior is on (:attr:`InversionLoss.needs_cls_attention`); else ``None``.
         attention_maps: Each block's softmax attention (B, H, N, N) over the fed tokens,
             when a term asked for them (:attr:`InversionLoss.needs_attention_maps`).
+        fed: ``fed(other)`` is another model's logits on exactly what the model was fed
+            this step (the same augmented pixels; a ViT on the same patch grid gets the
+            same tokens), differentiable in the optimised pixels; ``None`` where the
+            caller cannot replay the step.
     """
 
     def __init__(
@@ -250,13 +255,14 @@ class LossInputs:
         cls_attn: torch.Tensor | None = None,
         attention_target: torch.Tensor | None = None,
         attention_maps: list[torch.Tensor] | None = None,
+        fed: Callable[[nn.Module], torch.Tensor] | None = None,
     ) -> None:
         if (images is None) == (pixels is None) or logits is None or targets is None:
             raise ValueError("LossInputs needs logits, targets and one of images or pixels")
         self.logits, self.targets = logits, targets
         self.attention, self.num_prefix = attention, num_prefix
         self.cls_attn, self.attention_target = cls_attn, attention_target
-        self.attention_maps = attention_maps
+        self.attention_maps, self.fed = attention_maps, fed
         self._images, self._pixels = images, pixels
 
     @property
@@ -274,6 +280,32 @@ class LossTerm(Protocol):
     """An extra loss term: returns a (B,) tensor, one value per image."""
 
     def __call__(self, inputs: LossInputs) -> torch.Tensor: ...
+
+
+def js_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence between the two rows' softmaxes, in nats, shape (B,); in [0, ln 2]."""
+    log_p, log_q = logits_p.float().log_softmax(1), logits_q.float().log_softmax(1)
+    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2)
+    return 0.5 * ((log_p.exp() * (log_p - log_m)).sum(1) + (log_q.exp() * (log_q - log_m)).sum(1))
+
+
+class StudentDisagreement:
+    """Images the student gets wrong: ``1 - JS(teacher, student) / ln 2`` per image, in [0, 1].
+
+    Adaptive DeepInversion's competition term (Yin et al., CVPR 2020): minimised beside the
+    cross-entropy, it keeps the teacher confident in the label while the student's
+    prediction moves away from it, so the next images teach what the student has not
+    learned. The student is fed exactly what the teacher was (:attr:`LossInputs.fed`) and
+    is not changed: pass a frozen copy (eval mode, no gradients to its parameters).
+    """
+
+    def __init__(self, student: nn.Module) -> None:
+        self.student = student
+
+    def __call__(self, inputs: LossInputs) -> torch.Tensor:
+        if inputs.fed is None:
+            raise ValueError("the student-disagreement term needs LossInputs.fed")
+        return 1 - js_divergence(inputs.logits, inputs.fed(self.student)) / math.log(2)
 
 
 @dataclass

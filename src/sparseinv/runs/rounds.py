@@ -5,20 +5,29 @@ teacher, with the first pool's own recorded settings (:func:`~sparseinv.runs.inv
 every one of them: schedule, final mask, precision) and a seed of its own, into
 ``<stem>.rounds/round_NNN/``; training goes on over all pools so far. It is a run, not
 part of distillation's engine, which never calls the inverter.
+
+With ``disagreement`` a round's images are made for the student as it stands: the
+inversion loss gains :class:`~sparseinv.inversion.losses.StudentDisagreement` against a
+frozen copy of the student after the round's epochs (Adaptive DeepInversion's
+competition term), so they are images the teacher is sure of and the student is not.
 """
 
 from __future__ import annotations
 
+import copy
 import os
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from sparseinv.distill.config import DistillConfig
+from sparseinv.distill.students import end_qat
 from sparseinv.distill.train import distill, sibling
 from sparseinv.errors import UsageError
+from sparseinv.inversion.losses import StudentDisagreement
+from sparseinv.quant.model import is_quantized
 from sparseinv.pool import open_pool
 from sparseinv.runs.inversion import invert, pool_settings
 
@@ -28,17 +37,31 @@ ROUND_SEED_OFFSET = 1000
 
 @dataclass
 class RoundsConfig:
-    """How the pool grows: every ``invert_every`` epochs, ``images_per_round`` new images (0: never)."""
+    """How the pool grows: every ``invert_every`` epochs, ``images_per_round`` new images (0: never),
+    inverted with the teacher-student disagreement term at weight ``disagreement`` (0: plain rounds)."""
 
     invert_every: int = 0
     images_per_round: int = 0
+    disagreement: float = 0.0
 
     def validate(self) -> "RoundsConfig":
-        if self.invert_every < 0 or self.images_per_round < 0:
-            raise UsageError("--invert-every and --num-images-per-round cannot be negative.")
+        if self.invert_every < 0 or self.images_per_round < 0 or self.disagreement < 0:
+            raise UsageError("--invert-every, --num-images-per-round and --round-disagreement cannot be negative.")
         if (self.invert_every > 0) != (self.images_per_round > 0):
             raise UsageError("--invert-every and --num-images-per-round go together: give both or neither.")
+        if self.disagreement and not self.invert_every:
+            raise UsageError("--round-disagreement weighs a term of the rounds' inversion: it needs --invert-every.")
         return self
+
+
+def frozen_student(student: nn.Module) -> nn.Module:
+    """A copy of ``student`` as it predicts now, for a round's inversion loss: eval mode, no gradients;
+    a quantized student mid-training is its plain quantized model (as its saved file holds it)."""
+    frozen = copy.deepcopy(student)
+    if is_quantized(frozen) and getattr(frozen, "_qat", False):
+        frozen = end_qat(frozen)
+        frozen._qat = False
+    return frozen.eval().requires_grad_(False)
 
 
 def round_folder(out: str | os.PathLike, r: int) -> Path:
@@ -88,17 +111,22 @@ def distill_with_rounds(
     r = 0
     while True:
         until = min(config.epochs, (r + 1) * rounds.invert_every) if rounds.invert_every else config.epochs
-        if until > done or until == config.epochs:
+        # Called at the epoch it resumes from too: a round being continued needs the student as it was.
+        if until >= done or until == config.epochs:
             summary = distill(teacher, student, pools, config, out, val, teacher_name=teacher_name,
                               student_name=student_name, until_epoch=until, allow_other_weights=allow_other_weights, progress=progress)
         if until >= config.epochs:
             break
         r += 1
+        loss = recorded.loss
+        if rounds.disagreement:
+            loss = replace(loss, extra=[*loss.extra, (rounds.disagreement, StudentDisagreement(frozen_student(student)))])
         settings = replace(recorded, num_images=rounds.images_per_round, batch_size=min(recorded.batch_size, rounds.images_per_round),
-                           seed=recorded.seed + ROUND_SEED_OFFSET + r)
+                           seed=recorded.seed + ROUND_SEED_OFFSET + r, loss=loss)
         result = invert(teacher, settings, str(round_folder(out, r)), model_name=record.model,
                         checkpoint=teacher_checkpoint or record.checkpoint, progress=progress)
         inversion_seconds += float(result.run["wall_seconds"])
         pools.append(open_pool(round_folder(out, r)))
     summary["inversion_seconds"] = inversion_seconds
+    summary["rounds"] = asdict(rounds)
     return summary
