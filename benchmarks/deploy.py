@@ -3,7 +3,7 @@
     python benchmarks/deploy.py [--per-class 100]
 
 DeiT-Tiny (real weights): W8/A8 with the default method (``recon``) from the first 32
-images of the 64-image sparse pool (``recon_settings.py`` makes it), exported as integer
+images of the 64-image sparse pool (made here when missing), exported as integer
 QDQ ONNX; the peer a user would otherwise pick, ONNX Runtime's ``quantize_static`` (QDQ,
 per-channel int8 weights, uint8 activations, MinMax calibration) calibrated on the same
 32 images (fed whole: ONNX Runtime cannot feed kept tokens only, so their black
@@ -28,7 +28,7 @@ from quantization import val_subset
 
 from sparseinv import load_model, sparse_forward
 from sparseinv.data import evaluate_tensors
-from sparseinv.export import export_onnx, integer_ops, onnx_logits, onnx_session
+from sparseinv.quant.export import export_onnx, integer_ops, onnx_logits, onnx_session
 from sparseinv.quant import QuantConfig, noise_batches, pool_batches, quantize_
 
 THREADS = 2

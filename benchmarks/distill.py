@@ -285,7 +285,7 @@ def paper_protocol(imagenet_teacher, val, steps: int) -> dict:
 
 def onnx_check(teacher, quantized_file: Path, val) -> dict:
     """The W4/A8 quantized student exported to integer ONNX, its top-1 in ONNX Runtime beside PyTorch's."""
-    from sparseinv.export import export_onnx, onnx_logits, onnx_session
+    from sparseinv.quant.export import export_onnx, onnx_logits, onnx_session
     from sparseinv.quant import load_quantized
 
     model = load_quantized(copy.deepcopy(teacher), quantized_file, DEIT_TINY)

@@ -477,3 +477,25 @@ def test_block_tokens_record_the_residual_stream_after_each_block_and_the_loss_i
     assert float(feature_loss(a, b)) == pytest.approx(0.01, rel=1e-4)
     a.values, b.values = [tokens * 11.0], [tokens * 10.0]
     assert float(feature_loss(a, b)) == pytest.approx(0.01, rel=1e-4)
+
+
+def test_qat_state_is_read_from_the_model_and_ending_a_model_not_training_keeps_its_codes(setup):
+    """end_qat on a model that is not training must not re-round its float weights (they are not its codes);
+    start_qat on one already training leaves its parameters as they are (a resumed round's student)."""
+    from sparseinv.quant.qat import end_qat, in_qat, qat_parameters, start_qat
+    from sparseinv.quant.quantizers import weight_qrange
+
+    _, q = teacher_and_quantized(setup)
+    module = weight_modules(q)[0]
+    qmin, qmax = weight_qrange(module.w_bits)
+    with torch.no_grad():  # codes no rounding of the float weight gives back
+        module.w_int = torch.where(module.w_int < qmax, module.w_int + 1, qmin).to(torch.int8)
+    codes = module.w_int.clone()
+    assert not in_qat(q)
+    end_qat(q)
+    assert torch.equal(module.w_int, codes)
+    start_qat(q)
+    params = [id(p) for p in qat_parameters(q)]
+    assert in_qat(q) and [id(p) for p in qat_parameters(start_qat(q))] == params
+    end_qat(q)
+    assert not in_qat(q) and torch.equal(module.w_int, codes)  # trained for no steps: the same codes

@@ -17,7 +17,7 @@ from conftest import DEIT_TINY_CKPT, SYNSETS, VAL
 from sparseinv import load_model, sparse_forward
 from sparseinv.cli import main
 from sparseinv.data import ImageFolder, read_class_index, transform_folder
-from sparseinv.export import INTEGER_OPS, _exporting, export_onnx, integer_ops, onnx_logits, onnx_session
+from sparseinv.quant.export import INTEGER_OPS, _exporting, export_onnx, integer_ops, onnx_logits, onnx_session
 from sparseinv.models import timm
 from sparseinv.quant import Log2Quantizer, QuantConfig, load_quantized, noise_batches, quantize_, save_quantized
 
@@ -82,7 +82,7 @@ def test_repq_log2_softmax_exports_as_the_uniform_grid_over_its_range(tmp_path, 
     model, _ = quantized_vit
     qmodel = quantize_(copy.deepcopy(model), QuantConfig.for_method("repq", 8, 8), noise_batches(model, 8, 8), progress=False)
     log2 = [m for m in qmodel.modules() if isinstance(m, Log2Quantizer)]
-    assert len(log2) == 6 and qmodel.quant_config.ln_reparam
+    assert len(log2) == 6 and qmodel.quantization.config.ln_reparam
     path = tmp_path / "repq.onnx"
     assert export_onnx(qmodel, path) == ["the log2 softmax grid has no QDQ form: exported as the uniform 8-bit grid over the same range."]
     scales = _scalar_scales(path)

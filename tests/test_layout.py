@@ -156,6 +156,10 @@ def test_moved_modules_keep_their_old_import_paths():
             "import sparseinv.runs.rounds as rounds, sparseinv.runs.inversion as inv, sparseinv.runs.demo as demo\n"
             "assert RoundsConfig is R2 is rounds.RoundsConfig and distill_with_rounds is d2 is rounds.distill_with_rounds\n"
             "assert invert is i2 is inv.invert and InversionResult is I2 and DemoConfig is demo.DemoConfig\n"
+            "from sparseinv.export import export_onnx, onnx_session\n"
+            "from sparseinv.distill import start_qat, end_qat\n"
+            "import sparseinv.quant.export as qe, sparseinv.quant.qat as qat\n"
+            "assert export_onnx is qe.export_onnx and start_qat is qat.start_qat and end_qat is qat.end_qat\n"
             "print('OK')")
     fresh_interpreter_says_ok(code)
 
@@ -168,7 +172,7 @@ def test_the_model_layer_stands_below_everything_that_uses_it():
     for name in layer:
         assert graph[name] <= layer | below, (name, graph[name] - layer - below)
     # Quantization, real-image data and export use the model layer, never the inversion engine.
-    users = [n for n in graph if n.startswith("sparseinv.quant") or n in ("sparseinv.data", "sparseinv.export")]
+    users = [n for n in graph if n.startswith("sparseinv.quant") or n == "sparseinv.data"]
     for name in users:
         assert not any(t.startswith("sparseinv.inversion") for t in graph[name]), (name, graph[name])
 

@@ -92,7 +92,7 @@ def test_a_fine_tuned_37_class_deit_small_goes_from_inversion_to_an_int8_onnx_fi
     from PIL import Image
 
     from sparseinv.data import ImageFolder, transform_folder
-    from sparseinv.export import onnx_logits, onnx_session
+    from sparseinv.quant.export import onnx_logits, onnx_session
 
     torch.manual_seed(0)
     model = timm.create_model("deit_small_patch16_224", num_classes=37).eval()

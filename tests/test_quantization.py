@@ -284,7 +284,7 @@ def test_save_and_reload_give_identical_logits(tmp_path, vit, config):
     fresh = load_model("test_vit", pretrained=False)
     fresh.load_state_dict(state)
     load_quantized(fresh, tmp_path / "q.safetensors", "test_vit")
-    assert fresh.quant_config == vit.quant_config
+    assert fresh.quantization.config == vit.quantization.config
     with torch.no_grad():
         after = [sparse_forward(fresh, x).logits, sparse_forward(fresh, x, keep).logits]
         assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparseinv import InversionConfig, PruneSchedule, load_model, read_pool
-from sparseinv.distill import DistillConfig, start_qat
+from sparseinv.distill import DistillConfig
+from sparseinv.quant.qat import in_qat, start_qat
 from sparseinv.errors import UsageError
 from sparseinv.inversion.loop import invert_batch
 from sparseinv.inversion.losses import InversionLoss, LossInputs, StudentDisagreement, js_divergence
@@ -100,13 +101,12 @@ def test_the_term_moves_the_pixels_through_the_student(setup):
 def test_a_frozen_quantized_student_predicts_as_the_training_one_and_leaves_it_training(setup):
     teacher, q = teacher_and_quantized(setup)
     start_qat(q)
-    q._qat = True
     frozen = frozen_student(q)
     x = torch.randn(2, 3, 160, 160)
     with torch.no_grad():
         assert torch.allclose(sparse_forward(frozen, x, None).logits, sparse_forward(q.eval(), x, None).logits, atol=1e-5)
     assert not any(p.requires_grad for p in frozen.parameters())
-    assert q._qat and any(p.requires_grad for p in q.parameters())
+    assert in_qat(q) and not in_qat(frozen) and any(p.requires_grad for p in q.parameters())
 
 
 def test_rounds_record_the_term_and_a_resumed_round_inverts_against_the_same_student(setup, tmp_path, monkeypatch):

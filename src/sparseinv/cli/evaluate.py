@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     folders = ImageFolder.class_folders(args.data)
     device = resolve_device(args)
     if args.onnx:
-        from sparseinv.export import evaluate_onnx, onnx_classes, onnx_session
+        from sparseinv.quant.export import evaluate_onnx, onnx_classes, onnx_session
 
         session = onnx_session(args.onnx)
         # The ONNX file carries the weights: the timm model only gives the eval transform.
@@ -68,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate_onnx(session, folder, model, batch_size=args.eval_batch_size, progress=not args.quiet)
     else:
         result = evaluate(model, folder, batch_size=args.eval_batch_size, progress=not args.quiet)
-    config = getattr(model, "quant_config", None)
+    from sparseinv.quant import quantization
+
+    config = None if quantization(model) is None else quantization(model).config
     record = {
         "model": args.model,
         "checkpoint": args.checkpoint,

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     model = model_from_args(args, resolve_device(args))
     if args.quantized:
         load_quantized(model, args.quantized, args.model)
-    from sparseinv.export import INTEGER_OPS, export_onnx, integer_ops
+    from sparseinv.quant.export import INTEGER_OPS, export_onnx, integer_ops
 
     notes = export_onnx(model, args.out, batch)
     for note in [] if args.quiet else notes:

@@ -83,7 +83,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sparseinv.quant import calibration_batches, fingerprint, quantize_, save_quantized
+    from sparseinv.quant import calibration_batches, quantize_, save_quantized
 
     config = config_from_args(args)  # before the model loads: cheap mistakes first
     check_writable(args.out)
@@ -91,11 +91,10 @@ def run(args: argparse.Namespace) -> int:
     model = model_from_args(args, device)
     batches = calibration_batches(model, args.calib, args.model, args.calib_num_images, args.calib_batch_size, args.seed,
                                   args.allow_other_weights)
-    fp = fingerprint(model)
     start = time.perf_counter()
     quantize_(model, config, batches, progress=not args.quiet)
     seconds = time.perf_counter() - start
-    path = save_quantized(model, args.out, args.model, fp)
+    path = save_quantized(model, args.out, args.model)
     num = sum(images.shape[0] for images, _ in batches)
     sparse = any(keep is not None for _, keep in batches)
     print(f"quantized {args.model} {config.name} on {num} {'sparse ' if sparse else ''}calibration images from {args.calib} "

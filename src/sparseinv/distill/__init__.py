@@ -18,15 +18,9 @@ from sparseinv._lazy import lazy_exports
 if TYPE_CHECKING:
     from sparseinv.distill.config import MODES, DistillConfig, kd_loss
     from sparseinv.distill.data import Source, TrainImages, folder_sources, pool_sources
-    from sparseinv.distill.students import (
-        classifiers,
-        end_qat,
-        is_vit,
-        prepare_student,
-        shallow_copy,
-        spread_blocks,
-        start_qat,
-    )
+    from sparseinv.distill.students import classifiers, prepare_student, shallow_copy, spread_blocks
+    from sparseinv.models import is_vit
+    from sparseinv.quant.qat import end_qat, start_qat
     from sparseinv.distill.train import Images, distill, evaluate_student, sibling
 
 _EXPORTS = {
@@ -42,12 +36,12 @@ _EXPORTS = {
     "distill_with_rounds": "sparseinv.runs.rounds",
     "round_folder": "sparseinv.runs.rounds",
     "classifiers": "sparseinv.distill.students",
-    "end_qat": "sparseinv.distill.students",
-    "is_vit": "sparseinv.distill.students",
+    "end_qat": "sparseinv.quant.qat",
+    "is_vit": "sparseinv.models",
     "prepare_student": "sparseinv.distill.students",
     "shallow_copy": "sparseinv.distill.students",
     "spread_blocks": "sparseinv.distill.students",
-    "start_qat": "sparseinv.distill.students",
+    "start_qat": "sparseinv.quant.qat",
     "Images": "sparseinv.distill.train",
     "distill": "sparseinv.distill.train",
     "evaluate_student": "sparseinv.distill.train",

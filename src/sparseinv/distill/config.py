@@ -36,10 +36,10 @@ STUDENT_KINDS = ("timm", "depth", "quantized")
 SHALLOW_FEATURES = (1.0, "blocks")
 # mix for shallower copies with online targets: real-image top-1 of the 6-block copy 21.1 against 10.4
 # (128 sparse images) and 16.2 against 8.0 (512), the most accurate setting measured
-# (benchmarks/distill_mix.py). Unmeasured for other students: off there.
+# (benchmarks/results/distill_mix.json). Unmeasured for other students: off there.
 SHALLOW_MIX = "mixup"
 # lr for those students (AdamW): with mixup at 512 images real-image top-1 21.4 at 2e-5, 20.3 at 5e-5 and
-# 16.2 at 2e-4 (benchmarks/distill_mix.py --with-512); a gentler rate keeps more of what the copy knows.
+# 16.2 at 2e-4 (benchmarks/results/distill_mix.json); a gentler rate keeps more of what the copy knows.
 SHALLOW_LR = 2e-5
 # attention_weight for quantized students: on 128 sparse images the head-wise term at weight 1 gave
 # the W4/A4 DeiT-Tiny 53.0 train100 top-1 against 52.0 without it (foreground rows 48.0, weight 10
@@ -70,7 +70,7 @@ class DistillConfig:
         crop_scale: Random-resized-crop area range (timm's training crop), or ``None`` for
             none (the default): inverted images are made under shifts and mirrors only, and
             the teacher often gives a crop of one another label than the image's
-            (``benchmarks/distill_augment.py``), so crops teach the teacher's answers to noise.
+            (``benchmarks/results/distill_augment.json``), so crops teach the teacher's answers to noise.
         shift_patches: Random circular shift by a whole number of patches, up to this many
             each way. Whole patches: inverted images are made on the patch grid and keep
             their label under whole-patch shifts, not always under a few pixels' shift.

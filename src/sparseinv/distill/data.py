@@ -113,7 +113,7 @@ class TrainImages(torch.utils.data.Dataset):
     by a whole number of patches, up to ``shift_patches`` each way, and a mirror with
     probability one half. Whole patches, because inverted images are made on the patch
     grid: the teacher keeps its label on its images shifted by whole patches, not always
-    on images shifted by a few pixels (``benchmarks/distill_augment.py``).
+    on images shifted by a few pixels (``benchmarks/results/distill_augment.json``).
 
     Args:
         sources: The images (see :func:`pool_sources`, :func:`folder_sources`).

@@ -7,8 +7,8 @@ Three kinds of student, all plain timm modules:
 * :func:`shallow_copy`: the teacher with a chosen subset of its blocks, initialised from
   the teacher's weights (a smaller, faster model);
 * a model returned by :func:`sparseinv.quant.quantize_` (quantization-aware training:
-  :func:`start_qat` makes its latent weights and step sizes trainable, :func:`end_qat`
-  fixes the integer codes again).
+  :func:`sparseinv.quant.qat.start_qat` makes its latent weights and step sizes trainable,
+  :func:`~sparseinv.quant.qat.end_qat` fixes the integer codes again).
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 from sparseinv.errors import UsageError
 from sparseinv.models import is_vit, timm, vit_info
-from sparseinv.quant.model import act_quantizers, is_quantized, weight_modules
-from sparseinv.quant.quantizers import Log2Quantizer
+from sparseinv.quant.model import is_quantized
+from sparseinv.quant.qat import end_qat, qat_parameters, start_qat  # noqa: F401  (their older import path)
 from sparseinv.vit.forward import OutputRecorder, logits
 
 
@@ -98,111 +97,6 @@ def trainable(student: nn.Module, mode: str, qat_learn: str = "all") -> list[nn.
     for p in student.parameters():
         p.requires_grad_(id(p) in keep)
     return [p for p in student.parameters() if p.requires_grad]
-
-
-# ---------------------------------------------------------------- quantization-aware training
-
-
-class _LogScale(nn.Module):
-    """A step size learned as its logarithm (``exp`` of the parameter): an optimiser step then moves
-    it by a fraction of itself, where weight step sizes span more than two orders of magnitude."""
-
-    def forward(self, log_scale: torch.Tensor) -> torch.Tensor:
-        return log_scale.exp()
-
-    def right_inverse(self, scale: torch.Tensor) -> torch.Tensor:
-        return scale.clamp_min(1e-12).log()
-
-
-def _learned(module: nn.Module, name: str) -> nn.Parameter | None:
-    """The parameter that trains for ``name`` (its logarithm when learned in log space), if any."""
-    if parametrize.is_parametrized(module, name):
-        return module.parametrizations[name].original
-    return module._parameters.get(name)
-
-
-def _to_parameter(module: nn.Module, name: str, log: bool = False) -> None:
-    value = module._buffers.pop(name)
-    module.register_parameter(name, nn.Parameter(value.detach().clone()))
-    if log:
-        parametrize.register_parametrization(module, name, _LogScale())
-
-
-def _to_buffer(module: nn.Module, name: str) -> None:
-    if parametrize.is_parametrized(module, name):
-        value = getattr(module, name)
-        # Not parametrize.remove_parametrizations: a deep copy (save_student's) shares the injected
-        # class with its original, and removing deletes the property from that class, for both.
-        # A quantizer carries one learned step size: its plain class comes back whole.
-        del module.parametrizations
-        module.__class__ = module.__class__.__bases__[0]
-    else:
-        value = module._parameters.pop(name)
-    module.register_buffer(name, value.detach().clone())
-
-
-def start_qat(model: nn.Module, log_step_sizes: bool = False) -> nn.Module:
-    """Make a quantized model trainable: straight-through weights, learned step sizes.
-
-    Each quantized weight's latent float value starts at its dequantized code, so the
-    model computes exactly what the post-training model did; rounding is the
-    straight-through estimator from then on. Weight and activation step sizes become
-    parameters (LSQ) so every process of a run shares their gradients. The softmax's
-    log2 quantizer keeps its range. ``log_step_sizes`` learns each step size as its
-    logarithm (relative steps; the model then computes within rounding of the start).
-    """
-    if not is_quantized(model):
-        raise UsageError("start_qat needs a model returned by quantize_ (or load_quantized).")
-    with torch.no_grad():
-        for m in weight_modules(model):
-            if m.w_int.numel():
-                m.float_weight.copy_(m.w_int.float() * m._scale_view())
-                m.w_int = torch.empty(0, dtype=torch.int8, device=m.w_scale.device)
-            if "w_scale" in m._buffers:
-                _to_parameter(m, "w_scale", log_step_sizes)
-        for q in act_quantizers(model):
-            if not isinstance(q, Log2Quantizer) and "scale" in q._buffers:
-                _to_parameter(q, "scale", log_step_sizes)
-    return model
-
-
-def qat_parameters(model: nn.Module, learn: str = "all") -> list[nn.Parameter]:
-    """Of what :func:`start_qat` made trainable, what ``learn`` names.
-
-    Args:
-        learn: ``all`` (latent weights and step sizes), ``weights`` (latent weights and
-            weight step sizes) or ``step-sizes`` (weight and activation step sizes).
-    """
-    params = []
-    for m in weight_modules(model):
-        if learn != "step-sizes":
-            params.append(m.float_weight)
-        if (w_scale := _learned(m, "w_scale")) is not None:
-            params.append(w_scale)
-    if learn != "weights":
-        params += [p for q in act_quantizers(model) if (p := _learned(q, "scale")) is not None]
-    return params
-
-
-@torch.no_grad()
-def clamp_step_sizes(model: nn.Module) -> None:
-    """Keep learned step sizes positive after an optimiser step."""
-    for module, name in [(m, "w_scale") for m in weight_modules(model)] + [(q, "scale") for q in act_quantizers(model)]:
-        if not parametrize.is_parametrized(module, name):  # exp() of a log step size is positive already
-            getattr(module, name).clamp_(min=1e-8)
-
-
-def end_qat(model: nn.Module) -> nn.Module:
-    """Fix the integer codes from the latent weights and turn step sizes back into buffers,
-    so :func:`sparseinv.quant.save_quantized` writes what the model computed."""
-    for m in weight_modules(model):
-        if _learned(m, "w_scale") is not None:
-            _to_buffer(m, "w_scale")
-        m.freeze_weight()
-    for q in act_quantizers(model):
-        if _learned(q, "scale") is not None:
-            _to_buffer(q, "scale")
-    return model
 
 
 # ---------------------------------------------------------------- feeding pool pixels

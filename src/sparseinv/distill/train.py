@@ -45,19 +45,17 @@ from sparseinv.distill.data import Source, TrainImages, loader
 from sparseinv.distill.students import (
     Feeder,
     StudentLogits,
-    clamp_step_sizes,
-    end_qat,
     feature_loss,
     is_vit,
     matched_blocks,
     prepare_student,
-    start_qat,
     trainable,
 )
 from sparseinv.errors import UsageError
 from sparseinv.vit.forward import AttentionMaps, OutputRecorder
 from sparseinv.files import atomic_save, atomic_write_json
 from sparseinv.quant.model import is_quantized
+from sparseinv.quant.qat import clamp_step_sizes, end_qat, start_qat
 
 
 def sibling(out: str | os.PathLike, suffix: str) -> Path:
@@ -202,7 +200,6 @@ def _finish_student(student: nn.Module, out: Path, meta: dict, main: bool) -> No
         save_student(student, out, meta)
     if is_quantized(student):
         end_qat(student)
-        student._qat = False
 
 
 def _one_epoch(trained: nn.Module, teacher: Feeder, images: TrainImages, optimizer: torch.optim.Optimizer, config: DistillConfig,
@@ -272,9 +269,8 @@ def _prepare_models(teacher: nn.Module, student: nn.Module, config: DistillConfi
     for p in teacher.parameters():
         p.requires_grad_(False)
     prepare_student(student, num_classes, config.mode, config.seed)
-    if quantized and not getattr(student, "_qat", False):
+    if quantized:  # a student still training from an earlier call (a round) is left as it is
         start_qat(student, config.qat_log_step_sizes)
-        student._qat = True
     return _optimizer(trainable(student, config.mode, config.qat_learn), config, quantized)
 
 
@@ -411,7 +407,7 @@ def save_student(student: nn.Module, path: Path, meta: dict) -> None:
         from sparseinv.quant.io import save_quantized
 
         frozen = end_qat(copy.deepcopy(student))
-        save_quantized(frozen, path, meta["model"], getattr(student, "_fp_fingerprint", None))
+        save_quantized(frozen, path, meta["model"])
         return
     from safetensors.torch import save_file
 

@@ -18,7 +18,7 @@ PRECISIONS = ("fp32", "bf16", "auto")
 # published rule: one dense pass scores the best image, the top int(N * prod(1 - r))
 # patches of all N are kept) or "last-phase" (exactly the patches the last phase fed),
 # the default: it put every image on its label where rescore missed 3 of 10 and 2-6 of
-# 32, with quantization from either level (benchmarks/final_mask.py, two seeds).
+# 32, with quantization from either level (benchmarks/results/final_mask.json, two seeds).
 FINAL_MASKS = ("rescore", "last-phase")
 # Settings added after pools were first written: a record without one was made at this value.
 _ABSENT_MEANS = {"precision": "fp32", "final_mask": "rescore", "color_shift": 0.0, "strategy": "stop"}

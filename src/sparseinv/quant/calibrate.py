@@ -132,7 +132,7 @@ def calibrate(model: nn.Module, batches: Iterable[Batch], *, progress: bool = Tr
     quantizers = act_quantizers(model)
     for q in quantizers:
         q.reset()
-    sequential = model.quant_config.sequential
+    sequential = model.quantization.config.sequential
     set_quant_mode(model, "init" if sequential else "observe")
     try:
         batches = _one_batch(list(batches)) if sequential else list(batches)
@@ -144,7 +144,7 @@ def calibrate(model: nn.Module, batches: Iterable[Batch], *, progress: bool = Tr
         if not sequential:
             for q in quantizers:
                 q.finalize()
-        if model.quant_config.ln_reparam:
+        if model.quantization.config.ln_reparam:
             fold_layernorms(model)
         for m in weight_modules(model):
             m.freeze_weight()
@@ -163,7 +163,7 @@ def fit(model: nn.Module, batches: Iterable[Batch], *, progress: bool = True) ->
     """
     batches = list(batches)
     calibrate(model, batches, progress=progress)
-    recon = model.quant_config.recon
+    recon = model.quantization.config.recon
     if recon is not None:
         model.recon_report = reconstruct(model, batches, recon, progress=progress)
     set_quant_mode(model, "quant")

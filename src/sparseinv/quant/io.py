@@ -25,25 +25,12 @@ from sparseinv.errors import UsageError, first_line
 from sparseinv.files import atomic_save
 from sparseinv.models import fingerprint_tensors
 from sparseinv.quant.config import QuantConfig
-from sparseinv.quant.model import is_quantized, prepare_, quant_modules, set_quant_mode
-from sparseinv.quant.quantizers import ActQuantizer, _QuantWeight, weight_qrange
+from sparseinv.quant.model import OPTIONAL, fingerprint, prepare_, quant_modules, quantization, set_quant_mode
+from sparseinv.quant.quantizers import ActQuantizer, QuantWeight, weight_qrange
 from sparseinv.quant.reparam import refold_layernorms
 
 FORMAT = "sparseinv-quant/2"
-REQUIRED = {ActQuantizer: ("scale", "zero_point"), _QuantWeight: ("w_scale", "w_int")}
-OPTIONAL = ("fold_r1", "fold_shift")
-QUANT_BUFFERS = ("scale", "zero_point", "w_scale", "w_int", *OPTIONAL)
-
-
-def fingerprint(model: nn.Module) -> str:
-    """sha256 of the model's full-precision parameters and buffers (names, shapes, values)."""
-    quantized = is_quantized(model)
-    # Wrapped modules add ".linear"/".conv" to their parameter names; hash the original names.
-    return fingerprint_tensors((name.replace(".linear.", ".").replace(".conv.", "."), tensor)
-                               for name, tensor in sorted(model.state_dict().items())
-                               if not (quantized and name.rpartition(".")[2] in QUANT_BUFFERS))
-
-
+REQUIRED = {ActQuantizer: ("scale", "zero_point"), QuantWeight: ("w_scale", "w_int")}
 def _required(module: nn.Module) -> tuple[str, ...]:
     return next(names for kind, names in REQUIRED.items() if isinstance(module, kind))
 
@@ -66,12 +53,13 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, model_name: str, f
         model: A model after :func:`quantize_` and :func:`calibrate`.
         path: The ``.safetensors`` file to write.
         model_name: The timm name to rebuild it from.
-        fp_fingerprint: :func:`fingerprint` of the model taken before quantizing;
-            computed here if not given.
+        fp_fingerprint: :func:`fingerprint` of the full-precision model; by default the one
+            :func:`~sparseinv.quant.model.prepare_` recorded.
     """
-    config: QuantConfig | None = getattr(model, "quant_config", None)
-    if config is None:
+    state_of = quantization(model)
+    if state_of is None:
         raise ValueError("the model is not quantized")
+    config = state_of.config
     missing = [f"{n}.{b}" for n, m in quant_modules(model) for b in _required(m) if not m._buffers[b].numel()]
     if missing:
         raise ValueError(f"the model is not calibrated ({missing[0]} is not set)")
@@ -79,7 +67,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, model_name: str, f
         "format": FORMAT,
         "model": model_name,
         "config": json.dumps(config.record()),
-        "fingerprint": fp_fingerprint or getattr(model, "_fp_fingerprint", None) or fingerprint(model),
+        "fingerprint": fp_fingerprint or state_of.fp_fingerprint or fingerprint(model),
     }
     state = quant_state(model)
     metadata["tensors_sha256"] = _tensors_checksum(state)
@@ -135,8 +123,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, model_name: str) -
         raise UsageError(f"quantized file '{path}' records settings that cannot be used: {err}") from None
     except (TypeError, KeyError, ValueError, SafetensorError, OSError) as err:
         raise UsageError(f"quantized file '{path}' is damaged ({type(err).__name__}).") from None
-    prepare_(model, config)
-    model._fp_fingerprint = fp
+    prepare_(model, config, fp_fingerprint=fp)
     required = {f"{n}.{b}" for n, m in quant_modules(model) for b in _required(m)}
     optional = {f"{n}.{b}" for n, m in quant_modules(model) for b in OPTIONAL}
     if not required <= set(state) <= required | optional:

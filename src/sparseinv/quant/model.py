@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from sparseinv.errors import UsageError
-from sparseinv.models import timm
+from sparseinv.models import fingerprint_tensors, timm
 from sparseinv.quant.config import QuantConfig
-from sparseinv.quant.quantizers import MODES, ActQuantizer, Log2Quantizer, QuantConv2d, QuantLinear, _QuantWeight
+from sparseinv.quant.quantizers import MODES, ActQuantizer, Log2Quantizer, QuantConv2d, QuantLinear, QuantWeight
+
+# Buffers a quantized model adds: the quantizers' and the LayerNorm folding's.
+OPTIONAL = ("fold_r1", "fold_shift")
+QUANT_BUFFERS = ("scale", "zero_point", "w_scale", "w_int", *OPTIONAL)
 
 # Linears whose input is a LayerNorm output (attention qkv, MLP fc1, the classifier).
 POST_NORM_LINEARS = ("attn.qkv", "mlp.fc1", "head")
@@ -108,8 +113,40 @@ def default_filter(module: nn.Module, name: str) -> bool:
     return isinstance(module, nn.Linear)
 
 
+@dataclass
+class Quantization:
+    """What :func:`prepare_` registers on a model it quantizes, as ``model.quantization``.
+
+    Attributes:
+        config: The scheme, bit widths and quantizers.
+        fp_fingerprint: :func:`fingerprint` of the full-precision weights it started from: what
+            a quantized file is checked against (folding LayerNorms changes the weights later);
+            ``None`` for weights that hold no data (the ``meta`` device).
+        hooks: The forward hooks it added (the ``psaq`` scheme's), to remove them.
+    """
+
+    config: QuantConfig
+    fp_fingerprint: str | None
+    hooks: list = field(default_factory=list)
+
+
+def quantization(model: nn.Module) -> Quantization | None:
+    """The :class:`Quantization` :func:`prepare_` registered on ``model``; ``None`` for a full-precision model."""
+    state = getattr(model, "quantization", None)
+    return state if isinstance(state, Quantization) else None
+
+
 def is_quantized(model: nn.Module) -> bool:
-    return getattr(model, "quant_config", None) is not None
+    return quantization(model) is not None
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's full-precision parameters and buffers (names, shapes, values)."""
+    quantized = is_quantized(model)
+    # Wrapped modules add ".linear"/".conv" to their parameter names; hash the original names.
+    return fingerprint_tensors((name.replace(".linear.", ".").replace(".conv.", "."), tensor)
+                               for name, tensor in sorted(model.state_dict().items())
+                               if not (quantized and name.rpartition(".")[2] in QUANT_BUFFERS))
 
 
 def prepare_(
@@ -117,6 +154,7 @@ def prepare_(
     config: QuantConfig,
     *,
     filter_fn: Callable[[nn.Module, str], bool] = default_filter,
+    fp_fingerprint: str | None = None,
 ) -> nn.Module:
     """Wrap ``model``'s layers with the quantizers ``config`` asks for, in place.
 
@@ -128,10 +166,13 @@ def prepare_(
         model: A timm ViT.
         config: Scheme, bit-widths, quantizers.
         filter_fn: ``(module, name) -> bool``: which Linear-like modules to wrap.
+        fp_fingerprint: :func:`fingerprint` of ``model`` where the caller has taken it already.
     """
     config.validate()
     if is_quantized(model):
         raise UsageError("the model is already quantized.")
+    if fp_fingerprint is None and not any(t.is_meta for t in model.state_dict().values()):
+        fp_fingerprint = fingerprint(model)
     # Wrap every chosen Linear first, so the attention swap below picks up the wrapped qkv and proj.
     linears = [(n, m) for n, m in model.named_modules() if n and filter_fn(m, n)]
     for name, linear in linears:
@@ -167,8 +208,7 @@ def prepare_(
         # only the fed tokens reach this observer.
         model.embed_quant = _act(config, device, calibrator="minmax")
         handles.append(model.norm_pre.register_forward_hook(_output_hook(model.embed_quant)))
-    model.quant_config = config
-    model._quant_hooks = handles
+    model.quantization = Quantization(config, fp_fingerprint, handles)
     return model
 
 
@@ -180,7 +220,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def quant_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Every quantizer-carrying module of ``model`` with its name."""
     for name, module in model.named_modules():
-        if isinstance(module, (ActQuantizer, _QuantWeight)):
+        if isinstance(module, (ActQuantizer, QuantWeight)):
             yield name, module
 
 
@@ -188,8 +228,8 @@ def act_quantizers(model: nn.Module) -> list[ActQuantizer]:
     return [m for _, m in quant_modules(model) if isinstance(m, ActQuantizer)]
 
 
-def weight_modules(model: nn.Module) -> list[_QuantWeight]:
-    return [m for _, m in quant_modules(model) if isinstance(m, _QuantWeight)]
+def weight_modules(model: nn.Module) -> list[QuantWeight]:
+    return [m for _, m in quant_modules(model) if isinstance(m, QuantWeight)]
 
 
 def set_quant_mode(model: nn.Module, mode: str) -> None:

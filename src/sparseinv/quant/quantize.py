@@ -1,7 +1,7 @@
 """``quantize_``: the one entry point, ``quantize_(model, config, calibration)``.
 
-It prepares the model (:func:`sparseinv.quant.model.prepare_`), records the fingerprint
-of its full-precision weights (what a quantized file is checked against), and fits it to
+It prepares the model (:func:`sparseinv.quant.model.prepare_`, which records the fingerprint
+of its full-precision weights: what a quantized file is checked against), and fits it to
 the calibration images (:func:`sparseinv.quant.calibrate.fit`). The other quant modules
 import downwards only; this one sits on top.
 """
@@ -14,7 +14,6 @@ from torch import nn
 
 from sparseinv.quant.calibrate import fit
 from sparseinv.quant.config import QuantConfig
-from sparseinv.quant.io import fingerprint
 from sparseinv.quant.model import default_filter, prepare_
 
 
@@ -43,9 +42,7 @@ def quantize_(
         filter_fn: ``(module, name) -> bool``: which Linear-like modules to wrap.
         progress: Show progress bars while fitting.
     """
-    fp = fingerprint(model)
     prepare_(model, config, filter_fn=filter_fn)
-    model._fp_fingerprint = fp
     if calibration is not None:
         fit(model, calibration, progress=progress)
     return model

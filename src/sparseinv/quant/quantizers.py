@@ -127,7 +127,7 @@ class ActQuantizer(nn.Module):
     """
 
     kind = "uniform"
-    # Set by :func:`sparseinv.export.export_onnx` while it traces: quantize with the torch
+    # Set by :func:`sparseinv.quant.export.export_onnx` while it traces: quantize with the torch
     # ops that become ONNX QuantizeLinear/DequantizeLinear pairs.
     exporting = False
 
@@ -301,7 +301,7 @@ class Log2Quantizer(ActQuantizer):
         return _drop(x, x + (xq - x).detach(), self.drop_prob)
 
 
-class _QuantWeight(nn.Module):
+class QuantWeight(nn.Module):
     """Per-output-channel weight quantization shared by :class:`QuantLinear` and :class:`QuantConv2d`.
 
     ``w_scale`` is set from the float weight; ``w_int`` (int8 codes) fixes the rounding
@@ -374,7 +374,7 @@ class _QuantWeight(nn.Module):
         return (1 - (2 * self.rounding_h() - 1).abs().pow(beta)).sum()
 
 
-class QuantLinear(_QuantWeight):
+class QuantLinear(QuantWeight):
     """A Linear with fake-quantized weights and a fake-quantized input.
 
     Wraps (does not copy) the original module, so its parameters stay the model's own.
@@ -400,7 +400,7 @@ class QuantLinear(_QuantWeight):
         return F.linear(x, w, self.linear.bias)
 
 
-class QuantConv2d(_QuantWeight):
+class QuantConv2d(QuantWeight):
     """The patch-embedding conv with fake-quantized weights.
 
     Its input (the image) is not quantized: pixels already are 8-bit, and in a sparse

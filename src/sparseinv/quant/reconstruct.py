@@ -27,7 +27,7 @@ from sparseinv.vit.views import whole_patch_views
 from sparseinv.models import vit_info
 from sparseinv.quant.config import ReconConfig
 from sparseinv.quant.model import set_quant_mode
-from sparseinv.quant.quantizers import ActQuantizer, Log2Quantizer, _QuantWeight
+from sparseinv.quant.quantizers import ActQuantizer, Log2Quantizer, QuantWeight
 from sparseinv.vit.forward import head_logits, input_tokens
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
@@ -127,7 +127,7 @@ def _reconstruct_units(model, units, fp, q, config, generator, progress) -> list
 
 def _fit_unit(holder: nn.Module, fn: Callable, tokens: _TokenSet, target: list[torch.Tensor], config: ReconConfig,
               generator: torch.Generator, bar, name: str) -> None:
-    weights = [m for m in holder.modules() if isinstance(m, _QuantWeight)]
+    weights = [m for m in holder.modules() if isinstance(m, QuantWeight)]
     acts = [m for m in holder.modules() if isinstance(m, ActQuantizer) and not isinstance(m, Log2Quantizer)]
     logits = [m.start_learned_rounding() for m in weights]
     # Step sizes are learned on a log scale: one learning rate serves ranges from 1e-3 to 10.

@@ -23,11 +23,10 @@ import torch
 from torch import nn
 
 from sparseinv.distill.config import DistillConfig
-from sparseinv.distill.students import end_qat
 from sparseinv.distill.train import distill, sibling
 from sparseinv.errors import UsageError
 from sparseinv.inversion.losses import StudentDisagreement
-from sparseinv.quant.model import is_quantized
+from sparseinv.quant.qat import end_qat
 from sparseinv.pool import open_pool
 from sparseinv.runs.inversion import invert, pool_settings
 
@@ -57,11 +56,7 @@ class RoundsConfig:
 def frozen_student(student: nn.Module) -> nn.Module:
     """A copy of ``student`` as it predicts now, for a round's inversion loss: eval mode, no gradients;
     a quantized student mid-training is its plain quantized model (as its saved file holds it)."""
-    frozen = copy.deepcopy(student)
-    if is_quantized(frozen) and getattr(frozen, "_qat", False):
-        frozen = end_qat(frozen)
-        frozen._qat = False
-    return frozen.eval().requires_grad_(False)
+    return end_qat(copy.deepcopy(student)).eval().requires_grad_(False)
 
 
 def round_folder(out: str | os.PathLike, r: int) -> Path:
