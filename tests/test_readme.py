@@ -104,3 +104,27 @@ def test_every_student_kind_resolves_through_its_config(kind, options):
     given = config_from(build_parser().parse_args([*base, "--lr", "0.003", "--mix", "none", "--feature-weight", "0"]))
     assert given == DistillConfig.for_student(kind, lr=0.003, mix="none", feature_weight=0.0)
 
+
+
+def test_invert_resolves_to_the_apis_defaults_and_its_options_to_the_same_fields(monkeypatch):
+    """`sparseinv invert` with no settings is InversionConfig() on the reference schedule; options land in their fields."""
+    from sparseinv import InversionConfig, InversionLoss, PruneSchedule
+    from sparseinv.cli import build_parser
+    from sparseinv.cli.invert import config_from
+
+    base = ["invert", "--model", "test_vit", "--out", "pool"]
+    assert config_from(build_parser().parse_args(base)) == InversionConfig(schedule=PruneSchedule.reference(4000))
+    given = config_from(build_parser().parse_args([*base, "--iterations", "400", "--lr", "0.1", "--tv-l1", "0.5", "--head-similarity", "2"]))
+    assert given == InversionConfig(iterations=400, lr=0.1, schedule=PruneSchedule.reference(400),
+                                    loss=InversionLoss(tv_l1=0.5, head_similarity=2.0))
+    # A default changed in the API is the command's too: the command restates none of them.
+    import sparseinv.inversion.losses as losses
+
+    monkeypatch.setattr(losses.InversionLoss, "__init__", _with_default(losses.InversionLoss.__init__, tv_l2=5e-4))
+    assert config_from(build_parser().parse_args(base)).loss.tv_l2 == 5e-4
+
+
+def _with_default(init, **defaults):
+    def wrapped(self, *args, **kwargs):
+        init(self, *args, **{**defaults, **kwargs})
+    return wrapped

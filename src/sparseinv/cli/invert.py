@@ -12,6 +12,10 @@ from sparseinv.inversion.config import FINAL_MASKS, PRECISIONS, InversionConfig
 from sparseinv.inversion.schedule import PruneSchedule
 
 SCHEDULES = ("reference", "rebirth")
+# The options' defaults are the API's (InversionConfig's fields); the loss weights' are InversionLoss's,
+# filled in by config_from (its module needs torch, which `sparseinv invert --help` never loads).
+D = InversionConfig
+LOSS_OPTIONS = ("tv_l2", "tv_l1", "l2", "patch_entropy", "attention_prior", "head_similarity")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,23 +27,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_model(p)
     p.add_argument("--out", required=True, help="pool folder; an unfinished pool with the same settings is continued")
-    p.add_argument("--num-images", type=int, default=32, help="images to invert (labels balanced over --classes or all classes)")
-    p.add_argument("-b", "--batch-size", type=int, default=32, help="images per optimisation step; each batch is committed to the pool when done")
-    p.add_argument("--iterations", type=int, default=4000, help="optimisation steps per batch (the paper: 4000)")
-    p.add_argument("--lr", type=float, default=0.25, help="Adam learning rate on the pixels")
-    p.add_argument("--tv-l2", type=float, default=1e-4, help="weight of the L2 total variation (default 1e-4)")
-    p.add_argument("--tv-l1", type=float, default=0.0, help="weight of the L1 total variation (default off)")
-    p.add_argument("--l2", type=float, default=0.0, help="weight of the pixels' L2 norm (default off)")
-    p.add_argument("--patch-entropy", type=float, default=0.0, metavar="W",
+    p.add_argument("--num-images", type=int, default=D.num_images, help="images to invert (labels balanced over --classes or all classes)")
+    p.add_argument("-b", "--batch-size", type=int, default=D.batch_size, help="images per optimisation step; each batch is committed to the pool when done")
+    p.add_argument("--iterations", type=int, default=D.iterations, help="optimisation steps per batch (the paper: 4000)")
+    p.add_argument("--lr", type=float, default=D.lr, help="Adam learning rate on the pixels")
+    p.add_argument("--tv-l2", type=float, help="weight of the L2 total variation (default 1e-4)")
+    p.add_argument("--tv-l1", type=float, help="weight of the L1 total variation (default off)")
+    p.add_argument("--l2", type=float, help="weight of the pixels' L2 norm (default off)")
+    p.add_argument("--patch-entropy", type=float, metavar="W",
                    help="weight of PSAQ-ViT's patch-similarity prior: rewards a spread of similarities between the fed patch "
                         "tokens in every block (default off)")
-    p.add_argument("--attention-prior", type=float, default=0.0, metavar="W",
+    p.add_argument("--attention-prior", type=float, metavar="W",
                    help="weight of an attention prior (after SARDFQ): the last block's class-token attention is pulled toward a "
                         "random Gaussian region of each image (default off)")
-    p.add_argument("--head-similarity", type=float, default=0.0, metavar="W",
+    p.add_argument("--head-similarity", type=float, metavar="W",
                    help="weight of an inter-head attention-similarity prior (after MimiQ): the heads of every block are pulled "
                         "toward attending to the same places, as they do on real images (default off)")
-    p.add_argument("--color-shift", type=float, default=0.0, metavar="S",
+    p.add_argument("--color-shift", type=float, default=D.color_shift, metavar="S",
                    help="Plug-In Inversion's colour shift: each step sees every image's channels scaled by exp(U(-S, S)) and "
                         "offset by U(-S, S) (default off)")
     kind = p.add_mutually_exclusive_group()
@@ -55,13 +59,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", nargs="+", metavar="CLASS",
                    help="classes to invert: indices, or for ImageNet models synsets or names such as tench or 'golden retriever' "
                         "(default: all classes, balanced)")
-    p.add_argument("--final-mask", choices=FINAL_MASKS, default="last-phase",
+    p.add_argument("--final-mask", choices=FINAL_MASKS, default=D.final_mask,
                    help="the output mask of sparse images: last-phase (the patches the last phase optimised) or rescore (the "
                         "paper's: one dense pass keeps the top int(N*prod(1-r)) of all patches) (default: last-phase)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default=D.precision,
                    help="the model's arithmetic: bf16 autocast (pixels, optimiser and loss stay fp32); auto: bf16 where this device "
                         "computes it faster (a short probe), else fp32 (default: fp32)")
-    p.add_argument("--seed", type=int, default=0, help="seeds labels, initial pixels and augmentations (batch b uses seed and b)")
+    p.add_argument("--seed", type=int, default=D.seed, help="seeds labels, initial pixels and augmentations (batch b uses seed and b)")
     add_quiet(p)
     add_device(p)
     p.set_defaults(func=run)
@@ -88,22 +92,22 @@ def schedule_from_args(args: argparse.Namespace) -> PruneSchedule:
     return schedule
 
 
+def config_from(args: argparse.Namespace) -> InversionConfig:
+    """The run's settings: the options given, :class:`InversionConfig`'s (and its loss's) defaults for the rest."""
+    from sparseinv.inversion.losses import InversionLoss
+
+    weights = {name: getattr(args, name) for name in LOSS_OPTIONS if getattr(args, name) is not None}
+    return config_from_args(InversionConfig, args, schedule=schedule_from_args(args), strategy=strategy_from_args(args),
+                            loss=InversionLoss(**weights), classes=None)
+
+
 def run(args: argparse.Namespace) -> int:
     from sparseinv import distributed
     from sparseinv.classes import resolve_classes
     from sparseinv.runs.inversion import invert, run_record
-    from sparseinv.inversion.losses import InversionLoss
     from sparseinv.pool import PoolWriter
 
-    config = config_from_args(
-        InversionConfig,
-        args,
-        schedule=schedule_from_args(args),
-        strategy=strategy_from_args(args),
-        loss=InversionLoss(tv_l2=args.tv_l2, tv_l1=args.tv_l1, l2=args.l2, patch_entropy=args.patch_entropy,
-                           attention_prior=args.attention_prior, head_similarity=args.head_similarity),
-        classes=None,
-    )
+    config = config_from(args)
     config.validate()  # before the model loads: cheap mistakes first
     rank = distributed.current()
 
