@@ -79,7 +79,7 @@ def test_the_python_example_trains_and_quantizes_as_the_commands_do():
     from sparseinv import DistillConfig, QuantConfig
     from sparseinv.cli import build_parser
     from sparseinv.cli.distill import config_from
-    from sparseinv.cli.quantize import config_from_args
+    from sparseinv.cli.quantize import config_from as quant_config_from
 
     code = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[0]
     api_distill = eval(re.search(r"DistillConfig\.for_student\([^)]*\)", code).group(0), {"DistillConfig": DistillConfig})
@@ -88,7 +88,7 @@ def test_the_python_example_trains_and_quantizes_as_the_commands_do():
     depth = next(c for c in commands if c.startswith("sparseinv distill") and "--depth" in c)
     quant = next(c for c in commands if c.startswith("sparseinv quantize") and "--a-bits 4" in c)
     assert config_from(build_parser().parse_args(shlex.split(depth)[1:])) == api_distill
-    assert config_from_args(build_parser().parse_args(shlex.split(quant)[1:])) == api_quant
+    assert quant_config_from(build_parser().parse_args(shlex.split(quant)[1:])) == api_quant
 
 
 @pytest.mark.parametrize("kind, options", [("timm", ["--student", "test_vit"]), ("depth", ["--blocks", "0", "2"]),

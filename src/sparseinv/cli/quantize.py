@@ -33,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_model(p)
     p.add_argument("--calib", required=True, help="a pool folder, 'noise' (N(0,1) in normalised space) or a folder of real images in class sub-folders")
-    p.add_argument("--w-bits", type=int, default=8, help="weight bit-width, 2..8 (default 8)")
-    p.add_argument("--a-bits", type=int, default=8, help="activation bit-width, 2..8 (default 8)")
+    p.add_argument("--w-bits", type=int, default=QuantConfig.w_bits, help=f"weight bit-width, 2..8 (default {QuantConfig.w_bits})")
+    p.add_argument("--a-bits", type=int, default=QuantConfig.a_bits, help=f"activation bit-width, 2..8 (default {QuantConfig.a_bits})")
     p.add_argument("--method", choices=tuple(METHODS), default=DEFAULT_METHOD, help=METHOD_HELP)
     g = p.add_argument_group("overrides of the method's settings (default: the method's)")
     g.add_argument("--scheme", choices=SCHEMES, help="int: the inputs of every matrix product; psaq: PSAQ-ViT's tensors")
@@ -70,7 +70,7 @@ RECON_ARGS = {"recon_iters": "iters", "recon_batch_size": "batch_size", "recon_l
 CONFIG_ARGS = ("scheme", "calibrator", "weight_calibrator", "gelu_calibrator", "softmax_quantizer", "ln_reparam", "channelwise_ln", "percentile")
 
 
-def config_from_args(args: argparse.Namespace) -> QuantConfig:
+def config_from(args: argparse.Namespace) -> QuantConfig:
     """The method's settings with every given override on top."""
     config = QuantConfig.for_method(args.method, args.w_bits, args.a_bits)
     overrides = {name: getattr(args, name) for name in CONFIG_ARGS if getattr(args, name) is not None}
@@ -85,7 +85,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
 def run(args: argparse.Namespace) -> int:
     from sparseinv.quant import calibration_batches, quantize_, save_quantized
 
-    config = config_from_args(args)  # before the model loads: cheap mistakes first
+    config = config_from(args)  # before the model loads: cheap mistakes first
     check_writable(args.out)
     device = resolve_device(args)
     model = model_from_args(args, device)
