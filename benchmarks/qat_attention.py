@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import time
 from dataclasses import replace
@@ -56,7 +57,7 @@ from sparseinv.quant.calibrate import folder_batches, noise_batches
 
 YARDSTICK_PER_CLASS = 20
 PRIOR_WEIGHTS = (1.0,)
-PRIOR_BITS = ((4, 4),)
+PRIOR_BITS = ((4, 4), (4, 8), (6, 6))
 
 
 def cell(name, images, teacher, p, val, steps, bits=(4, 4), yardstick=None, **overrides) -> dict:
@@ -164,8 +165,18 @@ def prior(teacher, p, val, yardstick) -> dict:
     return out
 
 
-ROUND_EPOCHS, ROUND_EVERY, FIXED_EPOCHS = 134, 67, 100  # 64 images x 67 + 128 x 67 epochs ~ 128 x 100: ~400 steps of 32
-ROUND_VARIANTS = {"plain rounds": 0.0, "disagreement 1": 1.0, "disagreement 10": 10.0, "fixed 128": None}
+# 64 images for 67 epochs (134 steps of 32), then ~266 steps over the grown pool: ~400 steps in all, as the other cells.
+ROUND_EVERY, ROUND_STEPS, FIXED_EPOCHS = 67, 400, 100
+# variant: (disagreement weight, images per round); None: the plain round's 128 images as a fixed pool from the start.
+# "plain rounds 192" inverts as long as "disagreement 1" does (its round costs ~2.7x a plain one per image).
+ROUND_VARIANTS = {"plain rounds": (0.0, 64), "disagreement 1": (1.0, 64), "disagreement 10": (10.0, 64),
+                  "plain rounds 192": (0.0, 192), "fixed 128": None}
+
+
+def round_epochs(images_per_round: int, first: int = 64, batch: int = 32) -> int:
+    """Epochs in all so that the run takes ~ROUND_STEPS steps: ROUND_EVERY on the first pool, the rest on the grown one."""
+    after = ROUND_STEPS - ROUND_EVERY * -(-first // batch)
+    return ROUND_EVERY + math.ceil(after / -(-(first + images_per_round) // batch))
 
 
 def rounds(teacher, p, val, yardstick, which: list[str]) -> dict:
@@ -190,8 +201,9 @@ def rounds(teacher, p, val, yardstick, which: list[str]) -> dict:
             summary = distill(teacher, student, [first, plain_round], config, folder / "student.safetensors", **names)
             inverted = [first, plain_round]
         else:
-            config = DistillConfig.for_student("quantized", epochs=ROUND_EPOCHS, batch_size=32)
-            grow = RoundsConfig(ROUND_EVERY, 64, ROUND_VARIANTS[label])
+            weight, per_round = ROUND_VARIANTS[label]
+            config = DistillConfig.for_student("quantized", epochs=round_epochs(per_round), batch_size=32)
+            grow = RoundsConfig(ROUND_EVERY, per_round, weight)
             summary = distill_with_rounds(teacher, student, first, config, grow, folder / "student.safetensors",
                                           teacher_checkpoint=str(DEIT_TINY_CKPT), **names)
             inverted = [first, round_folder(folder / "student.safetensors", 1)]
@@ -201,7 +213,7 @@ def rounds(teacher, p, val, yardstick, which: list[str]) -> dict:
                       "steps": sum(-(-r["num_images"] // 32) for r in summary["history"]),
                       "images": summary["history"][-1]["num_images"], "inversion_seconds": sum(seconds),
                       "round_inversion_seconds": seconds[1], "seconds": time.perf_counter() - started,
-                      "disagreement": ROUND_VARIANTS[label], "config": summary["settings"]["config"], "commit": commit()}
+                      "disagreement": None if ROUND_VARIANTS[label] is None else ROUND_VARIANTS[label][0], "config": summary["settings"]["config"], "commit": commit()}
         folder.with_suffix(".json").write_text(json.dumps(out[label], indent=2))
         print(f"rounds {label}: {out[label]}", flush=True)
     return out

@@ -94,7 +94,8 @@ def distill_with_rounds(
     is continued by the inverter) and training resumes from its last epoch.
 
     Returns:
-        :func:`distill`'s summary, plus ``inversion_seconds`` (the rounds' inversion time).
+        :func:`distill`'s summary, plus ``inversion_seconds`` (the rounds' inversion time) and
+        ``rounds`` (``rounds`` as a dict).
     """
     rounds.validate()
     config.validate()
