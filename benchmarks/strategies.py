@@ -8,7 +8,8 @@ last-phase mask), rebirth = ``--schedule rebirth`` (detach 25% of all patches at
 40/80/160, the last quarter at the end; see docs/rebirth.md), dense = every patch every
 step. ``rebirth-harvest`` takes the first 8 rebirth trajectories and makes each
 detachment a sample of its own (4 x 8 = 32 sparse images of 49 patches), so it costs a
-quarter of the rebirth pool's inversion time.
+quarter of the rebirth pool's inversion time; ``rebirth-harvest-time`` harvests as many
+trajectories as fit in the sparse source's inversion time (equal time: every sample calibrates).
 
 For each source: seconds of inversion per image, and W4/A8 and W4/A4 post-training
 top-1 (``quantize``'s default method, 32 calibration images) evaluated on the first
@@ -34,7 +35,7 @@ from sparseinv.quant.config import DEFAULT_METHOD
 
 NUM_CALIB = 32
 BITS = ((4, 8), (4, 4))
-SOURCES = ("sparse", "rebirth", "rebirth-harvest", "dense")
+SOURCES = ("sparse", "rebirth", "rebirth-harvest", "dense", "rebirth-harvest-time")
 
 
 def config(strategy: str) -> InversionConfig:
@@ -99,13 +100,16 @@ def main() -> None:
     for source in SOURCES:
         if args.only and source not in args.only:
             continue
-        strategy = "rebirth" if source == "rebirth-harvest" else source
+        strategy = "rebirth" if source.startswith("rebirth") else source
         path = ensure_pool(pool_name(strategy), DEIT_TINY, DEIT_TINY_CKPT, config(strategy), model=model)
         run = json.loads((path / "run.json").read_text())
         per_image = run["wall_seconds"] / run["num_images"]
-        if source == "rebirth-harvest":
-            batches = harvest(model, path, NUM_CALIB // 4)
-            per_image = per_image * (NUM_CALIB // 4) / NUM_CALIB
+        if source.startswith("rebirth-harvest"):
+            trajectories = NUM_CALIB // 4
+            if source == "rebirth-harvest-time":  # the trajectories that fit in the sparse images' inversion time
+                trajectories = int(payload["sources"]["sparse"]["inversion_seconds_for_calib"] // per_image)
+            batches = harvest(model, path, trajectories)
+            per_image = per_image / 4  # a trajectory's time over its four samples
         else:
             batches = pool_batches(model, path, DEIT_TINY, NUM_CALIB, NUM_CALIB)
         kept = batches[0][1].shape[1] if batches[0][1] is not None else vit_info(model).num_patches
@@ -113,9 +117,11 @@ def main() -> None:
         cfg = config(strategy)
         token_steps = sum(n * (end - start) for n, (start, end) in
                           zip(run["tokens_per_phase"], cfg.schedule.phase_bounds(cfg.iterations)))
-        if source == "rebirth-harvest":
+        if source.startswith("rebirth-harvest"):
             token_steps /= 4
-        payload["sources"][source] = {"pool": path.name, "seconds_per_image": per_image, "inversion_seconds_for_calib": per_image * NUM_CALIB,
+        num_calib = sum(len(images) for images, _ in batches)
+        payload["sources"][source] = {"pool": path.name, "seconds_per_image": per_image, "inversion_seconds_for_calib": per_image * num_calib,
+                                      "num_calib": num_calib,
                                       "token_steps_per_image": token_steps,
                                       "patches_fed": kept, "success_rate": run["success_rate"], "tokens_per_phase": run["tokens_per_phase"]}
         write_results("strategies", payload)
@@ -130,9 +136,9 @@ def main() -> None:
             fit = time.perf_counter() - start
             top1 = {name: evaluate_tensors(qmodel, *data, desc=f"{key} {name}")["top1"] for name, data in sets.items()}
             payload["cells"][key] = {"source": source, "w_bits": w, "a_bits": a, "top1_val": top1["val"], "top1_train100": top1["train100"],
-                                     "fit_seconds": fit, "inversion_seconds": per_image * NUM_CALIB}
+                                     "fit_seconds": fit, "inversion_seconds": per_image * num_calib, "num_calib": num_calib}
             print(f"{key:<26} val {top1['val']:6.2f}  train100 {top1['train100']:6.2f}  fit {fit:5.0f} s  "
-                  f"inversion {per_image * NUM_CALIB:5.0f} s", flush=True)
+                  f"inversion {per_image * num_calib:5.0f} s", flush=True)
             write_results("strategies", payload)
     write_results("strategies", payload)
 
