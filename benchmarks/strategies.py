@@ -38,15 +38,15 @@ BITS = ((4, 8), (4, 4))
 SOURCES = ("sparse", "rebirth", "rebirth-harvest", "dense", "rebirth-harvest-time")
 
 
-def config(strategy: str) -> InversionConfig:
+def config(strategy: str, seed: int = 0) -> InversionConfig:
     schedules = {"dense": PruneSchedule(), "sparse": PruneSchedule.reference(POOL_ITERATIONS),
                  "rebirth": PruneSchedule.rebirth(POOL_ITERATIONS)}
     return InversionConfig(num_images=NUM_CALIB, batch_size=NUM_CALIB, iterations=POOL_ITERATIONS, schedule=schedules[strategy],
-                           strategy="rebirth" if strategy == "rebirth" else "stop", seed=0)
+                           strategy="rebirth" if strategy == "rebirth" else "stop", seed=seed)
 
 
-def pool_name(strategy: str) -> str:
-    return f"strategies-{strategy}-{NUM_CALIB}-it{POOL_ITERATIONS}"
+def pool_name(strategy: str, seed: int = 0) -> str:
+    return f"strategies-{strategy}-{NUM_CALIB}-it{POOL_ITERATIONS}" + (f"-s{seed}" if seed else "")
 
 
 def harvest(model, root, trajectories: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -77,8 +77,10 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=SOURCES, help="measure only these sources")
     parser.add_argument("--bits", nargs="*", default=[f"{w}/{a}" for w, a in BITS], metavar="W/A",
                         help="bit-widths to measure, in this order (default 4/8 4/4)")
+    parser.add_argument("--seed", type=int, default=0, help="pools' seed (labels, pixels); other seeds write strategies_seed<N>.json")
     args = parser.parse_args()
-    previous = RESULTS / "strategies.json"
+    name = "strategies" + (f"_seed{args.seed}" if args.seed else "")
+    previous = RESULTS / f"{name}.json"
     old = json.loads(previous.read_text()) if previous.is_file() else {}
     model = load_model(DEIT_TINY, DEIT_TINY_CKPT)
     sets = {"val": image_subset(model, VAL, args.per_class, "val"), "train100": image_subset(model, TRAIN100, args.per_class, "train100")}
@@ -90,18 +92,19 @@ def main() -> None:
                  "seconds per image = the pool's inversion wall time / its images (for rebirth-harvest: 8 trajectories' time / 32)"),
         "model": DEIT_TINY, "per_class": args.per_class, "num_calib": NUM_CALIB, "pool_iterations": POOL_ITERATIONS,
         "quant_method": DEFAULT_METHOD,
-        "settings": {s: config(s).record() for s in ("dense", "sparse", "rebirth")},
+        "seed": args.seed,
+        "settings": {s: config(s, args.seed).record() for s in ("dense", "sparse", "rebirth")},
         "full_precision": (old.get("full_precision") if keep_old else None)
         or {name: evaluate_tensors(model, *data, desc=f"full precision {name}")["top1"] for name, data in sets.items()},
         "sources": old.get("sources", {}) if keep_old else {},
         "cells": old.get("cells", {}) if keep_old else {},
     }
-    write_results("strategies", payload)
+    write_results(name, payload)
     for source in SOURCES:
         if args.only and source not in args.only:
             continue
         strategy = "rebirth" if source.startswith("rebirth") else source
-        path = ensure_pool(pool_name(strategy), DEIT_TINY, DEIT_TINY_CKPT, config(strategy), model=model)
+        path = ensure_pool(pool_name(strategy, args.seed), DEIT_TINY, DEIT_TINY_CKPT, config(strategy, args.seed), model=model)
         run = json.loads((path / "run.json").read_text())
         per_image = run["wall_seconds"] / run["num_images"]
         if source.startswith("rebirth-harvest"):
@@ -114,7 +117,7 @@ def main() -> None:
             batches = pool_batches(model, path, DEIT_TINY, NUM_CALIB, NUM_CALIB)
         kept = batches[0][1].shape[1] if batches[0][1] is not None else vit_info(model).num_patches
         # Patch tokens fed over the run, per output image: the cost without the machine's load in it.
-        cfg = config(strategy)
+        cfg = config(strategy, args.seed)
         token_steps = sum(n * (end - start) for n, (start, end) in
                           zip(run["tokens_per_phase"], cfg.schedule.phase_bounds(cfg.iterations)))
         if source.startswith("rebirth-harvest"):
@@ -124,7 +127,7 @@ def main() -> None:
                                       "num_calib": num_calib,
                                       "token_steps_per_image": token_steps,
                                       "patches_fed": kept, "success_rate": run["success_rate"], "tokens_per_phase": run["tokens_per_phase"]}
-        write_results("strategies", payload)
+        write_results(name, payload)
         for w, a in (tuple(int(b) for b in bits.split("/")) for bits in args.bits):
             key = f"{source} W{w}/A{a}"
             if key in payload["cells"]:
@@ -139,8 +142,8 @@ def main() -> None:
                                      "fit_seconds": fit, "inversion_seconds": per_image * num_calib, "num_calib": num_calib}
             print(f"{key:<26} val {top1['val']:6.2f}  train100 {top1['train100']:6.2f}  fit {fit:5.0f} s  "
                   f"inversion {per_image * num_calib:5.0f} s", flush=True)
-            write_results("strategies", payload)
-    write_results("strategies", payload)
+            write_results(name, payload)
+    write_results(name, payload)
 
 
 if __name__ == "__main__":
