@@ -133,6 +133,7 @@ def test_inverting_during_training_grows_the_pool(files, tmp_path):
     grown = read_pool(tmp_path / "s.rounds" / "round_001")
     assert len(grown) == 2 and grown.kept_patches.shape[1] == KEPT  # the pool's own (sparse) settings
     assert grown.run["settings"]["seed"] != read_pool(files["pool"]).run["settings"]["seed"]
+    assert grown.run["settings"]["loss"]["extra"] == [[1.0, "StudentDisagreement"]]  # aimed at the student by default
     assert summary["inversion_seconds"] > 0
 
 

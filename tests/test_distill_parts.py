@@ -101,13 +101,13 @@ def test_pool_record_is_typed(setup):
 
 
 def test_rounds_invert_with_every_setting_of_the_pool(setup, tmp_path):
-    """A rescore, bf16 pool grows rescore, bf16 rounds (rebuilt by hand, the record lost both)."""
+    """A rescore, bf16 pool grows rescore, bf16 rounds (rebuilt by hand, the record lost both); plain rounds, so nothing is added."""
     teacher = teacher_of(setup)
     config = InversionConfig(num_images=2, batch_size=2, iterations=6, schedule=SCHEDULE, precision="bf16", final_mask="rescore", seed=3)
     with use_probes(Probes.fixed(bf16_speedup=1.0, fused_attention_slowdown=1.0)):  # tests time nothing
         invert(teacher, config, str(tmp_path / "pool"), model_name="test_vit", progress=False)
         distill_with_rounds(teacher, load_model("test_vit", setup["ckpt"]), tmp_path / "pool", DistillConfig(epochs=2, batch_size=2),
-                            RoundsConfig(invert_every=1, images_per_round=2), tmp_path / "s.safetensors", progress=False)
+                            RoundsConfig(invert_every=1, images_per_round=2, disagreement=0.0), tmp_path / "s.safetensors", progress=False)
     grown = pool_settings(open_pool(tmp_path / "s.rounds" / "round_001"))
     assert grown == replace(config, seed=3 + 1000 + 1)
 

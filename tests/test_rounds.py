@@ -141,8 +141,12 @@ def test_rounds_record_the_term_and_a_resumed_round_inverts_against_the_same_stu
     assert read_pool(tmp_path / "s.rounds" / "round_001").run["settings"]["loss"]["extra"] == [[1.0, "Recording"]]
 
 
-def test_disagreement_needs_rounds():
-    with pytest.raises(UsageError, match="--invert-every"):
-        RoundsConfig(disagreement=1.0).validate()
+def test_rounds_aim_at_the_student_by_default_and_the_option_needs_rounds(capsys):
+    from sparseinv.cli import main
+
+    assert RoundsConfig(invert_every=1, images_per_round=2).disagreement == 1.0
     with pytest.raises(UsageError, match="negative"):
         RoundsConfig(invert_every=1, images_per_round=2, disagreement=-1.0).validate()
+    assert main(["distill", "--teacher", "test_vit", "--student", "test_vit", "--pool", "p", "--out", "o.safetensors",
+                 "--round-disagreement", "1"]) == 2
+    assert "--invert-every" in capsys.readouterr().err
