@@ -84,6 +84,20 @@ def test_fed_replays_exactly_what_the_teacher_saw_this_step(setup, schedule):
     assert len(replay.gaps) == 6 and max(replay.gaps) < 1e-4 and all(replay.grads)
 
 
+def test_a_student_of_another_input_size_is_fed_the_whole_image_at_its_own_size(setup):
+    from sparseinv.models import timm
+
+    teacher = load_model("test_vit", setup["ckpt"])
+    torch.manual_seed(2)
+    small = timm.create_model("test_vit", num_classes=5, img_size=96).eval().requires_grad_(False)
+    replay, seen = _Replay(small), []
+    small.patch_embed.register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape[-2:])))
+    config = InversionConfig(num_images=2, batch_size=2, iterations=4, schedule=SCHEDULE, loss=InversionLoss(extra=[(1.0, replay)]))
+    invert_batch(teacher, torch.tensor([1, 3]), config, seed=0, progress=False)
+    assert len(replay.gaps) == 4 and all(replay.grads)  # ran, differentiably, on every step
+    assert set(seen) == {(96, 96)}
+
+
 def test_the_term_moves_the_pixels_through_the_student(setup):
     """With the disagreement term alone, the images change as its weight does: its gradient reaches the pixels."""
     teacher = load_model("test_vit", setup["ckpt"])

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -338,13 +339,17 @@ def _step_loss(feed: _Feed, pixels: KeptPixels, kept: torch.Tensor, dense: bool)
     cls_attn, target = (None, None) if feed.priors is None else prior_pairs(out.cls_attn, feed.priors, pixels.keep, aug, dense, info)
 
     def fed(other: nn.Module) -> torch.Tensor:
-        # The same pixels, roll, flip and colour; a ViT on this patch grid gets the same tokens.
+        # The same pixels, roll, flip and colour (in this model's normalisation); a ViT of this input
+        # size and patch grid gets the same tokens, one of another size the whole image resized to its own.
         x = colour(aug.apply(pixels.compose(kept)))
         with feed.precision.autocast(device):
             if not is_vit(other):
                 return other(x).float()
-            same_grid = vit_info(other).grid_size == info.grid_size
-            return sparse_forward(other, x, None if dense or not same_grid else cells).logits.float()
+            theirs = vit_info(other)
+            if theirs.input_size != info.input_size:
+                x = F.interpolate(x, size=theirs.input_size[1:], mode="bilinear", align_corners=False)
+            same_tokens = theirs.input_size == info.input_size and theirs.grid_size == info.grid_size
+            return sparse_forward(other, x, None if dense or not same_tokens else cells).logits.float()
 
     return config.loss(LossInputs(logits=out.logits.float(), targets=feed.labels, pixels=KeptImages(pixels, kept),
                                   attention=None if recorded is None else recorded.values,
