@@ -20,6 +20,7 @@ from conftest import save_test_vit
 from sparseinv.cli import main
 from sparseinv.distill import prepare_student
 from sparseinv.models import load_model
+from sparseinv.pool import read_pool
 
 pytestmark = pytest.mark.slow
 
@@ -80,6 +81,21 @@ def test_two_processes_make_the_pool_one_makes(setup):
     run = json.loads((out / "run.json").read_text())
     assert run["world_size"] == 2 and len(run["per_rank_seconds"]) == 2 and run["elapsed_seconds"] > 0
     assert [b["rank"] for b in run["batches"]] == [0, 1] * 4  # batch b on rank b mod 2
+
+
+def test_two_processes_make_the_rebirth_pool_one_makes(setup):
+    """Rebirth pools carry a per-patch detachment record in each manifest line; the ranks' parts must merge it intact."""
+    rebirth = ["--schedule", "rebirth", "--num-images", "8", "--batch-size", "2", "--iterations", "40", "--quiet"]
+    one, two = setup["root"] / "rebirth-one", setup["root"] / "rebirth-two"
+    assert one_thread_main(["invert", *setup["model"], *rebirth, "--out", str(one)]) == 0
+    done = subprocess.run(torchrun(2, "invert", *setup["model"], *rebirth, "--out", str(two)), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, why(done)
+    assert (one / "manifest.jsonl").read_bytes() == (two / "manifest.jsonl").read_bytes()
+    for name in sorted(p.name for p in (one / "images").glob("*.png")):
+        assert (one / "images" / name).read_bytes() == (two / "images" / name).read_bytes(), name
+    a, b = read_pool(one), read_pool(two)
+    assert len(b) == 8 and torch.equal(a.detached_at, b.detached_at)
+    assert sorted(set(b.detached_at.flatten().tolist())) == [4, 8, 16, 40]  # three stops and the end: every group recorded
 
 
 def test_a_killed_rank_loses_only_its_batch_and_any_process_count_finishes(setup):
