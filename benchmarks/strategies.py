@@ -49,26 +49,33 @@ def pool_name(strategy: str, seed: int = 0) -> str:
     return f"strategies-{strategy}-{NUM_CALIB}-it{POOL_ITERATIONS}" + (f"-s{seed}" if seed else "")
 
 
-def harvest(model, root, trajectories: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each detachment of the first ``trajectories`` rebirth images as a sample: its patches only, the rest black."""
+def harvest_samples(model, root, trajectories: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each detachment of the first ``trajectories`` rebirth images as a sample: (pixels in [0, 1], its
+    patches only, the rest black; the patch indices it holds)."""
     pool = read_pool(root)
     info = vit_info(model)
-    mean, std = info.norm_tensors()
     rows, cols = info.grid_size
     (ph, pw) = info.patch_size
-    images, keeps = [], []
+    samples = []
     for image, steps in zip(pool.images[:trajectories], pool.detached_at[:trajectories]):
         for step in sorted(set(steps.tolist())):
             keep = torch.nonzero(steps == step).flatten()
             cells = torch.zeros(rows * cols, dtype=torch.bool)
             cells[keep] = True
             mask = cells.view(rows, cols).repeat_interleave(ph, 0).repeat_interleave(pw, 1)
-            images.append(image * mask)
-            keeps.append(keep)
-    if len({len(k) for k in keeps}) > 1:
+            samples.append((image * mask, keep))
+    if len({len(k) for _, k in samples}) > 1:
         raise SystemExit("harvested detachments differ in size; the schedule must detach equal shares")
-    images = (torch.stack(images) - mean) / std
-    return [(images[i : i + NUM_CALIB], torch.stack(keeps)[i : i + NUM_CALIB]) for i in range(0, len(keeps), NUM_CALIB)]
+    return samples
+
+
+def harvest(model, root, trajectories: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`harvest_samples` as normalised calibration batches of ``NUM_CALIB``."""
+    samples = harvest_samples(model, root, trajectories)
+    mean, std = vit_info(model).norm_tensors()
+    images = (torch.stack([image for image, _ in samples]) - mean) / std
+    keeps = torch.stack([keep for _, keep in samples])
+    return [(images[i : i + NUM_CALIB], keeps[i : i + NUM_CALIB]) for i in range(0, len(keeps), NUM_CALIB)]
 
 
 def main() -> None:
