@@ -46,14 +46,15 @@ from strategies import NUM_CALIB, config, harvest_samples
 
 from sparseinv import load_model, vit_info
 from sparseinv.data import evaluate_tensors
-from sparseinv.distill import Images, shallow_copy, spread_blocks
+from sparseinv.distill import DistillConfig, Images, shallow_copy, spread_blocks
+from sparseinv.distill.config import QUANTIZED_ATTENTION
 from sparseinv.distill.data import Source
 from sparseinv.pool import open_pool
 
 SOURCES = ("sparse", "rebirth-harvest", "rebirth-harvest-time", "rebirth", "dense")
 STEPS = {"compression": 400, "quantized": 400, "paper": 200}
 # What `sparseinv distill --quantized` trains with by default (DistillConfig.for_student("quantized")).
-QUANTIZED_CLI = {**QUANTIZED_DEFAULTS, "attention_weight": 1.0, "attention_form": "heads"}
+QUANTIZED_CLI = {**QUANTIZED_DEFAULTS, "attention_weight": QUANTIZED_ATTENTION, "attention_form": DistillConfig.attention_form}
 
 
 def pool_path(protocol: str, strategy: str, teacher, checkpoint: Path, seed: int = 0) -> Path:
