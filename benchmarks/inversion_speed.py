@@ -17,8 +17,11 @@ Adam over the kept patches, scoring passes, best-pixel copies) cost.
   * per run, images per second and (on CUDA) peak memory, and the last phase's step
     against its ideal, the dense step scaled by the tokens it keeps: a fixed cost per
     step (launches, host waits) shows as a last-phase step far above that ideal.
-On CUDA each precision is warmed up with a short run first, and batches default to
-256 (Tiny) and 64 (Base); results go to inversion_speed_cuda.json/.md.
+On CUDA each precision is warmed up with a short run first, batches default to
+256 (Tiny) and 64 (Base), and every run is made twice, eagerly and with each phase's step
+replayed as a captured CUDA graph (``cuda_graphs=True``): the graph runs' times, their
+ratios, and how far their images are from the eager run's (the same draws, so only
+float rounding apart) are the ``graphs`` columns; results go to inversion_speed_cuda.json/.md.
 Results: benchmarks/results/inversion_speed.json and .md.
 """
 
@@ -98,26 +101,48 @@ def bench_model(key: str, iterations: int, repeats: int, device: torch.device, b
     counts = schedule.keep_counts(info.num_patches)
     steps = per_step_seconds(model, batch, counts, repeats, device)
     labels = (torch.arange(batch) * max(1, info.num_classes // batch) % info.num_classes).to(device)
-    runs = {}
+    runs, images = {}, {}
+    graph_modes = (False, True) if device.type == "cuda" else (False,)
     for precision, suffix in (("fp32", ""), ("bf16", " bf16")):
         if device.type == "cuda":  # kernels chosen, memory pooled: timed runs start warm
             invert_batch(model, labels, InversionConfig(iterations=20, batch_size=batch, schedule=scaled_schedule(20),
                                                         precision=precision), seed=1, progress=False)
         for kind, sched in (("dense", PruneSchedule()), ("sparse", schedule)):
-            config = InversionConfig(iterations=iterations, batch_size=batch, schedule=sched, precision=precision)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            result = invert_batch(model, labels, config, seed=0, desc=f"{key} {kind}{suffix}")
-            last_steps = iterations - (sched.steps[-1] if sched.steps else 0)
-            runs[kind + suffix] = {
-                "wall_seconds": result.wall_seconds,
-                "seconds_per_phase": result.seconds_per_phase,
-                "tokens_per_phase": result.tokens_per_phase,
-                "final_seconds": result.final_seconds,
-                "success_rate": float(result.correct.float().mean()),
-                "images_per_second": batch / result.wall_seconds,
-                "last_phase_step_seconds": result.seconds_per_phase[-1] / last_steps,
-                "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            for graphs in graph_modes:
+                name = kind + suffix + (" graphs" if graphs else "")
+                config = InversionConfig(iterations=iterations, batch_size=batch, schedule=sched, precision=precision)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                result = invert_batch(model, labels, config, seed=0, desc=f"{key} {name}", cuda_graphs=graphs)
+                last_steps = iterations - (sched.steps[-1] if sched.steps else 0)
+                images[name] = result.images
+                runs[name] = {
+                    "wall_seconds": result.wall_seconds,
+                    "seconds_per_phase": result.seconds_per_phase,
+                    "tokens_per_phase": result.tokens_per_phase,
+                    "final_seconds": result.final_seconds,
+                    "success_rate": float(result.correct.float().mean()),
+                    "images_per_second": batch / result.wall_seconds,
+                    "last_phase_step_seconds": result.seconds_per_phase[-1] / last_steps,
+                    "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                }
+    graphs = None
+    if device.type == "cuda":
+        graphs = {}
+        for suffix in ("", " bf16"):
+            label = "fp32" if not suffix else "bf16"
+            eager_dense, eager_sparse = runs["dense" + suffix], runs["sparse" + suffix]
+            dense, sparse = runs["dense" + suffix + " graphs"], runs["sparse" + suffix + " graphs"]
+            graphs[label] = {
+                "dense_graphs_vs_eager": eager_dense["wall_seconds"] / dense["wall_seconds"],
+                "sparse_graphs_vs_eager": eager_sparse["wall_seconds"] / sparse["wall_seconds"],
+                "sparse_vs_dense_with_graphs": dense["wall_seconds"] / sparse["wall_seconds"],
+                "sparse_graphs_vs_dense_fp32_eager": runs["dense"]["wall_seconds"] / sparse["wall_seconds"],
+                "last_phase_step_vs_ideal_graphs": sparse["last_phase_step_seconds"] / (
+                    runs["dense" + suffix]["wall_seconds"] / iterations * counts[-1] / info.num_patches),
+                # 8-bit images: one level is 1/255; the same draws, so only float rounding parts them.
+                "max_image_difference_vs_eager": {kind: float((images[f"{kind}{suffix} graphs"] - images[kind + suffix]).abs().max())
+                                                  for kind in ("dense", "sparse")},
             }
     ideal_ratio = ideal_seconds(steps, PruneSchedule(), iterations, info.num_patches) / ideal_seconds(
         steps, schedule, iterations, info.num_patches
@@ -156,6 +181,7 @@ def bench_model(key: str, iterations: int, repeats: int, device: torch.device, b
         "last_phase_step_vs_ideal": {("fp32" if not k else "bf16"): runs["sparse" + k]["last_phase_step_seconds"] / v
                                      for k, v in last_ideal.items()},
         "bf16": bf16,
+        "graphs": graphs,
     }
 
 
@@ -178,6 +204,22 @@ def markdown(results: dict) -> str:
             f"{r['last_phase_step_vs_ideal']['fp32']:.2f}x / {r['last_phase_step_vs_ideal']['bf16']:.2f}x | "
             f"{r['runs']['sparse']['images_per_second']:.1f} / {r['runs']['sparse bf16']['images_per_second']:.1f} |"
         )
+    graphed = [r for r in results.values() if r.get("graphs")]
+    if graphed:
+        lines += ["", "CUDA graphs (each phase's step captured once, replayed per step) against the eager loop:", "",
+                  "| model, batch | precision | dense graphs s | sparse graphs s | dense: graphs vs eager | sparse: graphs vs eager | "
+                  "sparse/dense with graphs | sparse graphs vs dense fp32 eager | last-phase step vs ideal | largest pixel difference vs eager, dense / sparse |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in graphed:
+            for label, g in r["graphs"].items():
+                suffix = "" if label == "fp32" else " bf16"
+                diff = g["max_image_difference_vs_eager"]
+                lines.append(
+                    f"| {r['model']}, {r['batch']} | {label} | {r['runs']['dense' + suffix + ' graphs']['wall_seconds']:.1f} | "
+                    f"{r['runs']['sparse' + suffix + ' graphs']['wall_seconds']:.1f} | {g['dense_graphs_vs_eager']:.2f}x | "
+                    f"{g['sparse_graphs_vs_eager']:.2f}x | {g['sparse_vs_dense_with_graphs']:.2f}x | "
+                    f"{g['sparse_graphs_vs_dense_fp32_eager']:.2f}x | {g['last_phase_step_vs_ideal_graphs']:.2f}x | "
+                    f"{diff['dense']:.3f} / {diff['sparse']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

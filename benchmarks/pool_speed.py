@@ -1,6 +1,6 @@
 """End to end: a whole pool written by ``sparseinv.invert``, seconds in the loop against seconds in all.
 
-    python benchmarks/pool_speed.py [--device cuda] [--num-images 8192 --batch-size 1024 --iterations 400 --precision bf16]
+    python benchmarks/pool_speed.py [--device cuda] [--num-images 8192 --batch-size 1024 --iterations 400 --precision bf16] [--cuda-graphs]
 
 The pool is made twice from scratch, with commits overlapped with the next batch's
 inversion (what ``invert`` does) and with each commit awaited before the next batch
@@ -28,7 +28,7 @@ from sparseinv.pool import PoolWriter
 SCRATCH = ROOT / "benchmarks" / "scratch" / "pool_speed"
 
 
-def make_pool(model, config: InversionConfig, serial: bool) -> dict:
+def make_pool(model, config: InversionConfig, serial: bool, cuda_graphs: bool = False) -> dict:
     out = SCRATCH / ("serial" if serial else "overlapped")
     shutil.rmtree(out, ignore_errors=True)
     real_add = PoolWriter.add_batch
@@ -41,7 +41,7 @@ def make_pool(model, config: InversionConfig, serial: bool) -> dict:
         PoolWriter.add_batch = add_and_wait
     try:
         start = time.perf_counter()
-        invert(model, config, str(out), model_name=DEIT_TINY)
+        invert(model, config, str(out), model_name=DEIT_TINY, cuda_graphs=cuda_graphs)
         total = time.perf_counter() - start
     finally:
         PoolWriter.add_batch = real_add
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--no-serial", action="store_true", help="time the overlapped mode alone (half the time)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="replay each phase's step as a captured CUDA graph (invert's --cuda-graphs)")
     args = parser.parse_args()
     device = torch.device(args.device)
     model = load_model(DEIT_TINY, DEIT_TINY_CKPT).to(device)
@@ -71,17 +72,17 @@ def main() -> None:
                              schedule=scaled_schedule(args.iterations), precision=args.precision)
     # A warm-up batch, so neither mode pays for first kernels and allocations.
     invert(model, InversionConfig(num_images=args.batch_size, batch_size=args.batch_size, iterations=10,
-                                  schedule=scaled_schedule(10), precision=args.precision), progress=False)
-    modes = {"overlapped": make_pool(model, config, serial=False)}
+                                  schedule=scaled_schedule(10), precision=args.precision), progress=False, cuda_graphs=args.cuda_graphs)
+    modes = {"overlapped": make_pool(model, config, serial=False, cuda_graphs=args.cuda_graphs)}
     if not args.no_serial:
-        modes["serial"] = make_pool(model, config, serial=True)
-    name = "pool_speed" if device.type == "cpu" else f"pool_speed_{device.type}"
+        modes["serial"] = make_pool(model, config, serial=True, cuda_graphs=args.cuda_graphs)
+    name = "pool_speed" if device.type == "cpu" else f"pool_speed_{device.type}" + ("_graphs" if args.cuda_graphs else "")
     path = write_results(name, {
         "command": "python benchmarks/pool_speed.py " + " ".join(sys.argv[1:]),
         "machine": machine(device),
         "settings": {"model": DEIT_TINY, "num_images": args.num_images, "batch_size": args.batch_size,
                      "iterations": args.iterations, "schedule": "reference stops scaled", "precision": args.precision,
-                     "device": str(device)},
+                     "device": str(device), "cuda_graphs": args.cuda_graphs},
         "modes": modes,
         "overlapped_vs_serial_speedup": modes["serial"]["total_seconds"] / modes["overlapped"]["total_seconds"] if "serial" in modes else None,
     })

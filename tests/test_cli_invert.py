@@ -31,6 +31,7 @@ def _fails(capsys, argv, message):
         (["--prune-at", "1", "2", "--prune-ratio", "0.3"], "one ratio per step"),
         (["--classes", "1000"], "unknown class index 1000"),
         (["--batch-size", "0"], "batch-size must be at least 1"),
+        (["--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
     ],
 )
 def test_bad_settings(capsys, tmp_path, extra, message):

@@ -70,6 +70,39 @@ def test_quantize_evaluate_and_export_a_file_quantized_on_the_device(chain, meth
         assert main(["evaluate", *chain["model"], "--onnx", str(onnx), "--data", str(chain["data"]), "--quiet"]) == 0
 
 
+cuda_only = pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA graphs exist on CUDA devices only")
+
+
+@cuda_only
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graphs_make_the_eager_loops_images(chain, precision):
+    from sparseinv import InversionConfig, PruneSchedule, load_model
+    from sparseinv.inversion.loop import invert_batch
+
+    model = load_model("test_vit", chain["ckpt"], device=DEVICE)
+    # Five phases, each long enough to be captured; a colour shift adds a draw per step.
+    config = InversionConfig(num_images=4, batch_size=4, iterations=40, schedule=PruneSchedule((6, 12, 18, 24), (0.3,) * 4),
+                             color_shift=0.3, precision=precision)
+    labels = torch.tensor([1, 2, 3, 4], device=DEVICE)
+    eager = invert_batch(model, labels, config, seed=3, progress=False)
+    again = invert_batch(model, labels, config, seed=3, progress=False)
+    graphed = invert_batch(model, labels, config, seed=3, progress=False, cuda_graphs=True)
+    # The same draws: only float rounding (and the GPU's own run-to-run order of atomic sums) parts them.
+    noise = (again.images - eager.images).abs().mean().item()
+    apart = (graphed.images - eager.images).abs().mean().item()
+    assert apart <= max(4 * noise, 2 / 255), (apart, noise)
+    assert (graphed.kept_patches == eager.kept_patches).float().mean() >= 0.9
+
+
+@cuda_only
+def test_invert_with_cuda_graphs(chain):
+    out = chain["root"] / "pool-graphs"
+    assert main(["invert", *chain["model"], "--num-images", "2", "--iterations", "40", "--out", str(out), "--device", DEVICE,
+                 "--cuda-graphs", "--quiet"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["complete"] and run["cuda_graphs"] is True
+
+
 def test_evaluate_the_model_itself(chain):
     assert main(["evaluate", *chain["model"], "--data", str(chain["data"]), "--device", DEVICE, "--quiet"]) == 0
 

@@ -325,19 +325,17 @@ def test_attention_prior_is_a_region_and_its_kl_pulls_attention_toward_it():
 def test_the_attention_prior_is_compared_where_the_image_content_went():
     """Attention that follows the image content through the step's roll and flip matches its
     prior exactly, in the dense phase (the augmented grid fed) and the sparse ones (kept tokens)."""
-    from types import SimpleNamespace
-
-    from sparseinv.vit.views import RollFlip
+    from sparseinv.vit.views import RollFlip, ViewIndex
     from sparseinv.inversion.loop import prior_pairs
     from sparseinv.inversion.losses import attention_prior_kl, gaussian_attention_priors
 
-    info = SimpleNamespace(grid_size=(4, 4), patch_size=(8, 8))
     priors = gaussian_attention_priors(torch.Generator().manual_seed(1), 2, (4, 4))
     aug = RollFlip(dy=8, dx=-16, flip=True)
+    view = ViewIndex.unpack(ViewIndex.pack(aug, (4, 4), (8, 8)), (4, 4), (8, 8))  # as the loop applies it
     every = torch.arange(16).expand(2, -1)
     following = torch.zeros(2, 16).scatter(1, aug.remap(every, (4, 4), (8, 8)), priors)  # cell remap(p) holds p's share
-    assert torch.allclose(attention_prior_kl(*prior_pairs(following, priors, every, aug, True, info)), torch.zeros(2), atol=1e-5)
+    assert torch.allclose(attention_prior_kl(*prior_pairs(following, priors, every, view, True)), torch.zeros(2), atol=1e-5)
     assert (attention_prior_kl(following, priors) > 0.05).all()  # read in grid order it would not match
     keep = torch.tensor([[1, 5, 6, 10], [0, 3, 12, 15]])
     fed = priors.gather(1, keep)  # token k shows kept patch keep[:, k]
-    assert torch.allclose(attention_prior_kl(*prior_pairs(fed, priors, keep, aug, False, info)), torch.zeros(2), atol=1e-5)
+    assert torch.allclose(attention_prior_kl(*prior_pairs(fed, priors, keep, view, False)), torch.zeros(2), atol=1e-5)

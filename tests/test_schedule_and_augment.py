@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparseinv import PruneSchedule, UsageError
-from sparseinv.vit.views import RollFlip
+from sparseinv.vit.views import RollFlip, ViewIndex
 
 
 def test_reference_schedule_keeps_196_137_95_66_46():
@@ -83,3 +83,16 @@ def test_remapped_tokens_carry_the_kept_content(tiny_vit):
         got = cells[:, cell // 10, :, cell % 10, :]
         want = patches[:, patch // 10, :, patch % 10, :].flip(-1)
         assert torch.equal(got, want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(2, 6), cols=st.integers(2, 6), size=st.sampled_from([2, 4, 5]), data=st.data())
+def test_a_view_as_index_tensors_is_the_view(rows, cols, size, data):
+    # The captured step applies its roll and flip as gathers whose indices are data.
+    aug = RollFlip(dy=data.draw(st.integers(-rows * size, rows * size)), dx=data.draw(st.integers(-cols * size, cols * size)),
+                   flip=data.draw(st.booleans()))
+    view = ViewIndex.unpack(ViewIndex.pack(aug, (rows, cols), (size, size)), (rows, cols), (size, size))
+    x = torch.randn(2, 3, rows * size, cols * size)
+    assert torch.equal(view.apply(x), aug.apply(x))
+    keep = torch.stack([torch.randperm(rows * cols)[: rows * cols // 2] for _ in range(2)])
+    assert torch.equal(view.remap(keep), aug.remap(keep, (rows, cols), (size, size)))

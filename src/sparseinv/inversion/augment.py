@@ -22,12 +22,15 @@ class ColorShift:
     scale: torch.Tensor  # (B, C)
     offset: torch.Tensor  # (B, C)
 
-    @classmethod
-    def sample(cls, generator: torch.Generator, batch: int, channels: int, strength: float, device) -> "ColorShift":
+    @staticmethod
+    def draw(generator: torch.Generator, batch: int, channels: int, strength: float) -> torch.Tensor:
+        """One draw on the CPU, (2, B, C): the scales, then the offsets (:meth:`of` makes the shift)."""
         draws = (torch.rand(2, batch, channels, generator=generator) * 2 - 1) * strength
-        values = torch.stack([draws[0].exp(), draws[1]])
-        if torch.device(device).type == "cuda":  # a copy from pinned memory does not make the host wait
-            values = values.pin_memory().to(device, non_blocking=True)
+        return torch.stack([draws[0].exp(), draws[1]])
+
+    @classmethod
+    def of(cls, values: torch.Tensor) -> "ColorShift":
+        """The shift a :meth:`draw` holds (views of ``values``, on any device)."""
         return cls(scale=values[0], offset=values[1])
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparseinv.vit.views import RollFlip
+from sparseinv.vit.views import ViewIndex
 from sparseinv.inversion.losses import _NEIGHBOURS, tv_l2_patches
 from sparseinv.models import ViTInfo
 
@@ -92,19 +92,16 @@ class KeptPixels:
         slots = self.slot.gather(1, keep)
         return kept.gather(2, slots[:, None, :, None, None].expand(-1, kept.shape[1], -1, *kept.shape[3:]))
 
-    def fed_pixels(self, kept: torch.Tensor, fed: torch.Tensor, aug: RollFlip) -> torch.Tensor:
-        """What the fed cells of ``aug.apply(compose(kept))`` show of ``kept``, as (B, F, 3, ph, pw).
+    def fed_pixels(self, kept: torch.Tensor, fed: torch.Tensor, view: ViewIndex) -> torch.Tensor:
+        """What the fed cells of ``view.apply(compose(kept))`` show of ``kept``, as (B, F, 3, ph, pw).
 
         A frozen pixel shows as zero: the result carries the gradient to the kept
         pixels (see :func:`sparseinv.vit.forward`), not the image's values.
         """
         (rows, cols), (ph, pw) = self.grid, self.patch
-        height, width = rows * ph, cols * pw
         ys = (fed // cols)[:, :, None] * ph + torch.arange(ph, device=fed.device)  # (B, F, ph) rows in the augmented image
         xs = (fed % cols)[:, :, None] * pw + torch.arange(pw, device=fed.device)  # (B, F, pw)
-        if aug.flip:
-            xs = width - 1 - xs
-        ys, xs = torch.remainder(ys - aug.dy, height), torch.remainder(xs - aug.dx, width)  # where they came from
+        ys, xs = view.rows[ys], view.cols[xs]  # where they came from
         patch = (ys // ph)[:, :, :, None] * cols + (xs // pw)[:, :, None, :]  # (B, F, ph, pw)
         slot = self.slot.gather(1, patch.flatten(1)).view(patch.shape)
         offset = (ys % ph)[:, :, :, None] * pw + (xs % pw)[:, :, None, :]

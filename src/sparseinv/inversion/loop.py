@@ -10,7 +10,9 @@ runs layer's (:func:`sparseinv.runs.inversion.invert`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,10 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparseinv.inversion.augment import ColorShift
-from sparseinv.vit.views import RollFlip
+from sparseinv.vit.views import RollFlip, ViewIndex
 from sparseinv.inversion.config import InversionConfig
 from sparseinv.inversion.precision import Precision, resolve_precision
 from sparseinv.inversion.losses import LossInputs, gaussian_attention_priors
+from sparseinv.errors import UsageError
 from sparseinv.inversion.monitor import StepMonitor
 from sparseinv.models import ViTInfo, is_vit, vit_info
 from sparseinv.inversion.kept_pixels import KeptImages, KeptPixels
@@ -97,6 +100,7 @@ def invert_batch(
     seed: int,
     progress: bool = True,
     desc: str = "invert",
+    cuda_graphs: bool = False,
 ) -> BatchResult:
     """Invert one batch of images towards ``labels``.
 
@@ -108,6 +112,9 @@ def invert_batch(
             settings and device give the same images.
         progress: Show a tqdm bar with step, loss and tokens kept.
         desc: The bar's label.
+        cuda_graphs: On CUDA, capture each phase's step (forward, loss, backward, Adam,
+            clamp) as a CUDA graph after a few eager steps and replay it: one launch per
+            step instead of hundreds. The same images up to float rounding.
     """
     info = vit_info(model)
     precision = resolve_precision(config.precision, labels.device)
@@ -120,50 +127,50 @@ def invert_batch(
         param.requires_grad_(False)
     try:
         with precision.attention(model):
-            return _run_phases(model, labels, config, info, x, generator, progress, desc, precision)
+            return _run_phases(model, labels, config, info, x, generator, progress, desc, precision, cuda_graphs)
     finally:
         for param in trainable:
             param.requires_grad_(True)
 
 
-def pixel_adam(param: torch.Tensor, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+def pixel_adam(param: torch.Tensor, lr: float, betas: tuple[float, float], capturable: bool = False) -> torch.optim.Adam:
     """Adam over the pixels, fused where the device has the kernel.
 
     The fused step is one kernel with its step count kept on the device; the plain one
     reads the count back to the host every step (a stall on a GPU), and on a CPU it is
-    about 3x slower for the same arithmetic.
+    about 3x slower for the same arithmetic. ``capturable``: safe to capture in a CUDA graph.
     """
     try:
-        return torch.optim.Adam([param], lr=lr, betas=betas, fused=True)
+        return torch.optim.Adam([param], lr=lr, betas=betas, fused=True, capturable=capturable)
     except RuntimeError:  # a device or dtype without the fused kernel
-        return torch.optim.Adam([param], lr=lr, betas=betas)
+        return torch.optim.Adam([param], lr=lr, betas=betas, capturable=capturable)
 
 
 def _carry_adam(old: torch.optim.Adam, old_param: torch.Tensor, new_param: torch.Tensor, pick) -> torch.optim.Adam:
     """A fresh Adam over ``new_param`` whose state is ``pick`` of the old one's: the kept
     pixels go on with their own moments, exactly as if the optimiser had never changed."""
     group = old.param_groups[0]
-    new = pixel_adam(new_param, group["lr"], group["betas"])
+    new = pixel_adam(new_param, group["lr"], group["betas"], group["capturable"])
     state = old.state.get(old_param)
     if state:
         new.state[new_param] = {"step": state["step"].clone(), "exp_avg": pick(state["exp_avg"]), "exp_avg_sq": pick(state["exp_avg_sq"])}
     return new
 
 
-def prior_pairs(cls_attn: torch.Tensor, priors: torch.Tensor, keep: torch.Tensor, aug: RollFlip, dense: bool,
-                info) -> tuple[torch.Tensor, torch.Tensor]:
+def prior_pairs(cls_attn: torch.Tensor, priors: torch.Tensor, keep: torch.Tensor, view: ViewIndex,
+                dense: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The class-token attention of one step and the attention prior, at the same original patches.
 
     Args:
         cls_attn: (B, K) attention to the fed tokens, in feed order.
         priors: (B, N) each image's prior over its original patch grid.
         keep: (B, K) the original patches the step optimised (every patch in the dense phase).
-        aug: The step's roll and flip.
+        view: The step's roll and flip.
         dense: Whether the whole augmented grid was fed (its cell ``remap(p)`` shows patch
             ``p``); otherwise fed token ``k`` shows original patch ``keep[:, k]``.
     """
     if dense:
-        cls_attn = cls_attn.gather(1, aug.remap(keep, info.grid_size, info.patch_size))
+        cls_attn = cls_attn.gather(1, view.remap(keep))
     return cls_attn, priors.gather(1, keep)
 
 
@@ -179,6 +186,7 @@ class _Feed:
         maps: Records every block's softmax attention for the losses that read it (else a null context).
         priors: (B, N) each image's attention prior, when the loss has one.
         max_shift: The largest roll, (rows, columns) of pixels.
+        graphs: Capture each phase's step as a CUDA graph (see :func:`_run_steps`).
     """
 
     model: nn.Module
@@ -193,17 +201,18 @@ class _Feed:
     maps: contextlib.AbstractContextManager
     priors: torch.Tensor | None
     max_shift: tuple[int, int]
+    graphs: bool = False
 
 
 class _Optimised:
     """The pixels one batch optimises (the kept patches, :class:`KeptPixels`), their Adam,
     and the best of them in the current phase."""
 
-    def __init__(self, x: torch.Tensor, every: torch.Tensor, info: ViTInfo, config: InversionConfig) -> None:
+    def __init__(self, x: torch.Tensor, every: torch.Tensor, info: ViTInfo, config: InversionConfig, capturable: bool = False) -> None:
         self.best_loss = torch.full((x.shape[0],), float("inf"), device=x.device)
         self.pixels = KeptPixels(x, every, info)
         self.kept = self.pixels.gather(x).requires_grad_(True)
-        self.optimizer = pixel_adam(self.kept, config.lr, config.betas)
+        self.optimizer = pixel_adam(self.kept, config.lr, config.betas, capturable)
         self.best = self.kept.detach().clone()
 
     def keep_only(self, keep: torch.Tensor, info: ViTInfo) -> None:
@@ -220,12 +229,16 @@ class _Optimised:
         self.best = self.kept.detach().clone()
 
     def step(self, per_image: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> None:
-        """Keep the pixels that gave ``per_image`` where they beat the best, then one Adam step, clamped to [low, high]."""
+        """Keep the pixels that gave ``per_image`` where they beat the best, then one Adam step, clamped to [low, high].
+
+        Every tensor it changes is changed in place, so a captured CUDA graph of it replays
+        onto the same tensors.
+        """
         self.optimizer.zero_grad(set_to_none=True)
         per_image.mean().backward()
         with torch.no_grad():
             improved = per_image.detach() < self.best_loss
-            self.best_loss = torch.where(improved, per_image.detach(), self.best_loss)
+            torch.where(improved, per_image.detach(), self.best_loss, out=self.best_loss)
             torch.where(improved.view(-1, *[1] * (self.kept.dim() - 1)), self.kept, self.best, out=self.best)
             self.optimizer.step()
             torch.maximum(torch.minimum(self.kept, high, out=self.kept.data), low, out=self.kept.data)
@@ -242,6 +255,7 @@ def _run_phases(
     progress: bool,
     desc: str,
     precision: Precision,
+    cuda_graphs: bool = False,
 ) -> BatchResult:
     """The body of :func:`invert_batch`, run with the model's weights frozen.
 
@@ -261,13 +275,13 @@ def _run_phases(
     # Rebirth: the step each patch is detached at; those never detached at a stop are at the end.
     detached_at = (torch.full((batch, info.num_patches), config.iterations, dtype=torch.long, device=device)
                    if config.strategy == "rebirth" else None)
-    state = _Optimised(x, every, info, config)
+    state = _Optimised(x, every, info, config, capturable=cuda_graphs)
     recorder = OutputRecorder.attention(model) if config.loss.needs_attention else contextlib.nullcontext()
     maps = AttentionMaps(model) if config.loss.needs_attention_maps else contextlib.nullcontext()
     # Drawn only when on, so runs without it keep their random stream (and their images).
     priors = gaussian_attention_priors(generator, batch, info.grid_size).to(device) if config.loss.needs_cls_attention else None
     feed = _Feed(model, labels, config, info, precision, generator, every, _patch_projection(model) is not None, recorder, maps, priors,
-                 (int(height * config.jitter), int(width * config.jitter)))
+                 (int(height * config.jitter), int(width * config.jitter)), cuda_graphs)
     seconds_per_phase: list[float] = []
     # Nothing in a step reads a value back to the host (see StepMonitor): the GPU runs ahead.
     monitor = StepMonitor(device, config.lr)
@@ -277,14 +291,15 @@ def _run_phases(
         phase_start = time.perf_counter()
         if phase > 0:
             state.keep_only(_next_keep(feed, state.pixels, phase, start, counts, detached_at), info)
-        for step in range(start, end):
-            per_image = _step_loss(feed, state.pixels, state.kept, dense=phase == 0)
-            state.step(per_image, low, high)
+
+        def after(step: int, per_image: torch.Tensor, end: int = end, tokens: int = counts[phase]) -> None:
             if monitor.due(step + 1, step + 1 == end):
                 monitor.snapshot(per_image, step + 1)
             bar.update(1)
             if monitor.loss is not None and (bar.n % monitor.every == 0 or bar.n == config.iterations):
-                bar.set_postfix(loss=f"{monitor.loss:.3f}", tokens=counts[phase])
+                bar.set_postfix(loss=f"{monitor.loss:.3f}", tokens=tokens)
+
+        _run_steps(feed, state, phase == 0, range(start, end), low, high, after)
         _sync(device)
         monitor.flush()
         seconds_per_phase.append(time.perf_counter() - phase_start)
@@ -320,28 +335,132 @@ def _next_keep(feed: _Feed, pixels: KeptPixels, phase: int, start: int, counts: 
     return keep
 
 
-def _step_loss(feed: _Feed, pixels: KeptPixels, kept: torch.Tensor, dense: bool) -> torch.Tensor:
-    """One step's per-image loss, on a fresh roll and flip (and colour shift) of the current image."""
-    config, info, model, device = feed.config, feed.info, feed.model, feed.labels.device
+def _draw(feed: _Feed, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One step's random draws, on the CPU: the roll and flip (:meth:`ViewIndex.pack`) and the colour shift's values."""
+    config, info = feed.config, feed.info
     aug = RollFlip.sample(feed.generator, *feed.max_shift, config.flip)
     # Drawn only when on, so runs without it keep their random stream (and their images).
-    shift = ColorShift.sample(feed.generator, kept.shape[0], info.input_size[0], config.color_shift, device) if config.color_shift else None
+    colour = ColorShift.draw(feed.generator, batch, info.input_size[0], config.color_shift) if config.color_shift else None
+    return ViewIndex.pack(aug, info.grid_size, info.patch_size), colour
+
+
+def _to_device(values: torch.Tensor, device: torch.device, into: torch.Tensor | None = None) -> torch.Tensor:
+    """``values`` on ``device`` (copied into ``into`` if given) without making the host wait: from pinned memory on CUDA."""
+    if device.type == "cuda":
+        values = values.pin_memory()
+    if into is not None:
+        return into.copy_(values, non_blocking=True)
+    return values.to(device, non_blocking=True)
+
+
+# Eager steps on a side stream before a phase's step is captured (autograd and the fused
+# Adam set themselves up on first use, which a capture must not record), and the shortest
+# phase worth a capture.
+GRAPH_WARMUP = 3
+GRAPH_MIN_STEPS = GRAPH_WARMUP + 2
+
+
+class CudaGraphStep:
+    """One phase's step as a CUDA graph: warmed up on a side stream, captured once, replayed per step."""
+
+    def __init__(self, device: torch.device) -> None:
+        if device.type != "cuda":
+            raise UsageError(f"CUDA graphs need a CUDA device; this run is on {device}.")
+        self.device = device
+        self.graph = torch.cuda.CUDAGraph()
+
+    def warm_up(self, steps: Callable[[], None]) -> None:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            steps()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def capture(self, step: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Record ``step`` (nothing runs); returns the tensor each replay writes its result to."""
+        with torch.cuda.graph(self.graph):
+            return step()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+# What runs a captured step; tests on machines without CUDA put an eager stand-in here.
+graph_step_factory: Callable[[torch.device], CudaGraphStep] = CudaGraphStep
+
+
+def _run_steps(feed: _Feed, state: _Optimised, dense: bool, steps: range, low: torch.Tensor, high: torch.Tensor,
+               after: Callable[[int, torch.Tensor], None]) -> None:
+    """Run the steps ``steps`` of one phase, calling ``after(step, per_image loss)`` after each.
+
+    Eager, each step is some hundreds of kernel launches, and at 46 tokens a GPU finishes
+    them faster than Python issues them. With ``feed.graphs`` the step is captured as a
+    CUDA graph after :data:`GRAPH_WARMUP` eager steps and replayed: one launch per step.
+    The graph reads its random draws from fixed device tensors that are refilled before
+    each replay, so the draws, and the images, are the eager loop's.
+    """
+    device, batch = feed.labels.device, state.kept.shape[0]
+    grid, patch = feed.info.grid_size, feed.info.patch_size
+
+    def step(packed: torch.Tensor, colour: torch.Tensor | None) -> torch.Tensor:
+        per_image = _step_loss(feed, state.pixels, state.kept, dense, ViewIndex.unpack(packed, grid, patch),
+                               None if colour is None else ColorShift.of(colour))
+        state.step(per_image, low, high)
+        return per_image.detach()
+
+    if not feed.graphs or len(steps) < GRAPH_MIN_STEPS:
+        for index in steps:
+            packed, colour = _draw(feed, batch)
+            after(index, step(_to_device(packed, device), None if colour is None else _to_device(colour, device)))
+        return
+
+    packed, colour = _draw(feed, batch)
+    static = (torch.empty(packed.shape, dtype=packed.dtype, device=device),
+              None if colour is None else torch.empty(colour.shape, dtype=colour.dtype, device=device))
+
+    def refill(draws: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        for values, into in zip(draws, static):
+            if values is not None:
+                _to_device(values, device, into=into)
+
+    pending = iter(steps)
+    graph = graph_step_factory(device)
+
+    def warm_steps() -> None:
+        for n, index in enumerate(itertools.islice(pending, GRAPH_WARMUP)):
+            refill((packed, colour) if n == 0 else _draw(feed, batch))
+            after(index, step(*static))
+
+    graph.warm_up(warm_steps)
+    out = graph.capture(lambda: step(*static))
+    for index in pending:
+        refill(_draw(feed, batch))
+        graph.replay()
+        after(index, out)
+
+
+def _step_loss(feed: _Feed, pixels: KeptPixels, kept: torch.Tensor, dense: bool, view: ViewIndex,
+               shift: ColorShift | None) -> torch.Tensor:
+    """One step's per-image loss, on the step's roll and flip (and colour shift) of the current image.
+
+    Device work only: the draws come in as device tensors, so the step can be captured."""
+    config, info, model, device = feed.config, feed.info, feed.model, feed.labels.device
     colour = (lambda t: t) if shift is None else shift.apply
-    cells = feed.every if dense else aug.remap(pixels.keep, info.grid_size, info.patch_size)
+    cells = feed.every if dense else view.remap(pixels.keep)
     with feed.precision.autocast(device), feed.recorder as recorded, feed.maps as maps:
         if feed.per_patch:
-            fed = colour(pixels.fed_pixels(kept, cells, aug))
-            out = sparse_forward(model, colour(aug.apply(pixels.canvas)), None if dense else cells, pixel_grad=fed,
+            fed = colour(pixels.fed_pixels(kept, cells, view))
+            out = sparse_forward(model, colour(view.apply(pixels.canvas)), None if dense else cells, pixel_grad=fed,
                                  return_cls_attn=feed.priors is not None)
         else:
-            out = sparse_forward(model, colour(aug.apply(pixels.compose(kept))), None if dense else cells,
+            out = sparse_forward(model, colour(view.apply(pixels.compose(kept))), None if dense else cells,
                                  return_cls_attn=feed.priors is not None)
-    cls_attn, target = (None, None) if feed.priors is None else prior_pairs(out.cls_attn, feed.priors, pixels.keep, aug, dense, info)
+    cls_attn, target = (None, None) if feed.priors is None else prior_pairs(out.cls_attn, feed.priors, pixels.keep, view, dense)
 
     def fed(other: nn.Module) -> torch.Tensor:
         # The same pixels, roll, flip and colour (in this model's normalisation); a ViT of this input
         # size and patch grid gets the same tokens, one of another size the whole image resized to its own.
-        x = colour(aug.apply(pixels.compose(kept)))
+        x = colour(view.apply(pixels.compose(kept)))
         with feed.precision.autocast(device):
             if not is_vit(other):
                 return other(x).float()

@@ -55,7 +55,9 @@ class Precision:
         """A context running the model in bf16 autocast, or doing nothing for fp32."""
         if self.used != "bf16":
             return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        # No cast cache: it only ever held weights that train (inversion's are frozen), and a
+        # cache that outlives a captured CUDA graph's step would be read from the wrong memory.
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
 
     @contextlib.contextmanager
     def attention(self, model: nn.Module):

@@ -61,7 +61,8 @@ def assign_labels(config: InversionConfig, num_classes: int) -> list[int]:
     return labels[: config.num_images]
 
 
-def run_record(model: nn.Module, config: InversionConfig, model_name: str | None, checkpoint: str | None) -> dict:
+def run_record(model: nn.Module, config: InversionConfig, model_name: str | None, checkpoint: str | None,
+               cuda_graphs: bool = False) -> dict:
     """The parts of ``run.json`` known before the first step."""
     info = vit_info(model)
     return {
@@ -79,6 +80,7 @@ def run_record(model: nn.Module, config: InversionConfig, model_name: str | None
         "device": str(next(model.parameters()).device),
         "threads": torch.get_num_threads(),
         "precision": resolve_precision(config.precision, next(model.parameters()).device).record(),
+        "cuda_graphs": cuda_graphs,
     }
 
 
@@ -102,6 +104,7 @@ def invert(
     model_name: str | None = None,
     checkpoint: str | None = None,
     progress: bool = True,
+    cuda_graphs: bool = False,
 ) -> InversionResult:
     """Invert ``config.num_images`` images in batches; optionally write them as a pool.
 
@@ -115,17 +118,29 @@ def invert(
     ``b mod P`` in a fresh run), each rank commits its own, and rank 0 merges; every
     rank returns the whole result. The images do not depend on the number of processes.
 
+    ``cuda_graphs``: replay each phase's step as a captured CUDA graph (a CUDA model only;
+    see :func:`~sparseinv.inversion.loop.invert_batch`). It changes the speed, not the
+    images, so it is not one of the pool's settings.
+
     Raises:
         UsageError: bad settings, or ``out`` holding a pool made with other settings.
     """
     run_start = time.perf_counter()
     config.validate(vit_info(model).num_classes)
+    check_cuda_graphs(cuda_graphs, next(model.parameters()).device)
     if out is None:
-        return _invert_in_memory(model, config, model_name, checkpoint, progress)
-    return _invert_into_pool(model, config, out, model_name, checkpoint, progress, run_start)
+        return _invert_in_memory(model, config, model_name, checkpoint, progress, cuda_graphs)
+    return _invert_into_pool(model, config, out, model_name, checkpoint, progress, run_start, cuda_graphs)
 
 
-def _invert_batches(model: nn.Module, config: InversionConfig, todo: list[int], progress: bool) -> Iterator[tuple[int, BatchResult, dict]]:
+def check_cuda_graphs(cuda_graphs: bool, device: torch.device) -> None:
+    """Refuse CUDA graphs for a model that is not on a CUDA device."""
+    if cuda_graphs and torch.device(device).type != "cuda":
+        raise UsageError(f"--cuda-graphs needs a CUDA device (--device cuda); this run is on {device}.")
+
+
+def _invert_batches(model: nn.Module, config: InversionConfig, todo: list[int], progress: bool,
+                    cuda_graphs: bool = False) -> Iterator[tuple[int, BatchResult, dict]]:
     """This rank's share of the batches ``todo``, inverted one by one: (index, result, statistics)."""
     labels = assign_labels(config, vit_info(model).num_classes)
     device = next(model.parameters()).device
@@ -142,6 +157,7 @@ def _invert_batches(model: nn.Module, config: InversionConfig, todo: list[int], 
             seed=config.seed * 1_000_003 + b,
             progress=progress and rank.is_main,
             desc=f"batch {b + 1}/{num_batches}{where}",
+            cuda_graphs=cuda_graphs,
         )
         stats = {
             "index": b,
@@ -157,15 +173,15 @@ def _invert_batches(model: nn.Module, config: InversionConfig, todo: list[int], 
 
 
 def _invert_in_memory(model: nn.Module, config: InversionConfig, model_name: str | None, checkpoint: str | None,
-                      progress: bool) -> InversionResult:
+                      progress: bool, cuda_graphs: bool = False) -> InversionResult:
     """Every batch, gathered from every rank (one's own alone in a single process)."""
     rank = distributed.current()
     num_batches = -(-config.num_images // config.batch_size)
-    results = {b: (result, stats) for b, result, stats in _invert_batches(model, config, list(range(num_batches)), progress)}
+    results = {b: (result, stats) for b, result, stats in _invert_batches(model, config, list(range(num_batches)), progress, cuda_graphs)}
     for gathered in rank.all_gather(results):
         results.update(gathered)
     ordered = [results[b] for b in range(num_batches)]
-    run = run_record(model, config, model_name, checkpoint)
+    run = run_record(model, config, model_name, checkpoint, cuda_graphs)
     run.update(summarise_batches([stats for _, stats in ordered]))
     return InversionResult(
         images=torch.cat([r.images for r, _ in ordered]),
@@ -178,17 +194,17 @@ def _invert_in_memory(model: nn.Module, config: InversionConfig, model_name: str
 
 
 def _invert_into_pool(model: nn.Module, config: InversionConfig, out: str, model_name: str | None, checkpoint: str | None,
-                      progress: bool, run_start: float) -> InversionResult:
+                      progress: bool, run_start: float, cuda_graphs: bool = False) -> InversionResult:
     """The batches ``out`` does not hold yet, each committed when done; rank 0 merges and draws the grid."""
     from sparseinv.viz import class_namer, image_grid_png  # matplotlib, only when there is a grid to draw
 
     rank = distributed.current()
     num_batches = -(-config.num_images // config.batch_size)
-    writer = PoolWriter(out, run_record(model, config, model_name, checkpoint), rank=rank.rank)
+    writer = PoolWriter(out, run_record(model, config, model_name, checkpoint, cuda_graphs), rank=rank.rank)
     done = rank.on_main(writer.open)
     try:
         todo = sorted(set(range(num_batches)) - set(done))
-        for b, result, stats in _invert_batches(model, config, todo, progress):
+        for b, result, stats in _invert_batches(model, config, todo, progress, cuda_graphs):
             writer.add_batch(b, result.images, result.labels, result.kept_patches, result.target_prob, stats,
                              detached_at=result.detached_at)
         writer.wait()  # this rank's last commits, before rank 0 merges them
