@@ -43,15 +43,28 @@ def vit():
 
 
 def test_log2_quantizer_matches_hand_rounding():
-    q = Log2Quantizer(bits=3)  # codes 0..7: 1, 2^-0.5, ..., 2^-3.5, then 0
+    q = Log2Quantizer(bits=4)  # codes 0..15: 1, 2^-0.5, ..., 2^-7.5, then 0
     q.mode = "observe"
     q(torch.tensor([0.2, 1.0]))
     q.finalize()
     assert float(q.scale) == 1.0
     q.mode = "quant"
-    x = torch.tensor([1.0, 0.5, 0.6, 0.3, 0.09, 0.07, 0.0])
-    # -2 log2(x): 0, 2, 1.47, 3.47, 6.95, 7.67 (code 8: below the grid), inf
-    expected = torch.tensor([1.0, 0.5, 2**-0.5, 2**-1.5, 2**-3.5, 0.0, 0.0])
+    x = torch.tensor([1.0, 0.5, 0.6, 0.3, 0.09, 0.0062, 0.005, 0.0])
+    # -2 log2(x): 0, 2, 1.47, 3.47, 6.95, 14.7, 15.3, inf
+    expected = torch.tensor([1.0, 0.5, 2**-0.5, 2**-1.5, 2**-3.5, 2**-7.5, 2**-7.5, 0.0])
+    assert torch.allclose(q(x), expected)
+    assert float(q(torch.tensor([0.004]))) == 0.0  # -2 log2 = 15.93: code 16, below the grid
+
+
+def test_a_3_bit_log2_grid_steps_by_powers_of_two_and_keeps_small_weights():
+    q = Log2Quantizer(bits=3)  # codes 0..7: 1, 2^-1, ..., 2^-7, then 0
+    q.mode = "observe"
+    q(torch.tensor([1.0]))
+    q.finalize()
+    q.mode = "quant"
+    x = torch.tensor([1.0, 0.6, 0.3, 0.02, 0.0078125, 0.005, 0.0])
+    # -log2(x): 0, 0.74, 1.74, 5.64, 7, 7.64 (code 8: below the grid)
+    expected = torch.tensor([1.0, 0.5, 0.25, 2**-6, 2**-7, 0.0, 0.0])
     assert torch.allclose(q(x), expected)
 
 

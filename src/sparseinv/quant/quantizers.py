@@ -262,14 +262,27 @@ class ActQuantizer(nn.Module):
         return _drop(x, fake_quant(x, self.scale, self.zero_point, qmin, qmax), self.drop_prob)
 
 
-class Log2Quantizer(ActQuantizer):
-    """Post-softmax probabilities on a power-of-sqrt(2) grid (RepQ-ViT's log-sqrt2 quantizer).
+def log2_exponent_step(bits: int) -> float:
+    """The spacing, in powers of two, of :class:`Log2Quantizer`'s grid at ``bits``.
 
-    ``x`` in [0, delta] becomes ``delta * 2^(-q/2)`` with ``q = round(-2 log2(x / delta))``
-    in ``0 .. 2^bits - 1``; anything smaller is 0. Softmax outputs are mostly tiny with a
-    few large ones: a uniform 4-bit grid rounds almost every weight to 0, this grid keeps
-    them to within a factor sqrt(2) down to ``2^-7.5`` at 4 bits. ``delta`` (stored as
-    ``scale``) is the largest value seen; ``zero_point`` is unused and 0.
+    sqrt(2) (0.5) from 4 bits up, RepQ-ViT's grid. With fewer codes a sqrt(2) grid stops
+    short: at 3 bits its smallest level is ``2^-3.5``, so every softmax weight under about
+    0.07 (nearly all of them over 197 tokens) became 0 and DeiT-Tiny's W8/A3 top-1 fell to
+    0. Coarser spacing keeps the grid reaching about ``2^-7`` instead: powers of 2 at 3 bits,
+    of 4 at 2 bits.
+    """
+    return 0.5 if bits >= 4 else 8.0 / 2**bits
+
+
+class Log2Quantizer(ActQuantizer):
+    """Post-softmax probabilities on a logarithmic grid (RepQ-ViT's log-sqrt2 quantizer from 4 bits).
+
+    ``x`` in [0, delta] becomes ``delta * 2^(-q s)`` with ``q = round(-log2(x / delta) / s)``
+    in ``0 .. 2^bits - 1`` and ``s`` = :func:`log2_exponent_step` (0.5 from 4 bits up);
+    anything smaller is 0. Softmax outputs are mostly tiny with a few large ones: a uniform
+    4-bit grid rounds almost every weight to 0, this grid keeps them to within a factor
+    sqrt(2) down to ``2^-7.5`` at 4 bits. ``delta`` (stored as ``scale``) is the largest
+    value seen; ``zero_point`` is unused and 0.
     """
 
     kind = "log2"
@@ -293,10 +306,10 @@ class Log2Quantizer(ActQuantizer):
             return super().forward(x)
         if self.exporting:  # no power-of-two grid in standard QDQ: the uniform 8-bit grid over [0, delta]
             return torch.fake_quantize_per_tensor_affine(x, (self.scale.reshape(1) / 255).float(), torch.zeros(1, dtype=torch.int32, device=x.device), 0, 255)
-        levels = 2**self.bits
+        levels, step = 2**self.bits, log2_exponent_step(self.bits)
         with torch.no_grad():
-            code = torch.round(-2.0 * torch.log2((x / self.scale).clamp_min(1e-30)))
-            value = self.scale * torch.exp2(-code.clamp(0, levels - 1) / 2)
+            code = torch.round(-torch.log2((x / self.scale).clamp_min(1e-30)) / step)
+            value = self.scale * torch.exp2(-code.clamp(0, levels - 1) * step)
             xq = torch.where(code >= levels, torch.zeros_like(x), value)
         return _drop(x, x + (xq - x).detach(), self.drop_prob)
 
@@ -424,5 +437,5 @@ class QuantConv2d(QuantWeight):
 
 def log2_levels(bits: int) -> torch.Tensor:
     """The non-zero values of :class:`Log2Quantizer` with ``delta = 1``, largest first."""
-    return torch.tensor([2.0 ** (-q / 2) for q in range(2**bits)])
+    return torch.tensor([2.0 ** (-q * log2_exponent_step(bits)) for q in range(2**bits)])
 
