@@ -84,7 +84,7 @@ def test_repq_log2_softmax_exports_as_the_uniform_grid_over_its_range(tmp_path, 
     log2 = [m for m in qmodel.modules() if isinstance(m, Log2Quantizer)]
     assert len(log2) == 6 and qmodel.quantization.config.ln_reparam
     path = tmp_path / "repq.onnx"
-    assert export_onnx(qmodel, path) == ["the log2 softmax grid has no QDQ form: exported as the uniform 8-bit grid over the same range."]
+    assert export_onnx(qmodel, path) == ["log2 grids (softmax, post-GELU) have no QDQ form: exported as the uniform 8-bit grid over the same range."]
     scales = _scalar_scales(path)
     for q in log2:  # each softmax output: step delta / 255, zero point 0
         assert any(s == pytest.approx(float(q.scale) / 255, rel=1e-6) for s in scales), float(q.scale)
@@ -249,3 +249,24 @@ def test_models_other_than_test_vit_export_too(tmp_path):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(onnx_logits(onnx_session(tmp_path / "d.onnx"), x), model(x), atol=1e-4)
+
+
+def test_the_signed_log2_gelu_grid_exports_as_the_uniform_grid_over_low_to_delta(tmp_path, quantized_vit):
+    """The post-GELU log2 grid (``gelu_quantizer="log2"``) exports as the uniform 8-bit grid over [low, delta]."""
+    from sparseinv.quant import SignedLog2Quantizer
+
+    model, _ = quantized_vit
+    config = QuantConfig.for_method("repq", 8, 8, gelu_quantizer="log2")
+    qmodel = quantize_(copy.deepcopy(model), config, noise_batches(model, 8, 8), progress=False)
+    gelu = [m for m in qmodel.modules() if isinstance(m, SignedLog2Quantizer)]
+    assert len(gelu) == 6 and all(float(q.low) < 0 for q in gelu)
+    path = tmp_path / "gelu.onnx"
+    export_onnx(qmodel, path)
+    scales = _scalar_scales(path)
+    for q in gelu:
+        assert any(s == pytest.approx((float(q.scale) - float(q.low)) / 255, rel=1e-6) for s in scales)
+    torch.manual_seed(1)
+    x = torch.randn(6, 3, 160, 160)
+    with torch.no_grad(), _exporting(qmodel):
+        as_traced = sparse_forward(qmodel, x).logits
+    assert _agreement(as_traced, onnx_logits(onnx_session(path), x)) < TOLERANCE

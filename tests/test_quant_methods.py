@@ -23,6 +23,7 @@ from sparseinv.quant import (
     QuantConfig,
     QuantLinear,
     ReconConfig,
+    SignedLog2Quantizer,
     calibrate,
     noise_batches,
     quantize_,
@@ -66,6 +67,29 @@ def test_a_3_bit_log2_grid_steps_by_powers_of_two_and_keeps_small_weights():
     # -log2(x): 0, 0.74, 1.74, 5.64, 7, 7.64 (code 8: below the grid)
     expected = torch.tensor([1.0, 0.5, 0.25, 2**-6, 2**-7, 0.0, 0.0])
     assert torch.allclose(q(x), expected)
+
+
+def test_the_signed_log2_grid_keeps_one_negative_level_zero_and_log_spaced_positives():
+    q = SignedLog2Quantizer(bits=3)  # codes: low, 0, then 1, 2^-1, ..., 2^-5
+    q.mode = "observe"
+    q(torch.tensor([-0.16, 0.3, 1.0]))
+    q.finalize()
+    assert float(q.scale) == 1.0 and float(q.low) == pytest.approx(-0.16)
+    q.mode = "quant"
+    x = torch.tensor([-0.17, -0.09, -0.07, 0.0, 0.02, 0.03, 0.3, 0.7, 1.0])
+    # below low/2 = -0.08: low; else negatives 0; -log2(x): 5.64 (code 6: below the grid), 5.06, 1.74, 0.51, 0
+    expected = torch.tensor([-0.16, -0.16, 0.0, 0.0, 0.0, 2**-5, 0.25, 0.5, 1.0])
+    assert torch.allclose(q(x), expected)
+
+
+def test_recon_takes_the_signed_log2_gelu_grid_below_4_bits_only():
+    assert QuantConfig.for_method("recon", 3, 3).gelu_quantizer == "log2"
+    assert QuantConfig.for_method("recon", 4, 4).gelu_quantizer == "uniform"
+    assert QuantConfig.for_method("repq", 3, 3).gelu_quantizer == "uniform"
+    model = load_model("test_vit", pretrained=False)
+    quantize_(model, QuantConfig.for_method("recon", 3, 3, recon=None), noise_batches(model, 2, 2), progress=False)
+    assert all(isinstance(block.mlp.fc2.input_quant, SignedLog2Quantizer) for block in model.blocks)
+    assert not any(isinstance(block.mlp.fc1.input_quant, SignedLog2Quantizer) for block in model.blocks)
 
 
 def test_log2_quantizer_keeps_small_probabilities_a_uniform_grid_loses():

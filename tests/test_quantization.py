@@ -271,7 +271,8 @@ def test_pool_batches_feed_kept_patches(tmp_path, vit):
 @pytest.mark.parametrize("config", [
     QuantConfig(4, 6, scheme="psaq", calibrator="mse", channelwise_ln=True),
     QuantConfig.for_method("recon", 4, 4, recon=ReconConfig(iters=30, batch_size=2)),  # learned codes, scales and folds
-], ids=["psaq-channelwise", "recon"])
+    QuantConfig.for_method("recon", 3, 3, recon=ReconConfig(iters=10, batch_size=2)),  # the signed log2 grid's low level
+], ids=["psaq-channelwise", "recon", "recon-w3a3"])
 def test_save_and_reload_give_identical_logits(tmp_path, vit, config):
     state = copy.deepcopy(vit.state_dict())
     fp = fingerprint(vit)

@@ -43,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--weight-calibrator", choices=("minmax", "mse"), help="how weight ranges are chosen")
     g.add_argument("--gelu-calibrator", choices=CALIBRATORS, help="range of the post-GELU activation (int scheme)")
     g.add_argument("--softmax-quantizer", choices=("uniform", "log2"), help="grid of the softmax output (int scheme)")
+    g.add_argument("--gelu-quantizer", choices=("uniform", "log2"), help="grid of the post-GELU activation: uniform, or one negative "
+                                                                        "level, zero and log2-spaced positives (int scheme)")
     g.add_argument("--ln-reparam", action=argparse.BooleanOptionalAction, default=None, help="fold per-channel post-LayerNorm ranges (int scheme)")
     g.add_argument("--channelwise-ln", action=argparse.BooleanOptionalAction, default=None, help="per-channel post-LayerNorm ranges, unfolded (psaq scheme)")
     g.add_argument("--percentile", type=float, help="upper percentile for --calibrator percentile (default 99.99)")
@@ -67,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 RECON_ARGS = {"recon_iters": "iters", "recon_batch_size": "batch_size", "recon_lr": "lr_round", "recon_drop": "drop_prob",
               "recon_views": "views"}
-CONFIG_ARGS = ("scheme", "calibrator", "weight_calibrator", "gelu_calibrator", "softmax_quantizer", "ln_reparam", "channelwise_ln", "percentile")
+CONFIG_ARGS = ("scheme", "calibrator", "weight_calibrator", "gelu_calibrator", "gelu_quantizer", "softmax_quantizer", "ln_reparam", "channelwise_ln", "percentile")
 
 
 def config_from(args: argparse.Namespace) -> QuantConfig:

@@ -54,7 +54,7 @@ def export_plan(model: nn.Module) -> list[str]:
     if any(isinstance(m, ActQuantizer) and m.per_channel and m.mode == "quant" and m.scale.numel() > 1 for m in modules):
         raise UsageError("integer export needs per-tensor activation ranges: quantize with --ln-reparam (or without --channelwise-ln).")
     if any(isinstance(m, Log2Quantizer) for m in modules):
-        notes.append("the log2 softmax grid has no QDQ form: exported as the uniform 8-bit grid over the same range.")
+        notes.append("log2 grids (softmax, post-GELU) have no QDQ form: exported as the uniform 8-bit grid over the same range.")
     if config.w_bits < 8:
         notes.append(f"{config.w_bits}-bit weight codes are stored as int8 (ONNX Runtime's CPU kernels take int8).")
     return notes

@@ -26,11 +26,12 @@ from sparseinv.files import atomic_save
 from sparseinv.models import fingerprint_tensors
 from sparseinv.quant.config import QuantConfig
 from sparseinv.quant.model import OPTIONAL, fingerprint, prepare_, quant_modules, quantization, set_quant_mode
-from sparseinv.quant.quantizers import ActQuantizer, QuantWeight, weight_qrange
+from sparseinv.quant.quantizers import ActQuantizer, QuantWeight, SignedLog2Quantizer, weight_qrange
 from sparseinv.quant.reparam import refold_layernorms
 
 FORMAT = "sparseinv-quant/2"
-REQUIRED = {ActQuantizer: ("scale", "zero_point"), QuantWeight: ("w_scale", "w_int")}
+# First match wins: a subclass before its base.
+REQUIRED = {SignedLog2Quantizer: ("scale", "zero_point", "low"), ActQuantizer: ("scale", "zero_point"), QuantWeight: ("w_scale", "w_int")}
 def _required(module: nn.Module) -> tuple[str, ...]:
     return next(names for kind, names in REQUIRED.items() if isinstance(module, kind))
 

@@ -19,7 +19,7 @@ from torch import nn
 from sparseinv.errors import UsageError
 from sparseinv.models import fingerprint_tensors, timm
 from sparseinv.quant.config import QuantConfig
-from sparseinv.quant.quantizers import MODES, ActQuantizer, Log2Quantizer, QuantConv2d, QuantLinear, QuantWeight
+from sparseinv.quant.quantizers import MODES, ActQuantizer, Log2Quantizer, QuantConv2d, QuantLinear, QuantWeight, SignedLog2Quantizer
 
 # Buffers a quantized model adds: the quantizers' and the LayerNorm folding's.
 OPTIONAL = ("fold_r1", "fold_shift")
@@ -179,9 +179,13 @@ def prepare_(
         if type(linear) is not nn.Linear:
             warnings.warn(f"quantizing {name} ({type(linear).__name__}) as a plain nn.Linear", stacklevel=2)
         per_channel = name.endswith(POST_NORM_LINEARS) and (config.channelwise_ln or config.ln_reparam)
-        calibrator = config.gelu_calibrator if name.endswith(POST_GELU_LINEARS) and config.gelu_calibrator else None
-        wrapped = QuantLinear(linear, config.w_bits, _act(config, linear.weight.device, per_channel, calibrator),
-                              config.weight_calibrator_name)
+        post_gelu = name.endswith(POST_GELU_LINEARS)
+        calibrator = config.gelu_calibrator if post_gelu and config.gelu_calibrator else None
+        if post_gelu and config.gelu_quantizer == "log2":
+            input_quant = SignedLog2Quantizer(config.a_bits, linear.weight.device)
+        else:
+            input_quant = _act(config, linear.weight.device, per_channel, calibrator)
+        wrapped = QuantLinear(linear, config.w_bits, input_quant, config.weight_calibrator_name)
         _set_submodule(model, name, wrapped)
     proj = getattr(model.patch_embed, "proj", None)
     if isinstance(proj, nn.Conv2d):
