@@ -304,14 +304,23 @@ class Log2Quantizer(ActQuantizer):
             self._init_from(x)
         if self.mode != "quant":
             return super().forward(x)
-        if self.exporting:  # no power-of-two grid in standard QDQ: the uniform 8-bit grid over [0, delta]
-            return torch.fake_quantize_per_tensor_affine(x, (self.scale.reshape(1) / 255).float(), torch.zeros(1, dtype=torch.int32, device=x.device), 0, 255)
-        levels, step = 2**self.bits, log2_exponent_step(self.bits)
+        if self.exporting:  # no logarithmic grid in standard QDQ: the uniform 8-bit grid over the same range
+            low = self._low()
+            step = ((self.scale - low).reshape(1) / 255).float()
+            return torch.fake_quantize_per_tensor_affine(x, step, torch.round(-low / step).reshape(1).int(), 0, 255)
         with torch.no_grad():
-            code = torch.round(-torch.log2((x / self.scale).clamp_min(1e-30)) / step)
-            value = self.scale * torch.exp2(-code.clamp(0, levels - 1) * step)
-            xq = torch.where(code >= levels, torch.zeros_like(x), value)
+            xq = self._on_grid(x)
         return _drop(x, x + (xq - x).detach(), self.drop_prob)
+
+    def _low(self) -> torch.Tensor:
+        """The lowest level of the grid."""
+        return torch.zeros_like(self.scale)
+
+    def _on_grid(self, x: torch.Tensor, codes: int | None = None) -> torch.Tensor:
+        """``x`` rounded to ``delta * 2^(-q s)``, ``q`` in ``0 .. codes - 1`` (all the codes by default), or 0 below."""
+        codes, step = codes or 2**self.bits, log2_exponent_step(self.bits)
+        code = torch.round(-torch.log2((x / self.scale).clamp_min(1e-30)) / step)
+        return torch.where(code >= codes, torch.zeros_like(x), self.scale * torch.exp2(-code.clamp(0, codes - 1) * step))
 
 
 class SignedLog2Quantizer(Log2Quantizer):
@@ -339,21 +348,13 @@ class SignedLog2Quantizer(Log2Quantizer):
         super().finalize()
         self.low = low.clamp(max=0).to(self.scale.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "init":
-            self._init_from(x)
-        if self.mode != "quant":
-            return ActQuantizer.forward(self, x)
-        if self.exporting:  # no logarithmic grid in standard QDQ: the uniform 8-bit grid over [low, delta]
-            step = ((self.scale - self.low).reshape(1) / 255).float()
-            zero = torch.round(-self.low / step).reshape(1).int()
-            return torch.fake_quantize_per_tensor_affine(x, step, zero, 0, 255)
-        codes, step = 2**self.bits, log2_exponent_step(self.bits)
-        with torch.no_grad():
-            code = torch.round(-torch.log2((x / self.scale).clamp_min(1e-30)) / step)
-            positive = torch.where(code > codes - 3, torch.zeros_like(x), self.scale * torch.exp2(-code.clamp(0, codes - 3) * step))
-            xq = torch.where(x < self.low / 2, self.low.expand_as(x), torch.where(x > 0, positive, torch.zeros_like(x)))
-        return _drop(x, x + (xq - x).detach(), self.drop_prob)
+    def _low(self) -> torch.Tensor:
+        return self.low
+
+    def _on_grid(self, x: torch.Tensor, codes: int | None = None) -> torch.Tensor:
+        # Two of the codes go to the negative level and to zero; positives (and nothing else) take the rest.
+        positive = super()._on_grid(x, 2**self.bits - 2)
+        return torch.where(x < self.low / 2, self.low.expand_as(x), torch.where(x > 0, positive, torch.zeros_like(x)))
 
 
 class QuantWeight(nn.Module):
