@@ -61,8 +61,19 @@ def ensure_pool(name: str, model_name: str, checkpoint: Path | None, config: Inv
     """Invert into ``benchmarks/cache/pools/<name>`` unless that pool is already complete."""
     out = CACHE / "pools" / name
     run_file = out / "run.json"
-    if run_file.is_file() and json.loads(run_file.read_text()).get("complete"):
-        return out
+    if run_file.is_file():
+        record = json.loads(run_file.read_text())
+        # A cached pool is reused only if it was made as asked: its recorded settings, or (a record
+        # older than some field) those from_record fills in, must be this config's. from_record
+        # cannot rebuild extra loss terms; those records must match as written.
+        recorded, wanted = record["settings"], json.loads(json.dumps(config.record()))
+        if recorded != wanted and not recorded.get("loss", {}).get("extra"):
+            recorded = json.loads(json.dumps(InversionConfig.from_record(recorded).record()))
+        if recorded != wanted:
+            differ = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+            raise SystemExit(f"cached pool {out} was made with other settings ({', '.join(differ)}): delete it or rename the benchmark's pool")
+        if record.get("complete"):
+            return out
     if model is None:
         model = load_model(model_name, checkpoint)
     invert(model, config, str(out), model_name=model_name, checkpoint=None if checkpoint is None else str(checkpoint))

@@ -73,16 +73,7 @@ def _config(sparse: bool, n: int, seed: int):
 def cached_pools(wanted: dict[str, tuple[str, object]], checkpoint: Path) -> dict[str, Path]:
     """Make (or reuse, resumably) each pool; a cached pool is reused only if made with the same settings."""
     model = load_model(DEIT_TINY, checkpoint)
-    out = {}
-    for key, (name, config) in wanted.items():
-        path = CACHE / "pools" / name
-        run_file = path / "run.json"
-        if run_file.is_file():
-            recorded = json.loads(run_file.read_text())["settings"]
-            if recorded != config.record():
-                raise SystemExit(f"cached pool {path} was made with other settings; delete it to remake it.")
-        out[key] = ensure_pool(name, DEIT_TINY, checkpoint, config, model)
-    return out
+    return {key: ensure_pool(name, DEIT_TINY, checkpoint, config, model) for key, (name, config) in wanted.items()}
 
 
 def pools(*keys: str) -> dict[str, Path]:
@@ -204,10 +195,12 @@ def train_config(steps: int, entries: int, mode: str = "full", **overrides) -> D
 
 
 def quantized_start(teacher, p: dict[str, Path], w_bits: int, a_bits: int):
-    """The default post-training model from the sparse pool's first 32 images, cached as a file."""
+    """The default post-training model from the sparse pool's first 32 images, cached as a file
+    (named by the pool unless it is the knowledge-transfer pool every earlier cell started from)."""
     from sparseinv.quant import load_quantized, save_quantized
 
-    path = CACHE / "distill_cells" / f"ptq_w{w_bits}a{a_bits}.safetensors"
+    pool = Path(p["sparse"]).name
+    path = CACHE / "distill_cells" / f"ptq_w{w_bits}a{a_bits}{'' if pool == 'kt_sparse_512_s0' else '_' + pool}.safetensors"
     model = copy.deepcopy(teacher)
     if path.is_file():
         return load_quantized(model, path, DEIT_TINY)

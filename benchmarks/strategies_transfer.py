@@ -60,9 +60,6 @@ QUANTIZED_CLI = {**QUANTIZED_DEFAULTS, "attention_weight": QUANTIZED_ATTENTION, 
 def pool_path(protocol: str, strategy: str, teacher, checkpoint: Path, seed: int = 0) -> Path:
     """The strategy's 32-image pool of this protocol's teacher (the ImageNet one's is strategies.py's own)."""
     name = f"strategies{'10' if protocol == 'paper' else ''}-{strategy}-{NUM_CALIB}-it400" + (f"-s{seed}" if seed else "")
-    path = CACHE / "pools" / name
-    if (path / "run.json").is_file() and json.loads((path / "run.json").read_text())["settings"] != config(strategy, seed).record():
-        raise SystemExit(f"cached pool {path} was made with other settings; delete it to remake it.")
     return ensure_pool(name, DEIT_TINY, checkpoint, config(strategy, seed), model=teacher)
 
 
