@@ -1,0 +1,138 @@
+"""Which inverted images calibrate a W4/A4 model well: stop steps, length, precision, soft targets.
+
+    python benchmarks/calibration_images.py [--only NAME ...]
+
+Each row inverts 32 sparse DeiT-Tiny images (400 steps, seed 0 unless the row says otherwise,
+fp32, rescored masks: ``benchmarks/make_pools.py``'s pools) with one setting changed, quantizes the model W4/A4 with
+``--method recon`` on them (reconstruction seeds 0, 1 and 2: one reconstruction moves by a
+point or two with its seed), and scores it on train100's first 20 images per class (200 real
+images no data-free run sees: the yardstick defaults are chosen on) and on val's first 100
+per class (1000 images, the reported figure). Also recorded: the teacher's mean top
+probability on the 32 images it was inverted towards.
+
+Rows:
+
+* reference stops: the paper's stop steps 50/100/200/300 kept as they are in a 400-step
+  run (the dense phase lasts 50 steps, the last 100 steps run on 46 patches);
+* scaled stops: the same steps scaled to the run's length (5/10/20/30, what
+  ``sparseinv invert --iterations 400`` does and what ``benchmarks/distill.py``'s pools use);
+* bf16: reference stops with ``--precision auto`` (bf16 on this CPU);
+* 1600 steps: reference stops in a 1600-step run, bf16;
+* label smoothing 0.3: cross-entropy against a smoothed target (teacher no longer pushed to
+  certainty);
+* boundary 0.4: cross-entropy against 0.6 of the class and 0.4 of a partner class (a fixed
+  random pairing), images near a decision boundary (Qimera's boundary-supporting samples);
+* distill.py's pool: the first 32 images of ``kt_sparse_512_s0`` (scaled stops, bf16,
+  last-phase masks), the knowledge-transfer benchmarks' post-training start.
+
+Pools are cached under ``benchmarks/cache/pools/calib_*`` and checked against their recorded
+settings. Results: ``benchmarks/results/calibration_images.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from common import CACHE, RESULTS, DEIT_TINY, DEIT_TINY_CKPT, TRAIN100, commit, ensure_pool, image_subset, pool_config, scaled_schedule, write_results
+from quantization import val_subset
+
+from sparseinv import load_model
+from sparseinv.data import evaluate_tensors
+from sparseinv.inversion.losses import InversionLoss
+from sparseinv.quant import QuantConfig, pool_batches, quantize_
+from sparseinv.vit.forward import logits
+
+NUM = 32
+# The partner class of each class for the boundary targets: a fixed random pairing.
+PARTNER = torch.randperm(1000, generator=torch.Generator().manual_seed(123))
+
+
+class SoftCE:
+    """Cross-entropy against a soft target: ``smooth`` (label smoothing) or ``boundary``
+    (1 - eps on the class, eps on its partner class). Per image, shape (B,)."""
+
+    def __init__(self, kind: str, eps: float) -> None:
+        self.kind, self.eps = kind, eps
+
+    def __call__(self, inputs) -> torch.Tensor:
+        z, y = inputs.logits, inputs.targets
+        if self.kind == "smooth":
+            return F.cross_entropy(z, y, reduction="none", label_smoothing=self.eps)
+        logp = z.log_softmax(-1)
+        partner = PARTNER.to(y.device)[y]
+        return -(1 - self.eps) * logp.gather(1, y[:, None]).squeeze(1) - self.eps * logp.gather(1, partner[:, None]).squeeze(1)
+
+
+def soft(kind: str, eps: float):
+    return replace(pool_config(True, NUM), loss=InversionLoss(ce=0.0, extra=[(1.0, SoftCE(kind, eps))]))
+
+
+# row: (pool folder, what it is, its settings); the pool folder is also the row's name.
+ROWS = {
+    "calib_reference_fp32": ("reference stops (50/100/200/300), fp32", lambda: pool_config(True, NUM)),
+    "calib_scaled_fp32": ("scaled stops (5/10/20/30), fp32", lambda: replace(pool_config(True, NUM), schedule=scaled_schedule(400))),
+    "calib_reference_fp32_s1": ("reference stops, fp32, pool seed 1", lambda: pool_config(True, NUM, seed=1)),
+    "calib_scaled_fp32_s1": ("scaled stops, fp32, pool seed 1",
+                             lambda: replace(pool_config(True, NUM, seed=1), schedule=scaled_schedule(400))),
+    "calib_reference_bf16": ("reference stops, bf16", lambda: replace(pool_config(True, NUM), precision="auto")),
+    "calib_reference_1600_bf16": ("reference stops, 1600 steps, bf16",
+                                  lambda: replace(pool_config(True, NUM, iterations=1600), precision="auto")),
+    "calib_smooth_0.3": ("label smoothing 0.3", lambda: soft("smooth", 0.3)),
+    "calib_boundary_0.4": ("boundary 0.4", lambda: soft("boundary", 0.4)),
+}
+DISTILL_POOL = "kt_sparse_512_s0"  # distill.py's pool: scaled stops, bf16, last-phase masks (its first 32 images)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=[*ROWS, DISTILL_POOL], help="rows to run (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="reconstruction seeds per row (default 0 1 2)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    teacher = load_model(DEIT_TINY, DEIT_TINY_CKPT).eval()
+    yardstick, val = image_subset(teacher, TRAIN100, 20, "train100"), val_subset(teacher, 100)
+    pools = {name: (lambda n=name, c=make: ensure_pool(n, DEIT_TINY, DEIT_TINY_CKPT, c(), teacher)) for name, (_, make) in ROWS.items()}
+    pools[DISTILL_POOL] = lambda: CACHE / "pools" / DISTILL_POOL
+    rows = {}
+    for name, pool in pools.items():
+        if args.only and name not in args.only:
+            continue
+        path = pool()
+        run = json.loads((path / "run.json").read_text())
+        batches = pool_batches(teacher, path, DEIT_TINY, NUM, NUM)
+        with torch.no_grad():
+            confidence = torch.cat([logits(teacher, x, k).softmax(-1).amax(-1) for x, k in batches]).mean().item()
+        seeds = {}
+        for seed in args.seeds:
+            start = time.perf_counter()
+            config = QuantConfig.for_method("recon", 4, 4)
+            model = quantize_(copy.deepcopy(teacher), replace(config, recon=replace(config.recon, seed=seed)), batches, progress=False)
+            seeds[seed] = {"fit_seconds": time.perf_counter() - start,
+                           "train100_top1": evaluate_tensors(model, *yardstick, progress=False)["top1"],
+                           "val_top1": evaluate_tensors(model, *val, progress=False)["top1"]}
+            print(f"{name}, seed {seed}: {seeds[seed]}", flush=True)
+        rows[name] = {"what": ROWS[name][0] if name in ROWS else "distill.py's pool: scaled stops, bf16, last-phase masks",
+                      "inversion_seconds": run["batches"][0]["wall_seconds"], "teacher_confidence": confidence,
+                      **{f"{k}_mean": statistics.mean(s[k] for s in seeds.values()) for k in ("train100_top1", "val_top1")},
+                      "seeds": seeds, "command": "python benchmarks/calibration_images.py " + " ".join(sys.argv[1:]), "commit": commit()}
+        print(f"{name}: train100 {rows[name]['train100_top1_mean']:.1f}, val {rows[name]['val_top1_mean']:.1f}, "
+              f"teacher confidence {confidence:.2f}", flush=True)
+    payload = {"command": "python benchmarks/calibration_images.py " + " ".join(sys.argv[1:]), "commit": commit(),
+               "calibration": f"{NUM} images per row, W4/A4 recon", "yardstick": "train100, first 20 per class (200 images)",
+               "reported": "val, first 100 per class (1000 images)", "rows": rows}
+    old = RESULTS / "calibration_images.json"  # rows run by another process (--only) are kept
+    if old.is_file():
+        payload["rows"] = {**json.loads(old.read_text()).get("rows", {}), **rows}
+    print(f"wrote {write_results('calibration_images', payload)}")
+
+
+if __name__ == "__main__":
+    main()
