@@ -112,12 +112,17 @@ def main() -> None:
             confidence = torch.cat([logits(teacher, x, k).softmax(-1).amax(-1) for x, k in batches]).mean().item()
         seeds = {}
         for seed in args.seeds:
-            start = time.perf_counter()
-            config = QuantConfig.for_method("recon", 4, 4)
-            model = quantize_(copy.deepcopy(teacher), replace(config, recon=replace(config.recon, seed=seed)), batches, progress=False)
-            seeds[seed] = {"fit_seconds": time.perf_counter() - start,
-                           "train100_top1": evaluate_tensors(model, *yardstick, progress=False)["top1"],
-                           "val_top1": evaluate_tensors(model, *val, progress=False)["top1"]}
+            cell = CACHE / "calibration_images" / f"{name}-seed{seed}.json"  # one reconstruction, kept as it finishes
+            if not cell.is_file():
+                start = time.perf_counter()
+                config = QuantConfig.for_method("recon", 4, 4)
+                model = quantize_(copy.deepcopy(teacher), replace(config, recon=replace(config.recon, seed=seed)), batches, progress=False)
+                result = {"fit_seconds": time.perf_counter() - start,
+                          "train100_top1": evaluate_tensors(model, *yardstick, progress=False)["top1"],
+                          "val_top1": evaluate_tensors(model, *val, progress=False)["top1"], "commit": commit()}
+                cell.parent.mkdir(parents=True, exist_ok=True)
+                cell.write_text(json.dumps(result))
+            seeds[seed] = json.loads(cell.read_text())
             print(f"{name}, seed {seed}: {seeds[seed]}", flush=True)
         rows[name] = {"what": ROWS[name][0] if name in ROWS else "distill.py's pool: scaled stops, bf16, last-phase masks",
                       "inversion_seconds": run["batches"][0]["wall_seconds"], "teacher_confidence": confidence,
@@ -125,12 +130,16 @@ def main() -> None:
                       "seeds": seeds, "command": "python benchmarks/calibration_images.py " + " ".join(sys.argv[1:]), "commit": commit()}
         print(f"{name}: train100 {rows[name]['train100_top1_mean']:.1f}, val {rows[name]['val_top1_mean']:.1f}, "
               f"teacher confidence {confidence:.2f}", flush=True)
+        save(rows)
+
+
+def save(rows: dict) -> None:
+    """Write the rows run so far beside those the file holds (other rows may come from another process's --only)."""
+    path = RESULTS / "calibration_images.json"
+    held = json.loads(path.read_text()).get("rows", {}) if path.is_file() else {}
     payload = {"command": "python benchmarks/calibration_images.py " + " ".join(sys.argv[1:]), "commit": commit(),
                "calibration": f"{NUM} images per row, W4/A4 recon", "yardstick": "train100, first 20 per class (200 images)",
-               "reported": "val, first 100 per class (1000 images)", "rows": rows}
-    old = RESULTS / "calibration_images.json"  # rows run by another process (--only) are kept
-    if old.is_file():
-        payload["rows"] = {**json.loads(old.read_text()).get("rows", {}), **rows}
+               "reported": "val, first 100 per class (1000 images)", "rows": {**held, **rows}}
     print(f"wrote {write_results('calibration_images', payload)}")
 
 
