@@ -1,6 +1,6 @@
 """Quantized students that learn: attention distillation and the inter-head similarity prior.
 
-    python benchmarks/qat_attention.py [--steps 400] [--stages choose report w3a3 prior]
+    python benchmarks/qat_attention.py [--steps 400] [--stages choose report w3a3 prior compression rounds reference-stops]
 
 Every cell is ``benchmarks/distill.py``'s quantized protocol (DeiT-Tiny teacher, the
 default ``recon`` post-training model calibrated on the sparse pool's first 32 images,
@@ -22,6 +22,10 @@ change. Stages:
   disagreement term against the student of that moment (``--round-disagreement``),
   beside the same 128 images (the plain round's) as a fixed pool from the start: the
   plain round and the fixed pool cost the same inversion time.
+* reference-stops: the W4/A4 and W3/A3 post-training starts (32 images) and the trained W4/A4
+  student (attention heads 1; ``--trained`` adds W3/A3) from 512 images inverted with the reference stop steps kept whole in the 400-step run
+  (50/100/200/300, not scaled to 5/10/20/30 as distill.py's pool is), which calibrate better
+  (``benchmarks/calibration_images.py``).
 
 Results: ``benchmarks/results/qat_attention.json``. Cells are cached as distill.py's.
 """
@@ -38,7 +42,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, RESULTS, TRAIN100, commit, ensure_pool, image_subset, write_results
+from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, RESULTS, TRAIN100, commit, ensure_pool, image_subset, pool_config, write_results
 from distill import (
     QUANTIZED_DEFAULTS,
     _config,
@@ -51,6 +55,7 @@ from quantization import heldout_kl, val_subset
 
 from sparseinv import load_model
 from sparseinv.data import evaluate_tensors
+from sparseinv.distill import Images
 from sparseinv.inversion.losses import InversionLoss
 from sparseinv.quant import QuantConfig, pool_batches, quantize_
 from sparseinv.quant.calibrate import folder_batches, noise_batches
@@ -219,6 +224,31 @@ def rounds(teacher, p, val, yardstick, which: list[str]) -> dict:
     return out
 
 
+# 512 images inverted with the reference stop steps kept as they are (50/100/200/300 of 400, bf16,
+# rescored masks): 32 of them calibrate W4/A4 better than the scaled stops of distill.py's pool
+# (benchmarks/calibration_images.py). Two pools of 256, seeds 0 and 1, so both cores can make them.
+REFERENCE_STOP_POOLS = ("kt_late_256_s0", "kt_late_256_s1")
+
+
+def reference_stops(teacher, val, yardstick, steps, setting: dict, trained: list[str]) -> dict:
+    """Post-training W4/A4 and W3/A3 (and the ``trained`` ones: W4/A4, W3/A3) from images inverted with the reference stop steps."""
+    pools = [ensure_pool(name, DEIT_TINY, DEIT_TINY_CKPT, replace(pool_config(True, 256, seed=seed), precision="auto"), teacher)
+             for seed, name in enumerate(REFERENCE_STOP_POOLS)]
+    p = {"sparse": pools[0]}
+    out = {}
+    for bits in ((4, 4), (3, 3)):
+        tag = f"W{bits[0]}/A{bits[1]}"
+        start = quantized_start(teacher, p, *bits)
+        out[f"{tag} post-training sparse 32"] = {"top1": evaluate_tensors(start, *val, progress=False)["top1"],
+                                                 "train100_top1": evaluate_tensors(start, *yardstick, progress=False)["top1"]}
+        print(f"reference stops {tag}: {out[f'{tag} post-training sparse 32']}", flush=True)
+        if tag in trained:
+            images = Images.from_pools(pools, DEIT_TINY, teacher)
+            out[f"{tag} trained sparse 512, attention heads 1"] = cell("reference stops 512", images, teacher, p, val, steps, bits,
+                                                                       yardstick, **setting)
+    return out
+
+
 def _complete(pool: Path) -> bool:
     run = pool / "run.json"
     return run.is_file() and bool(json.loads(run.read_text()).get("complete"))
@@ -233,6 +263,8 @@ def main() -> None:
     parser.add_argument("--report-also", nargs="*", default=[], choices=list(TRIALS), help="more trials to report on 512 images")
     parser.add_argument("--rounds", nargs="+", default=["plain rounds", "disagreement 1", "fixed 128"], choices=list(ROUND_VARIANTS),
                         help="the rounds stage's variants (each cached; run them one process each to use both cores)")
+    parser.add_argument("--trained", nargs="*", default=["W4/A4"], choices=["W4/A4", "W3/A3"],
+                        help="the reference-stops stage's trained students (post-training ones are always measured)")
     args = parser.parse_args()
     torch.manual_seed(0)
     teacher = load_model(DEIT_TINY, DEIT_TINY_CKPT)
@@ -265,6 +297,9 @@ def main() -> None:
         payload["w3a3"] = w3a3(teacher, p, val, yardstick, args.steps, {"attention_weight": 1.0, "attention_form": "heads"})
     if "prior" in args.stages:
         payload["prior"] = prior(teacher, p, val, yardstick)
+    if "reference-stops" in args.stages:
+        payload["reference_stops"] = {**old.get("reference_stops", {}), **reference_stops(
+            teacher, val, yardstick, args.steps, {"attention_weight": 1.0, "attention_form": "heads"}, args.trained)}
     if "rounds" in args.stages:
         payload["rounds"] = {**old.get("rounds", {}), **rounds(teacher, p, val, yardstick, args.rounds)}
     payload[f"seconds_{'_'.join(args.stages)}"] = time.time() - started
