@@ -23,9 +23,10 @@ change. Stages:
   beside the same 128 images (the plain round's) as a fixed pool from the start: the
   plain round and the fixed pool cost the same inversion time.
 * reference-stops: the W4/A4 and W3/A3 post-training starts (32 images) and the trained W4/A4
-  student (attention heads 1; ``--trained`` adds W3/A3) from 512 images inverted with the reference stop steps kept whole in the 400-step run
-  (50/100/200/300, not scaled to 5/10/20/30 as distill.py's pool is), which calibrate better
-  (``benchmarks/calibration_images.py``).
+  student (attention heads 1; ``--trained`` adds W3/A3) from 512 images inverted with the
+  reference stop steps kept whole in the 400-step run (50/100/200/300, not scaled to
+  5/10/20/30 as distill.py's pool is), the best calibration images on the yardstick of
+  ``benchmarks/calibration_images.py``.
 
 Results: ``benchmarks/results/qat_attention.json``. Cells are cached as distill.py's.
 """
@@ -225,8 +226,9 @@ def rounds(teacher, p, val, yardstick, which: list[str]) -> dict:
 
 
 # 512 images inverted with the reference stop steps kept as they are (50/100/200/300 of 400, bf16,
-# rescored masks): 32 of them calibrate W4/A4 better than the scaled stops of distill.py's pool
-# (benchmarks/calibration_images.py). Two pools of 256, seeds 0 and 1, so both cores can make them.
+# rescored masks): on the yardstick of benchmarks/calibration_images.py 32 of them calibrated W4/A4
+# best, ahead of the scaled stops of distill.py's pool. Two pools of 256, seeds 0 and 1, so both
+# cores can make them.
 REFERENCE_STOP_POOLS = ("kt_late_256_s0", "kt_late_256_s1")
 
 
@@ -234,7 +236,7 @@ def reference_stops(teacher, val, yardstick, steps, setting: dict, trained: list
     """Post-training W4/A4 and W3/A3 (and the ``trained`` ones: W4/A4, W3/A3) from images inverted with the reference stop steps."""
     pools = [ensure_pool(name, DEIT_TINY, DEIT_TINY_CKPT, replace(pool_config(True, 256, seed=seed), precision="auto"), teacher)
              for seed, name in enumerate(REFERENCE_STOP_POOLS)]
-    p = {"sparse": pools[0]}
+    p, images = {"sparse": pools[0]}, Images.from_pools(pools, DEIT_TINY, teacher)
     out = {}
     for bits in ((4, 4), (3, 3)):
         tag = f"W{bits[0]}/A{bits[1]}"
@@ -243,7 +245,6 @@ def reference_stops(teacher, val, yardstick, steps, setting: dict, trained: list
                                                  "train100_top1": evaluate_tensors(start, *yardstick, progress=False)["top1"]}
         print(f"reference stops {tag}: {out[f'{tag} post-training sparse 32']}", flush=True)
         if tag in trained:
-            images = Images.from_pools(pools, DEIT_TINY, teacher)
             out[f"{tag} trained sparse 512, attention heads 1"] = cell("reference stops 512", images, teacher, p, val, steps, bits,
                                                                        yardstick, **setting)
     return out
