@@ -66,6 +66,12 @@ PRIOR_WEIGHTS = (1.0,)
 PRIOR_BITS = ((4, 4), (4, 8), (6, 6))
 
 
+def scores(model, val, yardstick) -> dict:
+    """Top-1 on val (reported) and on the train100 yardstick (choices are made on it)."""
+    return {"top1": evaluate_tensors(model, *val, progress=False)["top1"],
+            "train100_top1": evaluate_tensors(model, *yardstick, progress=False)["top1"]}
+
+
 def cell(name, images, teacher, p, val, steps, bits=(4, 4), yardstick=None, **overrides) -> dict:
     return run_cell(name, "quantized", images, teacher, p, val, steps, bits, yardstick=yardstick, **{**QUANTIZED_DEFAULTS, **overrides})
 
@@ -124,8 +130,7 @@ def compression(teacher, p, val, yardstick, steps) -> dict:
     from sparseinv.distill import shallow_copy, spread_blocks
 
     six = shallow_copy(teacher, spread_blocks(len(teacher.blocks), 6))
-    out = {"start": {"top1": evaluate_tensors(six, *val, progress=False)["top1"],
-                     "train100_top1": evaluate_tensors(six, *yardstick, progress=False)["top1"]}}
+    out = {"start": scores(six, val, yardstick)}
     images = sparse(p, 512)
     for label, extra in (("defaults", {}), ("heads 1", TRIALS["heads 1"])):
         out[label] = run_cell("sparse 512", "compression", images, teacher, p, val, steps, yardstick=yardstick, **{**DEPTH_DEFAULTS, **extra})
@@ -142,8 +147,7 @@ def w3a3(teacher, p, val, yardstick, steps, setting: dict) -> dict:
         else:
             model = copy.deepcopy(teacher)
             quantize_(model, QuantConfig.for_method("recon", 3, 3), batches, progress=False)
-        out[f"post-training {name}"] = {"top1": evaluate_tensors(model, *val, progress=False)["top1"],
-                                        "train100_top1": evaluate_tensors(model, *yardstick, progress=False)["top1"]}
+        out[f"post-training {name}"] = scores(model, val, yardstick)
         print(f"W3/A3 post-training {name}: {out[f'post-training {name}']}", flush=True)
     out["trained sparse 512, attention heads 1"] = cell("sparse 512", sparse(p, 512), teacher, p, val, steps, (3, 3), yardstick, **setting)
     return out
@@ -164,8 +168,7 @@ def prior(teacher, p, val, yardstick) -> dict:
         for bits in PRIOR_BITS:
             model = copy.deepcopy(teacher)
             quantize_(model, QuantConfig.for_method("recon", *bits), batches, progress=False)
-            out[name][f"W{bits[0]}/A{bits[1]}"] = {"top1": evaluate_tensors(model, *val, progress=False)["top1"],
-                                                   "train100_top1": evaluate_tensors(model, *yardstick, progress=False)["top1"],
+            out[name][f"W{bits[0]}/A{bits[1]}"] = {**scores(model, val, yardstick),
                                                    "heldout_kl": None if heldout is None else heldout_kl(model, teacher, heldout)}
             print(name, bits, out[name][f"W{bits[0]}/A{bits[1]}"], flush=True)
     return out
@@ -214,8 +217,7 @@ def rounds(teacher, p, val, yardstick, which: list[str]) -> dict:
                                           teacher_checkpoint=str(DEIT_TINY_CKPT), **names)
             inverted = [first, round_folder(folder / "student.safetensors", 1)]
         seconds = [json.loads((f / "run.json").read_text())["wall_seconds"] for f in inverted]
-        out[label] = {"top1": evaluate_tensors(student, *val, progress=False)["top1"],
-                      "train100_top1": evaluate_tensors(student, *yardstick, progress=False)["top1"],
+        out[label] = {**scores(student, val, yardstick),
                       "steps": sum(-(-r["num_images"] // 32) for r in summary["history"]),
                       "images": summary["history"][-1]["num_images"], "inversion_seconds": sum(seconds),
                       "round_inversion_seconds": seconds[1], "seconds": time.perf_counter() - started,
@@ -241,8 +243,7 @@ def reference_stops(teacher, val, yardstick, steps, setting: dict, trained: list
     for bits in ((4, 4), (3, 3)):
         tag = f"W{bits[0]}/A{bits[1]}"
         start = quantized_start(teacher, p, *bits)
-        out[f"{tag} post-training sparse 32"] = {"top1": evaluate_tensors(start, *val, progress=False)["top1"],
-                                                 "train100_top1": evaluate_tensors(start, *yardstick, progress=False)["top1"]}
+        out[f"{tag} post-training sparse 32"] = scores(start, val, yardstick)
         print(f"reference stops {tag}: {out[f'{tag} post-training sparse 32']}", flush=True)
         if tag in trained:
             out[f"{tag} trained sparse 512, attention heads 1"] = cell("reference stops 512", images, teacher, p, val, steps, bits,
@@ -288,8 +289,7 @@ def main() -> None:
     chosen = setting(payload["choose"]["chosen"]) if "choose" in payload else {}
     if "report" in args.stages:
         start = quantized_start(teacher, p, 4, 4)
-        payload["start"] = {"W4/A4 post-training sparse 32": {"top1": evaluate_tensors(start, *val, progress=False)["top1"],
-                                                              "train100_top1": evaluate_tensors(start, *yardstick, progress=False)["top1"]}}
+        payload["start"] = {"W4/A4 post-training sparse 32": scores(start, val, yardstick)}
         payload["report"] = report(teacher, p, val, yardstick, args.steps, chosen, args.report_also)
     if "compression" in args.stages:
         payload["compression"] = compression(teacher, p, val, yardstick, args.steps)
