@@ -109,8 +109,9 @@ class QuantConfig:
             input of ``mlp.fc2``), whose long positive tail min/max serves badly;
             ``None`` follows ``calibrator``.
         gelu_quantizer: ``int`` only: the post-GELU activation's grid, ``uniform`` or
-            ``log2`` (one negative level, zero, and positives on a power-of-sqrt(2)
-            grid, :class:`~sparseinv.quant.quantizers.SignedLog2Quantizer`).
+            ``log2`` (one negative level, zero, and log2-spaced positives: powers of
+            sqrt(2) from 4 bits up, coarser below,
+            :class:`~sparseinv.quant.quantizers.SignedLog2Quantizer`).
         recon: Block-wise reconstruction settings; ``None`` for calibration only.
     """
 

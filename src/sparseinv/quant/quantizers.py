@@ -268,8 +268,8 @@ def log2_exponent_step(bits: int) -> float:
     sqrt(2) (0.5) from 4 bits up, RepQ-ViT's grid. With fewer codes a sqrt(2) grid stops
     short: at 3 bits its smallest level is ``2^-3.5``, so every softmax weight under about
     0.07 (nearly all of them over 197 tokens) became 0, and DeiT-Tiny's W3/A3 top-1 was 0.0
-    whatever it was calibrated on, real images included. Coarser spacing keeps the grid reaching about ``2^-7`` instead: powers of 2 at 3 bits,
-    of 4 at 2 bits.
+    whatever it was calibrated on, real images included. Coarser spacing keeps the grid
+    reaching about ``2^-7`` instead: powers of 2 at 3 bits, of 4 at 2 bits.
     """
     return 0.5 if bits >= 4 else 8.0 / 2**bits
 
