@@ -4,7 +4,9 @@
 
 The results file was made by two processes, one per core:
 ``--only calib_reference_fp32 calib_scaled_fp32 calib_reference_fp32_s1 calib_scaled_fp32_s1 kt_sparse_512_s0``
-and ``--only calib_reference_bf16 calib_reference_1600_bf16 calib_smooth_0.3 calib_boundary_0.4 --seeds 0``.
+and ``--only calib_reference_bf16 calib_reference_1600_bf16 calib_smooth_0.3 calib_boundary_0.4 --seeds 0``;
+the reconstruction rows by ``--only recon_iters_100 recon_drop_0.75 recon_steps_frozen --seeds 0`` and
+``... --seeds 1`` (one per core), then the same with no ``--seeds`` to gather both (all cached).
 
 Each row inverts 32 sparse DeiT-Tiny images (400 steps, seed 0 unless the row says otherwise,
 fp32, rescored masks: ``benchmarks/make_pools.py``'s pools) with one setting changed, quantizes the model W4/A4 with
@@ -28,6 +30,11 @@ Rows:
   random pairing), images near a decision boundary (Qimera's boundary-supporting samples);
 * distill.py's pool: the first 32 images of ``kt_sparse_512_s0`` (scaled stops, bf16,
   last-phase masks), the knowledge-transfer benchmarks' post-training start.
+
+Reconstruction rows keep the images (the two reference-stop pools, seeds 0 and 1, reconstruction
+seeds 0 and 1: four runs, like the reference-stops rows together) and make the reconstruction fit them less:
+100 steps per unit instead of 300, QDrop probability 0.75 instead of 0.5, activation step sizes
+left where calibration put them.
 
 Pools are cached under ``benchmarks/cache/pools/calib_*`` and checked against their recorded
 settings. Results: ``benchmarks/results/calibration_images.json``.
@@ -93,11 +100,19 @@ ROWS = {
     "calib_boundary_0.4": ("boundary 0.4", lambda: soft("boundary", 0.4)),
 }
 DISTILL_POOL = "kt_sparse_512_s0"  # distill.py's pool: scaled stops, bf16, last-phase masks (its first 32 images)
+# Reconstruction rows: the same images (the two reference-stop pools, seeds 0 and 1), the reconstruction
+# made to fit them less; name -> (what, ReconConfig fields changed).
+RECON_POOLS = ("calib_reference_fp32", "calib_reference_fp32_s1")
+RECON_ROWS = {
+    "recon_iters_100": ("100 reconstruction steps per unit (default 300)", {"iters": 100}),
+    "recon_drop_0.75": ("QDrop probability 0.75 (default 0.5)", {"drop_prob": 0.75}),
+    "recon_steps_frozen": ("activation step sizes not learned (lr_scale 0)", {"lr_scale": 0.0}),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=[*ROWS, DISTILL_POOL], help="rows to run (default: all)")
+    parser.add_argument("--only", nargs="+", choices=[*ROWS, DISTILL_POOL, *RECON_ROWS], help="rows to run (default: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="reconstruction seeds per row (default 0 1)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -114,20 +129,7 @@ def main() -> None:
         batches = pool_batches(teacher, path, DEIT_TINY, NUM, NUM)
         with torch.no_grad():
             confidence = torch.cat([logits(teacher, x, k).softmax(-1).amax(-1) for x, k in batches]).mean().item()
-        seeds = {}
-        for seed in args.seeds:
-            cell = CACHE / "calibration_images" / f"{name}-seed{seed}.json"  # one reconstruction, kept as it finishes
-            if not cell.is_file():
-                start = time.perf_counter()
-                config = QuantConfig.for_method("recon", 4, 4)
-                model = quantize_(copy.deepcopy(teacher), replace(config, recon=replace(config.recon, seed=seed)), batches, progress=False)
-                result = {"fit_seconds": time.perf_counter() - start,
-                          "train100_top1": evaluate_tensors(model, *yardstick, progress=False)["top1"],
-                          "val_top1": evaluate_tensors(model, *val, progress=False)["top1"], "commit": commit()}
-                cell.parent.mkdir(parents=True, exist_ok=True)
-                cell.write_text(json.dumps(result))
-            seeds[seed] = json.loads(cell.read_text())
-            print(f"{name}, seed {seed}: {seeds[seed]}", flush=True)
+        seeds = {seed: reconstruction(f"{name}-seed{seed}", teacher, batches, {"seed": seed}, yardstick, val) for seed in args.seeds}
         rows[name] = {"what": ROWS[name][0] if name in ROWS else "distill.py's pool: scaled stops, bf16, last-phase masks",
                       "inversion_seconds": run["batches"][0]["wall_seconds"], "teacher_confidence": confidence,
                       **{f"{k}_mean": statistics.mean(s[k] for s in seeds.values()) for k in ("train100_top1", "val_top1")},
@@ -135,6 +137,34 @@ def main() -> None:
         print(f"{name}: train100 {rows[name]['train100_top1_mean']:.1f}, val {rows[name]['val_top1_mean']:.1f}, "
               f"teacher confidence {confidence:.2f}", flush=True)
         save(rows)
+    for name, (what, changes) in RECON_ROWS.items():
+        if args.only and name not in args.only:
+            continue
+        runs = {f"{pool}, seed {seed}": reconstruction(f"{name}-{pool}-seed{seed}", teacher, pool_batches(teacher, pools[pool](), DEIT_TINY, NUM, NUM),
+                                                        {**changes, "seed": seed}, yardstick, val)
+                for pool in RECON_POOLS for seed in args.seeds}
+        rows[name] = {"what": what, "pools": list(RECON_POOLS), "recon_changes": changes,
+                      **{f"{k}_mean": statistics.mean(r[k] for r in runs.values()) for k in ("train100_top1", "val_top1")},
+                      "seeds": runs, "command": "python benchmarks/calibration_images.py " + " ".join(sys.argv[1:]), "commit": commit()}
+        print(f"{name}: train100 {rows[name]['train100_top1_mean']:.1f}, val {rows[name]['val_top1_mean']:.1f}", flush=True)
+        save(rows)
+
+
+def reconstruction(cell_name: str, teacher, batches, recon_changes: dict, yardstick, val) -> dict:
+    """One W4/A4 reconstruction (the default ReconConfig with ``recon_changes``), scored; cached as it finishes."""
+    cell = CACHE / "calibration_images" / f"{cell_name}.json"
+    if not cell.is_file():
+        start = time.perf_counter()
+        config = QuantConfig.for_method("recon", 4, 4)
+        model = quantize_(copy.deepcopy(teacher), replace(config, recon=replace(config.recon, **recon_changes)), batches, progress=False)
+        result = {"fit_seconds": time.perf_counter() - start,
+                  "train100_top1": evaluate_tensors(model, *yardstick, progress=False)["top1"],
+                  "val_top1": evaluate_tensors(model, *val, progress=False)["top1"], "commit": commit()}
+        cell.parent.mkdir(parents=True, exist_ok=True)
+        cell.write_text(json.dumps(result))
+    result = json.loads(cell.read_text())
+    print(f"{cell_name}: {result}", flush=True)
+    return result
 
 
 def save(rows: dict) -> None:
