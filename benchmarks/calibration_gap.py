@@ -89,14 +89,15 @@ def make(source: str, teacher) -> None:
 
 
 def hybrid(teacher, pattern: str, sparse: dict, real: dict, metadata: dict):
-    """The sparse-calibrated model with the parameters of modules matching ``pattern`` from the real one."""
-    rule = re.compile(pattern)
-    mixed = {key: (real if rule.match(key.rpartition(".")[0]) else sparse)[key] for key in sparse}
+    """The sparse-calibrated model with the parameters of modules matching ``pattern`` from the real one,
+    and how many tensors came from the real one."""
+    from_real = {key for key in sparse if re.match(pattern, key.rpartition(".")[0])}
+    mixed = {key: (real if key in from_real else sparse)[key] for key in sparse}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "hybrid.safetensors"
         # Without the checksum the loader skips it (the mixed tensors are not the ones it was written for).
         save_file(mixed, path, metadata={k: v for k, v in metadata.items() if k != "tensors_sha256"})
-        return load_quantized(copy.deepcopy(teacher), path, DEIT_TINY).eval()
+        return load_quantized(copy.deepcopy(teacher), path, DEIT_TINY).eval(), len(from_real)
 
 
 def swap(teacher, shard: tuple[int, int]) -> None:
@@ -106,17 +107,15 @@ def swap(teacher, shard: tuple[int, int]) -> None:
         metadata = f.metadata()
     val = val_subset(teacher, 100)
     parts = hybrids()
+    cells = {name: DIR / f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}.json" for name in parts}
     index, count = shard
     for i, (name, pattern) in enumerate(parts.items()):
-        cell = DIR / f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}.json"
-        if i % count != index or cell.is_file():
+        if i % count != index or cells[name].is_file():
             continue
-        model = hybrid(teacher, pattern, sparse, real, metadata)
-        moved = sum(1 for key in sparse if re.compile(pattern).match(key.rpartition(".")[0]))
+        model, moved = hybrid(teacher, pattern, sparse, real, metadata)
         result = {"val_top1": evaluate_tensors(model, *val, progress=False)["top1"], "tensors_from_real": moved, "commit": commit()}
-        cell.write_text(json.dumps(result))
+        cells[name].write_text(json.dumps(result))
         print(f"{name}: {result}", flush=True)
-    cells = {name: DIR / f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}.json" for name in parts}
     if all(c.is_file() for c in cells.values()):
         rows = {name: json.loads(c.read_text()) for name, c in cells.items()}
         payload = {"what": "W4/A4 recon (seed 0) calibrated on 32 sparse inverted images, with one part's quantization "

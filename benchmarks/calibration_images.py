@@ -140,9 +140,11 @@ def main() -> None:
     for name, (what, changes) in RECON_ROWS.items():
         if args.only and name not in args.only:
             continue
-        runs = {f"{pool}, seed {seed}": reconstruction(f"{name}-{pool}-seed{seed}", teacher, pool_batches(teacher, pools[pool](), DEIT_TINY, NUM, NUM),
-                                                        {**changes, "seed": seed}, yardstick, val)
-                for pool in RECON_POOLS for seed in args.seeds}
+        runs = {}
+        for pool in RECON_POOLS:
+            batches = pool_batches(teacher, pools[pool](), DEIT_TINY, NUM, NUM)
+            for seed in args.seeds:
+                runs[f"{pool}, seed {seed}"] = reconstruction(f"{name}-{pool}-seed{seed}", teacher, batches, {**changes, "seed": seed}, yardstick, val)
         rows[name] = {"what": what, "pools": list(RECON_POOLS), "recon_changes": changes,
                       **{f"{k}_mean": statistics.mean(r[k] for r in runs.values()) for k in ("train100_top1", "val_top1")},
                       "seeds": runs, "command": "python benchmarks/calibration_images.py " + " ".join(sys.argv[1:]), "commit": commit()}
