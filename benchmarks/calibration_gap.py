@@ -11,6 +11,7 @@ quantization parameters (step sizes, zero points, weight codes and scales, Layer
 the real-calibrated one: a block, a prefix of blocks, or one kind of layer in every block. Parts are cut
 so that what travels together stays together (a folded LayerNorm goes with the Linear it is folded
 into and that Linear's input step sizes). Scored on val's first 100 per class (1000 images).
+Also recorded: how far the first LayerNorm's per-channel fold factors of the two models differ.
 
 Results: ``benchmarks/results/calibration_gap.json``; models and hybrid scores cached under
 ``benchmarks/cache/calibration_gap``.
@@ -120,8 +121,19 @@ def swap(teacher, shard: tuple[int, int]) -> None:
         rows = {name: json.loads(c.read_text()) for name, c in cells.items()}
         payload = {"what": "W4/A4 recon (seed 0) calibrated on 32 sparse inverted images, with one part's quantization "
                            "parameters taken from the same reconstruction on 32 real train100 images; val first 100/class",
-                   "sparse_pool": POOL.name, "rows": rows}
+                   "sparse_pool": POOL.name, "rows": rows, "qkv_fold_ratio": fold_ratios(sparse, real)}
         print(f"wrote {write_results('calibration_gap', payload)}")
+
+
+def fold_ratios(sparse: dict, real: dict) -> dict[str, list[float]]:
+    """Per block: the 10th percentile, median and 90th percentile over channels of the first
+    LayerNorm's fold factor (its per-channel range) calibrated on sparse images over real ones."""
+    ratios = {}
+    for i in range(DEPTH):
+        key = f"blocks.{i}.attn.qkv.fold_r1"
+        ratio = sparse[key] / real[key]
+        ratios[f"block {i}"] = [round(float(ratio.quantile(q)), 3) for q in (0.1, 0.5, 0.9)]
+    return ratios
 
 
 def main() -> None:
