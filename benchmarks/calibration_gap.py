@@ -1,7 +1,7 @@
 """Where W4/A4 calibrated on inverted images loses to real-image calibration: swap parts.
 
-    python benchmarks/calibration_gap.py make sparse|real     # one reconstruction each (a core each)
-    python benchmarks/calibration_gap.py swap [--shard I/N]    # the hybrids, then the results file
+    python benchmarks/calibration_gap.py make sparse|real|real2     # one reconstruction each (a core each)
+    python benchmarks/calibration_gap.py swap [--base sparse|real2] [--shard I/N]    # the hybrids, then the results file
 
 A diagnostic, not a data-free result: it reads real images to say where inverted ones fall short.
 Two W4/A4 ``recon`` models of DeiT-Tiny (reconstruction seed 0), one calibrated on the 32 sparse images
@@ -11,7 +11,12 @@ quantization parameters (step sizes, zero points, weight codes and scales, Layer
 the real-calibrated one: a block, a prefix of blocks, or one kind of layer in every block. Parts are cut
 so that what travels together stays together (a folded LayerNorm goes with the Linear it is folded
 into and that Linear's input step sizes). Scored on val's first 100 per class (1000 images).
-Also recorded: how far the first LayerNorm's per-channel fold factors of the two models differ.
+Also recorded: how far the first LayerNorm's per-channel fold factors and each activation
+quantizer's step size differ between the two models.
+
+The control (``--base real2``): the same swaps of each kind of layer into a model calibrated on 32
+other real train100 images (each class's 21st to 24th), so what a swap costs or gains between two
+real calibrations is known beside what it does for the inverted one.
 
 Results: ``benchmarks/results/calibration_gap.json``; models and hybrid scores cached under
 ``benchmarks/cache/calibration_gap``.
@@ -29,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, TRAIN100, commit, write_results
+from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, TRAIN100, commit, image_subset, write_results
 from quantization import val_subset
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -61,7 +66,7 @@ KINDS = {
 
 def hybrids() -> dict[str, str]:
     """name -> the pattern of module names whose parameters come from the real-calibrated model."""
-    parts = {"sparse": r"(?!)", "real": r".*"}
+    parts = {"none": r"(?!)", "real": r".*"}
     parts.update({f"block {i}": rf"blocks\.{i}\..*" for i in range(DEPTH)})
     parts.update({f"blocks 0-{k - 1}": rf"blocks\.({'|'.join(map(str, range(k)))})\..*" for k in (3, 6, 9)})
     parts.update({f"blocks {k}-{DEPTH - 1}": rf"blocks\.({'|'.join(map(str, range(k, DEPTH)))})\..*" for k in (3, 6, 9)})
@@ -73,6 +78,14 @@ def model_path(source: str) -> Path:
     return DIR / f"w4a4_{source}.safetensors"
 
 
+def other_real_images(teacher) -> list:
+    """32 train100 images none of ``real``'s: each class's 21st, 22nd, ... image in turn."""
+    images, labels = image_subset(teacher, TRAIN100, 30, "train100")
+    per_class = 30  # image_subset keeps each class's images together, in order
+    order = [c * per_class + rank for rank in range(20, 30) for c in range(len(labels) // per_class)][:NUM]
+    return [(images[order], None)]
+
+
 def make(source: str, teacher) -> None:
     path = model_path(source)
     if path.is_file():
@@ -80,8 +93,10 @@ def make(source: str, teacher) -> None:
         return
     if source == "sparse":
         batches = pool_batches(teacher, POOL, DEIT_TINY, NUM, NUM)
-    else:
+    elif source == "real":
         batches = calibration_batches(teacher, str(TRAIN100), DEIT_TINY, NUM)
+    else:
+        batches = other_real_images(teacher)
     start = time.perf_counter()
     model = quantize_(copy.deepcopy(teacher), QuantConfig.for_method("recon", 4, 4), batches, progress=False)
     DIR.mkdir(parents=True, exist_ok=True)
@@ -89,11 +104,11 @@ def make(source: str, teacher) -> None:
     print(f"{source}: {time.perf_counter() - start:.0f} s -> {path}")
 
 
-def hybrid(teacher, pattern: str, sparse: dict, real: dict, metadata: dict):
-    """The sparse-calibrated model with the parameters of modules matching ``pattern`` from the real one,
+def hybrid(teacher, pattern: str, base: dict, real: dict, metadata: dict):
+    """The ``base`` model with the parameters of modules matching ``pattern`` from the real one,
     and how many tensors came from the real one."""
-    from_real = {key for key in sparse if re.match(pattern, key.rpartition(".")[0])}
-    mixed = {key: (real if key in from_real else sparse)[key] for key in sparse}
+    from_real = {key for key in base if re.match(pattern, key.rpartition(".")[0])}
+    mixed = {key: (real if key in from_real else base)[key] for key in base}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "hybrid.safetensors"
         # Without the checksum the loader skips it (the mixed tensors are not the ones it was written for).
@@ -101,46 +116,70 @@ def hybrid(teacher, pattern: str, sparse: dict, real: dict, metadata: dict):
         return load_quantized(copy.deepcopy(teacher), path, DEIT_TINY).eval(), len(from_real)
 
 
-def swap(teacher, shard: tuple[int, int]) -> None:
-    sparse, real = (load_file(model_path(s)) for s in ("sparse", "real"))
-    assert sparse.keys() == real.keys()
-    with safe_open(str(model_path("sparse")), framework="pt") as f:
+def cells_of(base: str) -> dict[str, tuple[str, Path]]:
+    """name -> (pattern, cell file) of every hybrid of ``base``: all of them for the sparse model,
+    none, all and the kinds of layer for the control."""
+    parts = hybrids() if base == "sparse" else {k: v for k, v in hybrids().items() if k in ("none", "real") or k in KINDS}
+    prefix = "" if base == "sparse" else f"{base}-"
+    return {name: (pattern, DIR / f"{prefix}{re.sub(r'[^A-Za-z0-9]+', '_', name)}.json") for name, pattern in parts.items()}
+
+
+def swap(teacher, base: str, shard: tuple[int, int]) -> None:
+    models = {s: load_file(model_path(s)) for s in ("sparse", "real", "real2") if model_path(s).is_file()}
+    with safe_open(str(model_path(base)), framework="pt") as f:
         metadata = f.metadata()
     val = val_subset(teacher, 100)
-    parts = hybrids()
-    cells = {name: DIR / f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}.json" for name in parts}
     index, count = shard
-    for i, (name, pattern) in enumerate(parts.items()):
-        if i % count != index or cells[name].is_file():
+    for i, (name, (pattern, cell)) in enumerate(cells_of(base).items()):
+        if i % count != index or cell.is_file():
             continue
-        model, moved = hybrid(teacher, pattern, sparse, real, metadata)
+        model, moved = hybrid(teacher, pattern, models[base], models["real"], metadata)
         result = {"val_top1": evaluate_tensors(model, *val, progress=False)["top1"], "tensors_from_real": moved, "commit": commit()}
-        cells[name].write_text(json.dumps(result))
+        cell.write_text(json.dumps(result))
         print(f"{name}: {result}", flush=True)
-    if all(c.is_file() for c in cells.values()):
-        rows = {name: json.loads(c.read_text()) for name, c in cells.items()}
+    done = {b: {name: json.loads(cell.read_text()) for name, (_, cell) in cells_of(b).items()}
+            for b in ("sparse", "real2") if b in models and all(cell.is_file() for _, cell in cells_of(b).values())}
+    if "sparse" in done:
         payload = {"what": "W4/A4 recon (seed 0) calibrated on 32 sparse inverted images, with one part's quantization "
                            "parameters taken from the same reconstruction on 32 real train100 images; val first 100/class",
-                   "sparse_pool": POOL.name, "rows": rows, "qkv_fold_ratio": fold_ratios(sparse, real)}
+                   "sparse_pool": POOL.name, "rows": done["sparse"], "qkv_fold_ratio": fold_ratios(models["sparse"], models["real"]),
+                   "step_ratio": step_ratios(models["sparse"], models["real"])}
+        if "real2" in done:
+            payload.update(control="the same swaps into a model calibrated on 32 other real train100 images (each class's 21st-24th)",
+                           control_rows=done["real2"], qkv_fold_ratio_control=fold_ratios(models["real2"], models["real"]),
+                           step_ratio_control=step_ratios(models["real2"], models["real"]))
         print(f"wrote {write_results('calibration_gap', payload)}")
 
 
-def fold_ratios(sparse: dict, real: dict) -> dict[str, list[float]]:
+def fold_ratios(other: dict, real: dict) -> dict[str, list[float]]:
     """Per block: the 10th percentile, median and 90th percentile over channels of the first
-    LayerNorm's fold factor (its per-channel range) calibrated on sparse images over real ones."""
+    LayerNorm's fold factor (its per-channel range) of ``other`` over that of ``real``."""
     ratios = {}
     for i in range(DEPTH):
         key = f"blocks.{i}.attn.qkv.fold_r1"
-        ratio = sparse[key] / real[key]
+        ratio = other[key] / real[key]
         ratios[f"block {i}"] = [round(float(ratio.quantile(q)), 3) for q in (0.1, 0.5, 0.9)]
     return ratios
+
+
+# Activation quantizers whose step sizes are compared, by where they sit in a block.
+STEPS = {"qkv input": "attn.qkv.input_quant", "query": "attn.q_quant", "key": "attn.k_quant", "value": "attn.v_quant",
+         "softmax": "attn.attn_quant", "projection input": "attn.proj.input_quant", "fc1 input": "mlp.fc1.input_quant",
+         "fc2 input (post-GELU)": "mlp.fc2.input_quant"}
+
+
+def step_ratios(other: dict, real: dict) -> dict[str, list[float]]:
+    """Per kind of activation quantizer, block by block: its step size in ``other`` over that in ``real``."""
+    return {kind: [round(float((other[key] / real[key]).mean()), 3) for key in (f"blocks.{i}.{name}.scale" for i in range(DEPTH))]
+            for kind, name in STEPS.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", required=True)
-    sub.add_parser("make").add_argument("source", choices=["sparse", "real"])
+    sub.add_parser("make").add_argument("source", choices=["sparse", "real", "real2"])
     swap_parser = sub.add_parser("swap")
+    swap_parser.add_argument("--base", choices=["sparse", "real2"], default="sparse", help="the model parts are swapped into")
     swap_parser.add_argument("--shard", default="0/1", help="I/N: evaluate every N-th hybrid from the I-th (one process per core)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -149,7 +188,7 @@ def main() -> None:
         make(args.source, teacher)
     else:
         index, count = map(int, args.shard.split("/"))
-        swap(teacher, (index, count))
+        swap(teacher, args.base, (index, count))
 
 
 if __name__ == "__main__":
