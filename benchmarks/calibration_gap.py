@@ -12,7 +12,7 @@ the real-calibrated one: a block, a prefix of blocks, or one kind of layer in ev
 so that what travels together stays together (a folded LayerNorm goes with the Linear it is folded
 into and that Linear's input step sizes). Scored on val's first 100 per class (1000 images).
 Also recorded: how far the first LayerNorm's per-channel fold factors and each activation
-quantizer's step size differ between the two models.
+quantizer's step size differ from the real-calibrated model's, for the sparse model and the control.
 
 The control (``--base real2``): the same swaps of each kind of layer into a model calibrated on 32
 other real train100 images (each class's 21st to 24th), so what a swap costs or gains between two

@@ -34,7 +34,8 @@ Rows:
 Reconstruction rows keep the images (the two reference-stop pools, seeds 0 and 1, reconstruction
 seeds 0 and 1: four runs, like the reference-stops rows together) and make the reconstruction fit them less:
 100 steps per unit instead of 300, QDrop probability 0.75 instead of 0.5, activation step sizes
-left where calibration put them.
+left where calibration put them; or feed the same images whole (``all_patches``: every patch, the
+stopped ones as they were when stopped, instead of the kept ones only).
 
 Pools are cached under ``benchmarks/cache/pools/calib_*`` and checked against their recorded
 settings. Results: ``benchmarks/results/calibration_images.json``.
@@ -100,13 +101,14 @@ ROWS = {
     "calib_boundary_0.4": ("boundary 0.4", lambda: soft("boundary", 0.4)),
 }
 DISTILL_POOL = "kt_sparse_512_s0"  # distill.py's pool: scaled stops, bf16, last-phase masks (its first 32 images)
-# Reconstruction rows: the same images (the two reference-stop pools, seeds 0 and 1), the reconstruction
-# made to fit them less; name -> (what, ReconConfig fields changed).
+# Rows on the same images (the two reference-stop pools, seeds 0 and 1), reconstructed or fed
+# otherwise; name -> (what, ReconConfig fields changed, fed with all their patches).
 RECON_POOLS = ("calib_reference_fp32", "calib_reference_fp32_s1")
 RECON_ROWS = {
-    "recon_iters_100": ("100 reconstruction steps per unit (default 300)", {"iters": 100}),
-    "recon_drop_0.75": ("QDrop probability 0.75 (default 0.5)", {"drop_prob": 0.75}),
-    "recon_steps_frozen": ("activation step sizes not learned (lr_scale 0)", {"lr_scale": 0.0}),
+    "recon_iters_100": ("100 reconstruction steps per unit (default 300)", {"iters": 100}, False),
+    "recon_drop_0.75": ("QDrop probability 0.75 (default 0.5)", {"drop_prob": 0.75}, False),
+    "recon_steps_frozen": ("activation step sizes not learned (lr_scale 0)", {"lr_scale": 0.0}, False),
+    "all_patches": ("fed with all 196 patches, the stopped ones as they were when stopped", {}, True),
 }
 
 
@@ -137,15 +139,17 @@ def main() -> None:
         print(f"{name}: train100 {rows[name]['train100_top1_mean']:.1f}, val {rows[name]['val_top1_mean']:.1f}, "
               f"teacher confidence {confidence:.2f}", flush=True)
         save(rows)
-    for name, (what, changes) in RECON_ROWS.items():
+    for name, (what, changes, all_patches) in RECON_ROWS.items():
         if args.only and name not in args.only:
             continue
         runs = {}
         for pool in RECON_POOLS:
             batches = pool_batches(teacher, pools[pool](), DEIT_TINY, NUM, NUM)
+            if all_patches:
+                batches = [(images, None) for images, _ in batches]
             for seed in args.seeds:
                 runs[f"{pool}, seed {seed}"] = reconstruction(f"{name}-{pool}-seed{seed}", teacher, batches, {**changes, "seed": seed}, yardstick, val)
-        rows[name] = {"what": what, "pools": list(RECON_POOLS), "recon_changes": changes,
+        rows[name] = {"what": what, "pools": list(RECON_POOLS), "recon_changes": changes, "all_patches": all_patches,
                       **{f"{k}_mean": statistics.mean(r[k] for r in runs.values()) for k in ("train100_top1", "val_top1")},
                       "seeds": runs, "command": "python benchmarks/calibration_images.py " + " ".join(sys.argv[1:]), "commit": commit()}
         print(f"{name}: train100 {rows[name]['train100_top1_mean']:.1f}, val {rows[name]['val_top1_mean']:.1f}", flush=True)
