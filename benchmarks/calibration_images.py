@@ -6,7 +6,8 @@ The results file was made by two processes, one per core:
 ``--only calib_reference_fp32 calib_scaled_fp32 calib_reference_fp32_s1 calib_scaled_fp32_s1 kt_sparse_512_s0``
 and ``--only calib_reference_bf16 calib_reference_1600_bf16 calib_smooth_0.3 calib_boundary_0.4 --seeds 0``;
 the reconstruction rows by ``--only recon_iters_100 recon_drop_0.75 recon_steps_frozen --seeds 0`` and
-``... --seeds 1`` (one per core), then the same with no ``--seeds`` to gather both (all cached).
+``... --seeds 1`` (one per core), then the same with no ``--seeds`` to gather both (all cached);
+``--only all_patches --seeds 0``.
 
 Each row inverts 32 sparse DeiT-Tiny images (400 steps, seed 0 unless the row says otherwise,
 fp32, rescored masks: ``benchmarks/make_pools.py``'s pools) with one setting changed, quantizes the model W4/A4 with
