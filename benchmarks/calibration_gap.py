@@ -35,13 +35,13 @@ from pathlib import Path
 
 import torch
 from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, TRAIN100, commit, image_subset, write_results
-from quantization import val_subset
+from quantization import batches_for, val_subset
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sparseinv import load_model
 from sparseinv.data import evaluate_tensors
-from sparseinv.quant import QuantConfig, calibration_batches, pool_batches, quantize_
+from sparseinv.quant import QuantConfig, pool_batches, quantize_
 from sparseinv.quant.io import load_quantized, save_quantized
 
 DIR = CACHE / "calibration_gap"
@@ -94,7 +94,7 @@ def make(source: str, teacher) -> None:
     if source == "sparse":
         batches = pool_batches(teacher, POOL, DEIT_TINY, NUM, NUM)
     elif source == "real":
-        batches = calibration_batches(teacher, str(TRAIN100), DEIT_TINY, NUM)
+        batches = batches_for(teacher, "real", NUM)  # quantization.py's real column
     else:
         batches = other_real_images(teacher)
     start = time.perf_counter()
