@@ -88,18 +88,53 @@ def soft(kind: str, eps: float):
     return replace(pool_config(True, NUM), loss=InversionLoss(ce=0.0, extra=[(1.0, SoftCE(kind, eps))]))
 
 
+class ActivationEnergy:
+    """Per image: the log mean square of each block's attention-projection input and post-GELU
+    activation (the fc2 input), averaged over those 2 x depth places. Shape (B,).
+
+    Inverted texture drives both wider than photographs do (2-4x the energy in the first
+    blocks), and W4/A4 calibration then learns coarser steps there. Hooks on ``model``'s
+    ``attn.proj`` and ``mlp.fc2`` inputs record the last forward (the fed tokens); call
+    :meth:`remove` when the pool is made.
+    """
+
+    def __init__(self, model) -> None:
+        self.values: dict[int, torch.Tensor] = {}
+        layers = [m for block in model.blocks for m in (block.attn.proj, block.mlp.fc2)]
+        self.handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(layers)]
+
+    def _hook(self, position: int):
+        def hook(module, inputs) -> None:
+            self.values[position] = inputs[0]
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def __call__(self, inputs) -> torch.Tensor:
+        return torch.stack([x.float().square().mean(dim=(1, 2)).log() for x in self.values.values()]).mean(0)
+
+
+def energy(model, weight: float):
+    return replace(pool_config(True, NUM), loss=InversionLoss(extra=[(weight, ActivationEnergy(model))]))
+
+
 # row: (pool folder, what it is, its settings); the pool folder is also the row's name.
+# Each row's settings are made from the teacher (a term may hook it).
 ROWS = {
-    "calib_reference_fp32": ("reference stops (50/100/200/300), fp32", lambda: pool_config(True, NUM)),
-    "calib_scaled_fp32": ("scaled stops (5/10/20/30), fp32", lambda: replace(pool_config(True, NUM), schedule=scaled_schedule(400))),
-    "calib_reference_fp32_s1": ("reference stops, fp32, pool seed 1", lambda: pool_config(True, NUM, seed=1)),
+    "calib_reference_fp32": ("reference stops (50/100/200/300), fp32", lambda _: pool_config(True, NUM)),
+    "calib_scaled_fp32": ("scaled stops (5/10/20/30), fp32", lambda _: replace(pool_config(True, NUM), schedule=scaled_schedule(400))),
+    "calib_reference_fp32_s1": ("reference stops, fp32, pool seed 1", lambda _: pool_config(True, NUM, seed=1)),
     "calib_scaled_fp32_s1": ("scaled stops, fp32, pool seed 1",
-                             lambda: replace(pool_config(True, NUM, seed=1), schedule=scaled_schedule(400))),
-    "calib_reference_bf16": ("reference stops, bf16", lambda: replace(pool_config(True, NUM), precision="auto")),
+                             lambda _: replace(pool_config(True, NUM, seed=1), schedule=scaled_schedule(400))),
+    "calib_reference_bf16": ("reference stops, bf16", lambda _: replace(pool_config(True, NUM), precision="auto")),
     "calib_reference_1600_bf16": ("reference stops, 1600 steps, bf16",
-                                  lambda: replace(pool_config(True, NUM, iterations=1600), precision="auto")),
-    "calib_smooth_0.3": ("label smoothing 0.3", lambda: soft("smooth", 0.3)),
-    "calib_boundary_0.4": ("boundary 0.4", lambda: soft("boundary", 0.4)),
+                                  lambda _: replace(pool_config(True, NUM, iterations=1600), precision="auto")),
+    "calib_smooth_0.3": ("label smoothing 0.3", lambda _: soft("smooth", 0.3)),
+    "calib_boundary_0.4": ("boundary 0.4", lambda _: soft("boundary", 0.4)),
+    "calib_tv_1e-3": ("TV-L2 weight 1e-3 (default 1e-4)", lambda _: replace(pool_config(True, NUM), loss=InversionLoss(tv_l2=1e-3))),
+    "calib_energy_0.3": ("activation energy 0.3 (attention-projection and fc2 inputs)", lambda m: energy(m, 0.3)),
 }
 DISTILL_POOL = "kt_sparse_512_s0"  # distill.py's pool: scaled stops, bf16, last-phase masks (its first 32 images)
 # Rows on the same images (the two reference-stop pools, seeds 0 and 1), reconstructed or fed
@@ -121,7 +156,7 @@ def main() -> None:
     torch.manual_seed(0)
     teacher = load_model(DEIT_TINY, DEIT_TINY_CKPT).eval()
     yardstick, val = image_subset(teacher, TRAIN100, 20, "train100"), val_subset(teacher, 100)
-    pools = {name: (lambda n=name, c=make: ensure_pool(n, DEIT_TINY, DEIT_TINY_CKPT, c(), teacher)) for name, (_, make) in ROWS.items()}
+    pools = {name: (lambda n=name, c=make: make_pool(n, c(teacher), teacher)) for name, (_, make) in ROWS.items()}
     pools[DISTILL_POOL] = lambda: CACHE / "pools" / DISTILL_POOL
     rows = {}
     for name, pool in pools.items():
@@ -155,6 +190,16 @@ def main() -> None:
                       "seeds": runs, "command": "python benchmarks/calibration_images.py " + " ".join(sys.argv[1:]), "commit": commit()}
         print(f"{name}: train100 {rows[name]['train100_top1_mean']:.1f}, val {rows[name]['val_top1_mean']:.1f}", flush=True)
         save(rows)
+
+
+def make_pool(name: str, config, teacher):
+    """The row's pool (made unless cached), with any hooks its loss terms put on the teacher removed."""
+    try:
+        return ensure_pool(name, DEIT_TINY, DEIT_TINY_CKPT, config, teacher)
+    finally:
+        for _, term in config.loss.extra:
+            if hasattr(term, "remove"):
+                term.remove()
 
 
 def reconstruction(cell_name: str, teacher, batches, recon_changes: dict, yardstick, val) -> dict:
