@@ -2,6 +2,7 @@
 
     python benchmarks/calibration_gap.py make sparse|real|real2     # one reconstruction each (a core each)
     python benchmarks/calibration_gap.py swap [--base sparse|real2] [--shard I/N]    # the hybrids, then the results file
+    python benchmarks/calibration_gap.py energy      # activation energy of the calibration images, into the same file
 
 A diagnostic, not a data-free result: it reads real images to say where inverted ones fall short.
 Two W4/A4 ``recon`` models of DeiT-Tiny (reconstruction seed 0), one calibrated on the 32 sparse images
@@ -17,6 +18,12 @@ quantizer's step size differ from the real-calibrated model's, for the sparse mo
 The control (``--base real2``): the same swaps of each kind of layer into a model calibrated on 32
 other real train100 images (each class's 21st to 24th), so what a swap costs or gains between two
 real calibrations is known beside what it does for the inverted one.
+
+``energy`` records, per block, the mean square of the two inputs whose steps differ most (the attention
+projection's and the post-GELU fc2 input) on the sparse images as calibration feeds them (their kept
+patches), over the same on the 32 real images fed whole and fed only the 46 patches the teacher's last
+block attends to most from the class token (as many as the sparse images keep): how much of the
+difference is the images and how much is feeding fewer, more salient patches.
 
 Results: ``benchmarks/results/calibration_gap.json``; models and hybrid scores cached under
 ``benchmarks/cache/calibration_gap``.
@@ -34,7 +41,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, TRAIN100, commit, image_subset, write_results
+from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, RESULTS, TRAIN100, commit, image_subset, write_results
 from quantization import batches_for, val_subset
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -43,6 +50,7 @@ from sparseinv import load_model
 from sparseinv.data import evaluate_tensors
 from sparseinv.quant import QuantConfig, pool_batches, quantize_
 from sparseinv.quant.io import load_quantized, save_quantized
+from sparseinv.vit.forward import logits, sparse_forward
 
 DIR = CACHE / "calibration_gap"
 POOL = CACHE / "pools" / "calib_reference_fp32"
@@ -148,6 +156,9 @@ def swap(teacher, base: str, shard: tuple[int, int]) -> None:
             payload.update(control="the same swaps into a model calibrated on 32 other real train100 images (each class's 21st-24th)",
                            control_rows=done["real2"], qkv_fold_ratio_control=fold_ratios(models["real2"], models["real"]),
                            step_ratio_control=step_ratios(models["real2"], models["real"]))
+        held = RESULTS / "calibration_gap.json"
+        if held.is_file() and "activation_energy" in (kept := json.loads(held.read_text())):
+            payload["activation_energy"] = kept["activation_energy"]  # written by the energy stage
         print(f"wrote {write_results('calibration_gap', payload)}")
 
 
@@ -174,6 +185,47 @@ def step_ratios(other: dict, real: dict) -> dict[str, list[float]]:
             for kind, name in STEPS.items()}
 
 
+def mean_squares(teacher, batches) -> dict[str, list[float]]:
+    """Per block, the mean square of the attention projection's input and of fc2's input over ``batches``."""
+    sums: dict[str, list[float]] = {"projection input": [0.0] * DEPTH, "fc2 input (post-GELU)": [0.0] * DEPTH}
+    layers = [(kind, i, layer) for i, block in enumerate(teacher.blocks)
+              for kind, layer in (("projection input", block.attn.proj), ("fc2 input (post-GELU)", block.mlp.fc2))]
+
+    def hook(kind, i):
+        def record(module, inputs) -> None:
+            sums[kind][i] += inputs[0].float().square().mean().item() / len(batches)
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(kind, i)) for kind, i, layer in layers]
+    try:
+        with torch.no_grad():
+            for images, keep in batches:
+                logits(teacher, images, keep)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums
+
+
+def energy(teacher) -> None:
+    sparse = pool_batches(teacher, POOL, DEIT_TINY, NUM, NUM)
+    kept = sparse[0][1].shape[1]
+    real = batches_for(teacher, "real", NUM)
+    with torch.no_grad():
+        salient = [(x, sparse_forward(teacher, x, None, return_cls_attn=True).cls_attn.topk(kept, dim=1).indices.sort(1).values) for x, _ in real]
+    sums = {name: mean_squares(teacher, b) for name, b in (("sparse", sparse), ("real", real), ("real_salient", salient))}
+    ratio = {f"{a}/{b}": {kind: [round(x / y, 3) for x, y in zip(sums[a][kind], sums[b][kind])] for kind in sums[a]}
+             for a, b in (("sparse", "real"), ("real_salient", "real"), ("sparse", "real_salient"))}
+    path = RESULTS / "calibration_gap.json"
+    payload = json.loads(path.read_text()) if path.is_file() else {}
+    payload["activation_energy"] = {"what": f"per block, mean square of the input over the calibration images; real_salient: the real "
+                                            f"images fed the {kept} patches the teacher's last block attends to most from the class token",
+                                    "mean_square": sums, "ratio": ratio, "command": "python " + " ".join(sys.argv), "commit": commit()}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    for name, r in ratio.items():
+        print(name, {kind: [round(v, 2) for v in values] for kind, values in r.items()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -181,11 +233,14 @@ def main() -> None:
     swap_parser = sub.add_parser("swap")
     swap_parser.add_argument("--base", choices=["sparse", "real2"], default="sparse", help="the model parts are swapped into")
     swap_parser.add_argument("--shard", default="0/1", help="I/N: evaluate every N-th hybrid from the I-th (one process per core)")
+    sub.add_parser("energy")
     args = parser.parse_args()
     torch.manual_seed(0)
     teacher = load_model(DEIT_TINY, DEIT_TINY_CKPT).eval()
     if args.stage == "make":
         make(args.source, teacher)
+    elif args.stage == "energy":
+        energy(teacher)
     else:
         index, count = map(int, args.shard.split("/"))
         swap(teacher, args.base, (index, count))
