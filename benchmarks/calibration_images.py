@@ -90,7 +90,7 @@ def soft(kind: str, eps: float):
 
 class ActivationEnergy:
     """Per image: the log mean square of each block's attention-projection input and post-GELU
-    activation (the fc2 input), averaged over those 2 x depth places. Shape (B,).
+    activation (the fc2 input), averaged over those places in ``blocks`` (all by default). Shape (B,).
 
     Inverted texture drives both wider than photographs do (2-4x the energy in the first
     blocks), and W4/A4 calibration then learns coarser steps there. Hooks on ``model``'s
@@ -98,9 +98,9 @@ class ActivationEnergy:
     :meth:`remove` when the pool is made.
     """
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, blocks: slice = slice(None)) -> None:
         self.values: dict[int, torch.Tensor] = {}
-        layers = [m for block in model.blocks for m in (block.attn.proj, block.mlp.fc2)]
+        layers = [m for block in list(model.blocks)[blocks] for m in (block.attn.proj, block.mlp.fc2)]
         self.handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(layers)]
 
     def _hook(self, position: int):
@@ -116,8 +116,8 @@ class ActivationEnergy:
         return torch.stack([x.float().square().mean(dim=(1, 2)).log() for x in self.values.values()]).mean(0)
 
 
-def energy(model, weight: float):
-    return replace(pool_config(True, NUM), loss=InversionLoss(extra=[(weight, ActivationEnergy(model))]))
+def energy(model, weight: float, blocks: slice = slice(None)):
+    return replace(pool_config(True, NUM), loss=InversionLoss(extra=[(weight, ActivationEnergy(model, blocks))]))
 
 
 # row: (pool folder, what it is, its settings); the pool folder is also the row's name.
@@ -135,6 +135,9 @@ ROWS = {
     "calib_boundary_0.4": ("boundary 0.4", lambda _: soft("boundary", 0.4)),
     "calib_tv_1e-3": ("TV-L2 weight 1e-3 (default 1e-4)", lambda _: replace(pool_config(True, NUM), loss=InversionLoss(tv_l2=1e-3))),
     "calib_energy_0.3": ("activation energy 0.3 (attention-projection and fc2 inputs)", lambda m: energy(m, 0.3)),
+    # The term at 0.3 lowered the last blocks' energy, not the first blocks' (where it is 2-4x the real images'):
+    "calib_energy_early_1": ("activation energy 1.0, blocks 0-5 only", lambda m: energy(m, 1.0, slice(0, 6))),
+    "calib_energy_early_3": ("activation energy 3.0, blocks 0-5 only", lambda m: energy(m, 3.0, slice(0, 6))),
 }
 DISTILL_POOL = "kt_sparse_512_s0"  # distill.py's pool: scaled stops, bf16, last-phase masks (its first 32 images)
 # Rows on the same images (the two reference-stop pools, seeds 0 and 1), reconstructed or fed
