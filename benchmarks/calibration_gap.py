@@ -3,6 +3,7 @@
     python benchmarks/calibration_gap.py make sparse|real|real2     # one reconstruction each (a core each)
     python benchmarks/calibration_gap.py swap [--base sparse|real2] [--shard I/N]    # the hybrids, then the results file
     python benchmarks/calibration_gap.py energy      # activation energy of the calibration images, into the same file
+    python benchmarks/calibration_gap.py --bits 3 make sparse|real; ... --bits 3 swap    # the same at W3/A3 (no control)
 
 A diagnostic, not a data-free result: it reads real images to say where inverted ones fall short.
 Two W4/A4 ``recon`` models of DeiT-Tiny (reconstruction seed 0), one calibrated on the 32 sparse images
@@ -24,6 +25,9 @@ projection's and the post-GELU fc2 input) on the sparse images as calibration fe
 patches), over the same on the 32 real images fed whole and fed only the 46 patches the teacher's last
 block attends to most from the class token (as many as the sparse images keep): how much of the
 difference is the images and how much is feeding fewer, more salient patches.
+
+``--bits 3`` does the same at W3/A3, where sparse calibration lands near Gaussian noise's (its own models,
+cells and results file, ``calibration_gap_w3a3.json``).
 
 Results: ``benchmarks/results/calibration_gap.json``; models and hybrid scores cached under
 ``benchmarks/cache/calibration_gap``.
@@ -82,8 +86,8 @@ def hybrids() -> dict[str, str]:
     return parts
 
 
-def model_path(source: str) -> Path:
-    return DIR / f"w4a4_{source}.safetensors"
+def model_path(source: str, bits: int = 4) -> Path:
+    return DIR / f"w{bits}a{bits}_{source}.safetensors"
 
 
 def other_real_images(teacher) -> list:
@@ -94,8 +98,8 @@ def other_real_images(teacher) -> list:
     return [(images[order], None)]
 
 
-def make(source: str, teacher) -> None:
-    path = model_path(source)
+def make(source: str, teacher, bits: int) -> None:
+    path = model_path(source, bits)
     if path.is_file():
         print(f"{path} exists")
         return
@@ -106,7 +110,7 @@ def make(source: str, teacher) -> None:
     else:
         batches = other_real_images(teacher)
     start = time.perf_counter()
-    model = quantize_(copy.deepcopy(teacher), QuantConfig.for_method("recon", 4, 4), batches, progress=False)
+    model = quantize_(copy.deepcopy(teacher), QuantConfig.for_method("recon", bits, bits), batches, progress=False)
     DIR.mkdir(parents=True, exist_ok=True)
     save_quantized(model, path, DEIT_TINY)
     print(f"{source}: {time.perf_counter() - start:.0f} s -> {path}")
@@ -124,31 +128,31 @@ def hybrid(teacher, pattern: str, base: dict, real: dict, metadata: dict):
         return load_quantized(copy.deepcopy(teacher), path, DEIT_TINY).eval(), len(from_real)
 
 
-def cells_of(base: str) -> dict[str, tuple[str, Path]]:
+def cells_of(base: str, bits: int = 4) -> dict[str, tuple[str, Path]]:
     """name -> (pattern, cell file) of every hybrid of ``base``: all of them for the sparse model,
     none, all and the kinds of layer for the control."""
     parts = hybrids() if base == "sparse" else {k: v for k, v in hybrids().items() if k in ("none", "real") or k in KINDS}
-    prefix = "" if base == "sparse" else f"{base}-"
+    prefix = ("" if base == "sparse" else f"{base}-") + ("" if bits == 4 else f"w{bits}a{bits}-")
     return {name: (pattern, DIR / f"{prefix}{re.sub(r'[^A-Za-z0-9]+', '_', name)}.json") for name, pattern in parts.items()}
 
 
-def swap(teacher, base: str, shard: tuple[int, int]) -> None:
-    models = {s: load_file(model_path(s)) for s in ("sparse", "real", "real2") if model_path(s).is_file()}
-    with safe_open(str(model_path(base)), framework="pt") as f:
+def swap(teacher, base: str, shard: tuple[int, int], bits: int) -> None:
+    models = {s: load_file(model_path(s, bits)) for s in ("sparse", "real", "real2") if model_path(s, bits).is_file()}
+    with safe_open(str(model_path(base, bits)), framework="pt") as f:
         metadata = f.metadata()
     val = val_subset(teacher, 100)
     index, count = shard
-    for i, (name, (pattern, cell)) in enumerate(cells_of(base).items()):
+    for i, (name, (pattern, cell)) in enumerate(cells_of(base, bits).items()):
         if i % count != index or cell.is_file():
             continue
         model, moved = hybrid(teacher, pattern, models[base], models["real"], metadata)
         result = {"val_top1": evaluate_tensors(model, *val, progress=False)["top1"], "tensors_from_real": moved, "commit": commit()}
         cell.write_text(json.dumps(result))
         print(f"{name}: {result}", flush=True)
-    done = {b: {name: json.loads(cell.read_text()) for name, (_, cell) in cells_of(b).items()}
-            for b in ("sparse", "real2") if b in models and all(cell.is_file() for _, cell in cells_of(b).values())}
+    done = {b: {name: json.loads(cell.read_text()) for name, (_, cell) in cells_of(b, bits).items()}
+            for b in ("sparse", "real2") if b in models and all(cell.is_file() for _, cell in cells_of(b, bits).values())}
     if "sparse" in done:
-        payload = {"what": "W4/A4 recon (seed 0) calibrated on 32 sparse inverted images, with one part's quantization "
+        payload = {"what": f"W{bits}/A{bits} recon (seed 0) calibrated on 32 sparse inverted images, with one part's quantization "
                            "parameters taken from the same reconstruction on 32 real train100 images; val first 100/class",
                    "sparse_pool": POOL.name, "rows": done["sparse"], "qkv_fold_ratio": fold_ratios(models["sparse"], models["real"]),
                    "step_ratio": step_ratios(models["sparse"], models["real"])}
@@ -156,10 +160,11 @@ def swap(teacher, base: str, shard: tuple[int, int]) -> None:
             payload.update(control="the same swaps into a model calibrated on 32 other real train100 images (each class's 21st-24th)",
                            control_rows=done["real2"], qkv_fold_ratio_control=fold_ratios(models["real2"], models["real"]),
                            step_ratio_control=step_ratios(models["real2"], models["real"]))
-        held = RESULTS / "calibration_gap.json"
+        name = "calibration_gap" if bits == 4 else f"calibration_gap_w{bits}a{bits}"
+        held = RESULTS / f"{name}.json"
         if held.is_file() and "activation_energy" in (kept := json.loads(held.read_text())):
             payload["activation_energy"] = kept["activation_energy"]  # written by the energy stage
-        print(f"wrote {write_results('calibration_gap', payload)}")
+        print(f"wrote {write_results(name, payload)}")
 
 
 def fold_ratios(other: dict, real: dict) -> dict[str, list[float]]:
@@ -228,6 +233,7 @@ def energy(teacher) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", type=int, choices=[4, 3], default=4, help="weight and activation bits (default 4)")
     sub = parser.add_subparsers(dest="stage", required=True)
     sub.add_parser("make").add_argument("source", choices=["sparse", "real", "real2"])
     swap_parser = sub.add_parser("swap")
@@ -238,12 +244,12 @@ def main() -> None:
     torch.manual_seed(0)
     teacher = load_model(DEIT_TINY, DEIT_TINY_CKPT).eval()
     if args.stage == "make":
-        make(args.source, teacher)
+        make(args.source, teacher, args.bits)
     elif args.stage == "energy":
         energy(teacher)
     else:
         index, count = map(int, args.shard.split("/"))
-        swap(teacher, args.base, (index, count))
+        swap(teacher, args.base, (index, count), args.bits)
 
 
 if __name__ == "__main__":
