@@ -2,7 +2,7 @@
 
     python benchmarks/calibration_gap.py make sparse|real|real2     # one reconstruction each (a core each)
     python benchmarks/calibration_gap.py swap [--base sparse|real2] [--shard I/N]    # the hybrids, then the results file
-    python benchmarks/calibration_gap.py energy      # activation energy of the calibration images, into the same file
+    python benchmarks/calibration_gap.py energy [--pools NAME ...]     # activation energy of the calibration images, into the same file
     python benchmarks/calibration_gap.py --bits 3 make sparse|real; ... --bits 3 swap    # the same at W3/A3 (no control)
 
 A diagnostic, not a data-free result: it reads real images to say where inverted ones fall short.
@@ -212,19 +212,21 @@ def mean_squares(teacher, batches) -> dict[str, list[float]]:
     return sums
 
 
-def energy(teacher) -> None:
+def energy(teacher, others: list[str]) -> None:
     sparse = pool_batches(teacher, POOL, DEIT_TINY, NUM, NUM)
     kept = sparse[0][1].shape[1]
     real = batches_for(teacher, "real", NUM)
     with torch.no_grad():
         salient = [(x, sparse_forward(teacher, x, None, return_cls_attn=True).cls_attn.topk(kept, dim=1).indices.sort(1).values) for x, _ in real]
     sums = {name: mean_squares(teacher, b) for name, b in (("sparse", sparse), ("real", real), ("real_salient", salient))}
-    ratio = {f"{a}/{b}": {kind: [round(x / y, 3) for x, y in zip(sums[a][kind], sums[b][kind])] for kind in sums[a]}
-             for a, b in (("sparse", "real"), ("real_salient", "real"), ("sparse", "real_salient"))}
+    sums.update({pool: mean_squares(teacher, pool_batches(teacher, CACHE / "pools" / pool, DEIT_TINY, NUM, NUM)) for pool in others})
+    pairs = [("sparse", "real"), ("real_salient", "real"), ("sparse", "real_salient"), *((pool, "real") for pool in others)]
+    ratio = {f"{a}/{b}": {kind: [round(x / y, 3) for x, y in zip(sums[a][kind], sums[b][kind])] for kind in sums[a]} for a, b in pairs}
     path = RESULTS / "calibration_gap.json"
     payload = json.loads(path.read_text()) if path.is_file() else {}
     payload["activation_energy"] = {"what": f"per block, mean square of the input over the calibration images; real_salient: the real "
-                                            f"images fed the {kept} patches the teacher's last block attends to most from the class token",
+                                            f"images fed the {kept} patches the teacher's last block attends to most from the class token; "
+                                            f"other pools (their first {NUM} images, kept patches) by name",
                                     "mean_square": sums, "ratio": ratio, "command": "python " + " ".join(sys.argv), "commit": commit()}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     for name, r in ratio.items():
@@ -239,14 +241,14 @@ def main() -> None:
     swap_parser = sub.add_parser("swap")
     swap_parser.add_argument("--base", choices=["sparse", "real2"], default="sparse", help="the model parts are swapped into")
     swap_parser.add_argument("--shard", default="0/1", help="I/N: evaluate every N-th hybrid from the I-th (one process per core)")
-    sub.add_parser("energy")
+    sub.add_parser("energy").add_argument("--pools", nargs="*", default=[], help="other cached pools to measure the same way")
     args = parser.parse_args()
     torch.manual_seed(0)
     teacher = load_model(DEIT_TINY, DEIT_TINY_CKPT).eval()
     if args.stage == "make":
         make(args.source, teacher, args.bits)
     elif args.stage == "energy":
-        energy(teacher)
+        energy(teacher, args.pools)
     else:
         index, count = map(int, args.shard.split("/"))
         swap(teacher, args.base, (index, count), args.bits)
