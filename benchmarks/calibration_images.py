@@ -7,7 +7,7 @@ The results file was made by two processes, one per core:
 and ``--only calib_reference_bf16 calib_reference_1600_bf16 calib_smooth_0.3 calib_boundary_0.4 --seeds 0``;
 the reconstruction rows by ``--only recon_iters_100 recon_drop_0.75 recon_steps_frozen --seeds 0`` and
 ``... --seeds 1`` (one per core), then the same with no ``--seeds`` to gather both (all cached);
-``--only all_patches --seeds 0``.
+``--only all_patches --seeds 0``; ``--only filled_mean filled_blur --seeds 0`` (one per core).
 
 Each row inverts 32 sparse DeiT-Tiny images (400 steps, seed 0 unless the row says otherwise,
 fp32, rescored masks: ``benchmarks/make_pools.py``'s pools) with one setting changed, quantizes the model W4/A4 with
@@ -36,7 +36,9 @@ Reconstruction rows keep the images (the two reference-stop pools, seeds 0 and 1
 seeds 0 and 1: four runs, like the reference-stops rows together) and make the reconstruction fit them less:
 100 steps per unit instead of 300, QDrop probability 0.75 instead of 0.5, activation step sizes
 left where calibration put them; or feed the same images whole (``all_patches``: every patch, the
-stopped ones as they were when stopped, instead of the kept ones only).
+stopped ones black as the pool stores them, instead of the kept ones only; ``filled_mean``: the stopped
+patches set to the normalisation mean, flat grey; ``filled_blur``: the stopped patches taken from the
+kept patches' colours smoothed over the patch grid, a smooth background).
 
 Pools are cached under ``benchmarks/cache/pools/calib_*`` and checked against their recorded
 settings. Results: ``benchmarks/results/calibration_images.json``.
@@ -141,13 +143,18 @@ ROWS = {
 }
 DISTILL_POOL = "kt_sparse_512_s0"  # distill.py's pool: scaled stops, bf16, last-phase masks (its first 32 images)
 # Rows on the same images (the two reference-stop pools, seeds 0 and 1), reconstructed or fed
-# otherwise; name -> (what, ReconConfig fields changed, fed with all their patches).
+# otherwise; name -> (what, ReconConfig fields changed, what fills the stopped patches when the images
+# are fed whole: None feeds the kept patches only).
 RECON_POOLS = ("calib_reference_fp32", "calib_reference_fp32_s1")
 RECON_ROWS = {
-    "recon_iters_100": ("100 reconstruction steps per unit (default 300)", {"iters": 100}, False),
-    "recon_drop_0.75": ("QDrop probability 0.75 (default 0.5)", {"drop_prob": 0.75}, False),
-    "recon_steps_frozen": ("activation step sizes not learned (lr_scale 0)", {"lr_scale": 0.0}, False),
-    "all_patches": ("fed with all 196 patches, the stopped ones as they were when stopped", {}, True),
+    "recon_iters_100": ("100 reconstruction steps per unit (default 300)", {"iters": 100}, None),
+    "recon_drop_0.75": ("QDrop probability 0.75 (default 0.5)", {"drop_prob": 0.75}, None),
+    "recon_steps_frozen": ("activation step sizes not learned (lr_scale 0)", {"lr_scale": 0.0}, None),
+    "all_patches": ("fed with all 196 patches, the stopped ones black as the pool stores them", {}, "stopped"),
+    # Sparse feeding drives the attention output wider than whole photographs (calibration_gap.py energy):
+    # whole images whose stopped patches are a plain background.
+    "filled_mean": ("fed whole, the stopped patches flat at the normalisation mean", {}, "mean"),
+    "filled_blur": ("fed whole, the stopped patches from the kept patches' colours smoothed over the patch grid", {}, "blur"),
 }
 
 
@@ -178,21 +185,43 @@ def main() -> None:
         print(f"{name}: train100 {rows[name]['train100_top1_mean']:.1f}, val {rows[name]['val_top1_mean']:.1f}, "
               f"teacher confidence {confidence:.2f}", flush=True)
         save(rows)
-    for name, (what, changes, all_patches) in RECON_ROWS.items():
+    for name, (what, changes, fill) in RECON_ROWS.items():
         if args.only and name not in args.only:
             continue
         runs = {}
         for pool in RECON_POOLS:
             batches = pool_batches(teacher, pools[pool](), DEIT_TINY, NUM, NUM)
-            if all_patches:
-                batches = [(images, None) for images, _ in batches]
+            if fill is not None:
+                batches = [(filled(images, keep, fill, teacher.patch_embed.patch_size), None) for images, keep in batches]
             for seed in args.seeds:
                 runs[f"{pool}, seed {seed}"] = reconstruction(f"{name}-{pool}-seed{seed}", teacher, batches, {**changes, "seed": seed}, yardstick, val)
-        rows[name] = {"what": what, "pools": list(RECON_POOLS), "recon_changes": changes, "all_patches": all_patches,
+        rows[name] = {"what": what, "pools": list(RECON_POOLS), "recon_changes": changes, "all_patches": fill is not None, "fill": fill,
                       **{f"{k}_mean": statistics.mean(r[k] for r in runs.values()) for k in ("train100_top1", "val_top1")},
                       "seeds": runs, "command": "python benchmarks/calibration_images.py " + " ".join(sys.argv[1:]), "commit": commit()}
         print(f"{name}: train100 {rows[name]['train100_top1_mean']:.1f}, val {rows[name]['val_top1_mean']:.1f}", flush=True)
         save(rows)
+
+
+def filled(images: torch.Tensor, keep: torch.Tensor, fill: str, patch: tuple[int, int]) -> torch.Tensor:
+    """Whole images whose patches outside ``keep`` are as the pool stores them, black (``stopped``),
+    zero in normalised space, i.e. the mean colour (``mean``), or the kept patches' mean colours
+    smoothed over the patch grid (a 5x5 normalised box filter, zero where no kept patch is near)
+    and upsampled bilinearly (``blur``)."""
+    if fill == "stopped":
+        return images
+    b, _, h, w = images.shape
+    rows, cols = h // patch[0], w // patch[1]
+    kept = torch.zeros(b, rows * cols, dtype=torch.bool)
+    kept[torch.arange(b)[:, None], keep] = True
+    kept = kept.view(b, 1, rows, cols).repeat_interleave(patch[0], 2).repeat_interleave(patch[1], 3)
+    if fill == "mean":
+        background = torch.zeros_like(images)
+    else:
+        weight = kept[:, :, :: patch[0], :: patch[1]].float()  # (B, 1, rows, cols): 1 at kept cells
+        colours = F.avg_pool2d(images, patch) * weight
+        smooth = F.avg_pool2d(colours, 5, 1, 2) / F.avg_pool2d(weight, 5, 1, 2).clamp_min(1e-6)
+        background = F.interpolate(smooth, size=(h, w), mode="bilinear", align_corners=False)
+    return torch.where(kept, images, background)
 
 
 def make_pool(name: str, config, teacher):
