@@ -7,7 +7,8 @@ The results file was made by two processes, one per core:
 and ``--only calib_reference_bf16 calib_reference_1600_bf16 calib_smooth_0.3 calib_boundary_0.4 --seeds 0``;
 the reconstruction rows by ``--only recon_iters_100 recon_drop_0.75 recon_steps_frozen --seeds 0`` and
 ``... --seeds 1`` (one per core), then the same with no ``--seeds`` to gather both (all cached);
-``--only all_patches --seeds 0``; ``--only filled_mean filled_blur --seeds 0`` (one per core).
+``--only all_patches --seeds 0``; ``--only filled_mean filled_blur --seeds 0``; ``--only calib_tv_1e-3``,
+``--only calib_energy_0.3``, ``--only calib_energy_early_1``, ``--only calib_energy_early_3`` (one process per core).
 
 Each row inverts 32 sparse DeiT-Tiny images (400 steps, seed 0 unless the row says otherwise,
 fp32, rescored masks: ``benchmarks/make_pools.py``'s pools) with one setting changed, quantizes the model W4/A4 with
@@ -29,6 +30,10 @@ Rows:
   certainty);
 * boundary 0.4: cross-entropy against 0.6 of the class and 0.4 of a partner class (a fixed
   random pairing), images near a decision boundary (Qimera's boundary-supporting samples);
+* TV 1e-3: ten times the default TV-L2 weight (smoother images);
+* activation energy: a term (:class:`ActivationEnergy`) that lowers the energy of the attention
+  projection's and fc2's inputs, over every block (0.3) or blocks 0-5 (1 and 3), where sparse
+  images give far more than photographs (``calibration_gap.py energy``);
 * distill.py's pool: the first 32 images of ``kt_sparse_512_s0`` (scaled stops, bf16,
   last-phase masks), the knowledge-transfer benchmarks' post-training start.
 
