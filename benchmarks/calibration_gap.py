@@ -2,7 +2,7 @@
 
     python benchmarks/calibration_gap.py make sparse|real|real2     # one reconstruction each (a core each)
     python benchmarks/calibration_gap.py swap [--base sparse|real2] [--shard I/N]    # the hybrids, then the results file
-    python benchmarks/calibration_gap.py energy [--pools NAME ...]     # activation energy of the calibration images, into the same file
+    python benchmarks/calibration_gap.py energy [--pools NAME ...]     # activation energy of the calibration images
     python benchmarks/calibration_gap.py --bits 3 make sparse|real; ... --bits 3 swap    # the same at W3/A3 (no control)
 
 A diagnostic, not a data-free result: it reads real images to say where inverted ones fall short.
@@ -29,7 +29,7 @@ difference is the images and how much is feeding fewer, more salient patches.
 ``--bits 3`` does the same at W3/A3, where sparse calibration lands near Gaussian noise's (its own models,
 cells and results file, ``calibration_gap_w3a3.json``).
 
-Results: ``benchmarks/results/calibration_gap.json``; models and hybrid scores cached under
+Results: ``benchmarks/results/calibration_gap.json`` (``calibration_energy.json`` from ``energy``); models and hybrid scores cached under
 ``benchmarks/cache/calibration_gap``.
 """
 
@@ -45,7 +45,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, RESULTS, TRAIN100, commit, image_subset, write_results
+from calibration_images import ActivationEnergy
+from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, TRAIN100, commit, image_subset, write_results
 from quantization import batches_for, val_subset
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -160,11 +161,7 @@ def swap(teacher, base: str, shard: tuple[int, int], bits: int) -> None:
             payload.update(control="the same swaps into a model calibrated on 32 other real train100 images (each class's 21st-24th)",
                            control_rows=done["real2"], qkv_fold_ratio_control=fold_ratios(models["real2"], models["real"]),
                            step_ratio_control=step_ratios(models["real2"], models["real"]))
-        name = "calibration_gap" if bits == 4 else f"calibration_gap_w{bits}a{bits}"
-        held = RESULTS / f"{name}.json"
-        if held.is_file() and "activation_energy" in (kept := json.loads(held.read_text())):
-            payload["activation_energy"] = kept["activation_energy"]  # written by the energy stage
-        print(f"wrote {write_results(name, payload)}")
+        print(f"wrote {write_results('calibration_gap' if bits == 4 else f'calibration_gap_w{bits}a{bits}', payload)}")
 
 
 def fold_ratios(other: dict, real: dict) -> dict[str, list[float]]:
@@ -191,24 +188,18 @@ def step_ratios(other: dict, real: dict) -> dict[str, list[float]]:
 
 
 def mean_squares(teacher, batches) -> dict[str, list[float]]:
-    """Per block, the mean square of the attention projection's input and of fc2's input over ``batches``."""
+    """Per block, the mean square of the attention projection's input and of fc2's input over ``batches``
+    (recorded by the hooks of calibration_images.py's inversion term)."""
     sums: dict[str, list[float]] = {"projection input": [0.0] * DEPTH, "fc2 input (post-GELU)": [0.0] * DEPTH}
-    layers = [(kind, i, layer) for i, block in enumerate(teacher.blocks)
-              for kind, layer in (("projection input", block.attn.proj), ("fc2 input (post-GELU)", block.mlp.fc2))]
-
-    def hook(kind, i):
-        def record(module, inputs) -> None:
-            sums[kind][i] += inputs[0].float().square().mean().item() / len(batches)
-        return record
-
-    handles = [layer.register_forward_pre_hook(hook(kind, i)) for kind, i, layer in layers]
+    recorded = ActivationEnergy(teacher)  # records [proj 0, fc2 0, proj 1, ...] inputs
     try:
         with torch.no_grad():
             for images, keep in batches:
                 logits(teacher, images, keep)
+                for position, x in recorded.values.items():
+                    sums[list(sums)[position % 2]][position // 2] += x.float().square().mean().item() / len(batches)
     finally:
-        for handle in handles:
-            handle.remove()
+        recorded.remove()
     return sums
 
 
@@ -222,13 +213,10 @@ def energy(teacher, others: list[str]) -> None:
     sums.update({pool: mean_squares(teacher, pool_batches(teacher, CACHE / "pools" / pool, DEIT_TINY, NUM, NUM)) for pool in others})
     pairs = [("sparse", "real"), ("real_salient", "real"), ("sparse", "real_salient"), *((pool, "real") for pool in others)]
     ratio = {f"{a}/{b}": {kind: [round(x / y, 3) for x, y in zip(sums[a][kind], sums[b][kind])] for kind in sums[a]} for a, b in pairs}
-    path = RESULTS / "calibration_gap.json"
-    payload = json.loads(path.read_text()) if path.is_file() else {}
-    payload["activation_energy"] = {"what": f"per block, mean square of the input over the calibration images; real_salient: the real "
-                                            f"images fed the {kept} patches the teacher's last block attends to most from the class token; "
-                                            f"other pools (their first {NUM} images, kept patches) by name",
-                                    "mean_square": sums, "ratio": ratio, "command": "python " + " ".join(sys.argv), "commit": commit()}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    write_results("calibration_energy", {
+        "what": f"per block, mean square of the input over the calibration images; real_salient: the real images fed the {kept} "
+                f"patches the teacher's last block attends to most from the class token; other pools (their first {NUM} images, "
+                "kept patches) by name", "sparse_pool": POOL.name, "mean_square": sums, "ratio": ratio})
     for name, r in ratio.items():
         print(name, {kind: [round(v, 2) for v in values] for kind, values in r.items()})
 
