@@ -22,7 +22,7 @@ real calibrations is known beside what it does for the inverted one.
 
 ``energy`` records, per block, the mean square of the two inputs whose steps differ most (the attention
 projection's and the post-GELU fc2 input) on the sparse images as calibration feeds them (their kept
-patches), over the same on the 32 real images fed whole and fed only the 46 patches the teacher's last
+patches), over the same on the 32 real images fed whole and fed only the 47 patches the teacher's last
 block attends to most from the class token (as many as the sparse images keep): how much of the
 difference is the images and how much is feeding fewer, more salient patches.
 
