@@ -216,16 +216,15 @@ def filled(images: torch.Tensor, keep: torch.Tensor, fill: str, patch: tuple[int
         return images
     b, _, h, w = images.shape
     rows, cols = h // patch[0], w // patch[1]
-    kept = torch.zeros(b, rows * cols, dtype=torch.bool)
-    kept[torch.arange(b)[:, None], keep] = True
-    kept = kept.view(b, 1, rows, cols).repeat_interleave(patch[0], 2).repeat_interleave(patch[1], 3)
+    cells = torch.zeros(b, rows * cols)
+    cells[torch.arange(b)[:, None], keep] = 1.0
+    cells = cells.view(b, 1, rows, cols)  # 1 at kept cells
     if fill == "mean":
         background = torch.zeros_like(images)
     else:
-        weight = kept[:, :, :: patch[0], :: patch[1]].float()  # (B, 1, rows, cols): 1 at kept cells
-        colours = F.avg_pool2d(images, patch) * weight
-        smooth = F.avg_pool2d(colours, 5, 1, 2) / F.avg_pool2d(weight, 5, 1, 2).clamp_min(1e-6)
+        smooth = F.avg_pool2d(F.avg_pool2d(images, patch) * cells, 5, 1, 2) / F.avg_pool2d(cells, 5, 1, 2).clamp_min(1e-6)
         background = F.interpolate(smooth, size=(h, w), mode="bilinear", align_corners=False)
+    kept = cells.bool().repeat_interleave(patch[0], 2).repeat_interleave(patch[1], 3)
     return torch.where(kept, images, background)
 
 
