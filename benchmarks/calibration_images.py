@@ -66,8 +66,9 @@ from quantization import val_subset
 
 from sparseinv import load_model
 from sparseinv.data import evaluate_tensors
-from sparseinv.inversion.losses import InversionLoss
+from sparseinv.inversion.losses import InversionLoss, StudentDisagreement
 from sparseinv.quant import QuantConfig, pool_batches, quantize_
+from sparseinv.quant.io import load_quantized
 from sparseinv.vit.forward import logits
 
 NUM = 32
@@ -163,9 +164,35 @@ RECON_ROWS = {
 }
 
 
+# Rows calibrated on 64 images: the reference-stop pool of seed 0 and a second pool of 32 beside it;
+# name -> (what, the second pool).
+AIMED_POOL = "calib_aimed_w4a4"
+MIXED_ROWS = {
+    "mixed_plain_64": ("pool seed 0 and the plain pool of seed 1 (64 images)", "calib_reference_fp32_s1"),
+    "mixed_aimed_64": ("pool seed 0 and 32 images aimed at the W4/A4 model calibrated on it (pool seed 2, teacher-student "
+                       "disagreement weight 1)", AIMED_POOL),
+}
+
+
+def aimed_pool(teacher):
+    """32 images inverted against the W4/A4 model calibrated on pool seed 0 (reconstruction seed 0):
+    Adaptive DeepInversion's competition term keeps the teacher sure while that model disagrees,
+    so they show what the calibration got wrong."""
+    def config():
+        batches = pool_batches(teacher, CACHE / "pools" / "calib_reference_fp32", DEIT_TINY, NUM, NUM)
+        cached = CACHE / "calibration_gap" / "w4a4_sparse.safetensors"  # calibration_gap.py's: the same reconstruction
+        if cached.is_file():
+            model = load_quantized(copy.deepcopy(teacher), cached, DEIT_TINY)
+        else:
+            model = quantize_(copy.deepcopy(teacher), QuantConfig.for_method("recon", 4, 4), batches, progress=False)
+        return replace(pool_config(True, NUM, seed=2), loss=InversionLoss(extra=[(1.0, StudentDisagreement(model.eval().requires_grad_(False)))]))
+    path = CACHE / "pools" / AIMED_POOL
+    return path if (path / "run.json").is_file() and json.loads((path / "run.json").read_text()).get("complete") else make_pool(AIMED_POOL, config(), teacher)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=[*ROWS, DISTILL_POOL, *RECON_ROWS], help="rows to run (default: all)")
+    parser.add_argument("--only", nargs="+", choices=[*ROWS, DISTILL_POOL, *RECON_ROWS, *MIXED_ROWS], help="rows to run (default: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="reconstruction seeds per row (default 0 1)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -173,8 +200,11 @@ def main() -> None:
     yardstick, val = image_subset(teacher, TRAIN100, 20, "train100"), val_subset(teacher, 100)
     pools = {name: (lambda n=name, c=make: make_pool(n, c(teacher), teacher)) for name, (_, make) in ROWS.items()}
     pools[DISTILL_POOL] = lambda: CACHE / "pools" / DISTILL_POOL
+    pools[AIMED_POOL] = lambda: aimed_pool(teacher)
     rows = {}
     for name, pool in pools.items():
+        if name == AIMED_POOL:
+            continue  # made for its mixed row only
         if args.only and name not in args.only:
             continue
         path = pool()
@@ -203,6 +233,17 @@ def main() -> None:
         rows[name] = {"what": what, "pools": list(RECON_POOLS), "recon_changes": changes, "all_patches": fill is not None, "fill": fill,
                       **{f"{k}_mean": statistics.mean(r[k] for r in runs.values()) for k in ("train100_top1", "val_top1")},
                       "seeds": runs, "command": "python benchmarks/calibration_images.py " + " ".join(sys.argv[1:]), "commit": commit()}
+        print(f"{name}: train100 {rows[name]['train100_top1_mean']:.1f}, val {rows[name]['val_top1_mean']:.1f}", flush=True)
+        save(rows)
+
+
+    for name, (what, second) in MIXED_ROWS.items():
+        if args.only and name not in args.only:
+            continue
+        batches = [batch for pool in ("calib_reference_fp32", second) for batch in pool_batches(teacher, pools[pool](), DEIT_TINY, NUM, NUM)]
+        seeds = {seed: reconstruction(f"{name}-seed{seed}", teacher, batches, {"seed": seed}, yardstick, val) for seed in args.seeds}
+        rows[name] = {"what": what, "images": NUM * 2, **{f"{k}_mean": statistics.mean(s[k] for s in seeds.values()) for k in ("train100_top1", "val_top1")},
+                      "seeds": seeds, "command": "python benchmarks/calibration_images.py " + " ".join(sys.argv[1:]), "commit": commit()}
         print(f"{name}: train100 {rows[name]['train100_top1_mean']:.1f}, val {rows[name]['val_top1_mean']:.1f}", flush=True)
         save(rows)
 
