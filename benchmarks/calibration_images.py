@@ -8,7 +8,8 @@ and ``--only calib_reference_bf16 calib_reference_1600_bf16 calib_smooth_0.3 cal
 the reconstruction rows by ``--only recon_iters_100 recon_drop_0.75 recon_steps_frozen --seeds 0`` and
 ``... --seeds 1`` (one per core), then the same with no ``--seeds`` to gather both (all cached);
 ``--only all_patches --seeds 0``; ``--only filled_mean filled_blur --seeds 0``; ``--only calib_tv_1e-3``,
-``--only calib_energy_0.3``, ``--only calib_energy_early_1``, ``--only calib_energy_early_3`` (one process per core).
+``--only calib_energy_0.3``, ``--only calib_energy_early_1``, ``--only calib_energy_early_3`` (one process per core);
+``--only mixed_plain_64 --seeds 0`` and ``--only mixed_aimed_64 --seeds 0`` (one per core).
 
 Each row inverts 32 sparse DeiT-Tiny images (400 steps, seed 0 unless the row says otherwise,
 fp32, rescored masks: ``benchmarks/make_pools.py``'s pools) with one setting changed, quantizes the model W4/A4 with
@@ -44,6 +45,11 @@ left where calibration put them; or feed the same images whole (``all_patches``:
 stopped ones black as the pool stores them, instead of the kept ones only; ``filled_mean``: the stopped
 patches set to the normalisation mean, flat grey; ``filled_blur``: the stopped patches taken from the
 kept patches' colours smoothed over the patch grid, a smooth background).
+
+Rows on 64 images: the reference-stop pool of seed 0 with the plain pool of seed 1
+(``mixed_plain_64``), or with 32 images (pool seed 2) inverted against the W4/A4 model calibrated on
+pool seed 0, the teacher-student disagreement term at weight 1 beside the cross-entropy
+(``mixed_aimed_64``: images where that model and the teacher disagree).
 
 Pools are cached under ``benchmarks/cache/pools/calib_*`` and checked against their recorded
 settings. Results: ``benchmarks/results/calibration_images.json``.
@@ -235,8 +241,6 @@ def main() -> None:
                       "seeds": runs, "command": "python benchmarks/calibration_images.py " + " ".join(sys.argv[1:]), "commit": commit()}
         print(f"{name}: train100 {rows[name]['train100_top1_mean']:.1f}, val {rows[name]['val_top1_mean']:.1f}", flush=True)
         save(rows)
-
-
     for name, (what, second) in MIXED_ROWS.items():
         if args.only and name not in args.only:
             continue
