@@ -184,16 +184,14 @@ def aimed_pool(teacher):
     """32 images inverted against the W4/A4 model calibrated on pool seed 0 (reconstruction seed 0):
     Adaptive DeepInversion's competition term keeps the teacher sure while that model disagrees,
     so they show what the calibration got wrong."""
-    def config():
+    cached = CACHE / "calibration_gap" / "w4a4_sparse.safetensors"  # calibration_gap.py's: the same reconstruction
+    if cached.is_file():
+        model = load_quantized(copy.deepcopy(teacher), cached, DEIT_TINY)
+    else:
         batches = pool_batches(teacher, CACHE / "pools" / "calib_reference_fp32", DEIT_TINY, NUM, NUM)
-        cached = CACHE / "calibration_gap" / "w4a4_sparse.safetensors"  # calibration_gap.py's: the same reconstruction
-        if cached.is_file():
-            model = load_quantized(copy.deepcopy(teacher), cached, DEIT_TINY)
-        else:
-            model = quantize_(copy.deepcopy(teacher), QuantConfig.for_method("recon", 4, 4), batches, progress=False)
-        return replace(pool_config(True, NUM, seed=2), loss=InversionLoss(extra=[(1.0, StudentDisagreement(model.eval().requires_grad_(False)))]))
-    path = CACHE / "pools" / AIMED_POOL
-    return path if (path / "run.json").is_file() and json.loads((path / "run.json").read_text()).get("complete") else make_pool(AIMED_POOL, config(), teacher)
+        model = quantize_(copy.deepcopy(teacher), QuantConfig.for_method("recon", 4, 4), batches, progress=False)
+    loss = InversionLoss(extra=[(1.0, StudentDisagreement(model.eval().requires_grad_(False)))])
+    return make_pool(AIMED_POOL, replace(pool_config(True, NUM, seed=2), loss=loss), teacher)  # ensure_pool checks a cached pool's settings
 
 
 def main() -> None:
@@ -219,12 +217,8 @@ def main() -> None:
         with torch.no_grad():
             confidence = torch.cat([logits(teacher, x, k).softmax(-1).amax(-1) for x, k in batches]).mean().item()
         seeds = {seed: reconstruction(f"{name}-seed{seed}", teacher, batches, {"seed": seed}, yardstick, val) for seed in args.seeds}
-        rows[name] = {"what": ROWS[name][0] if name in ROWS else "distill.py's pool: scaled stops, bf16, last-phase masks",
-                      "inversion_seconds": run["batches"][0]["wall_seconds"], "teacher_confidence": confidence,
-                      **{f"{k}_mean": statistics.mean(s[k] for s in seeds.values()) for k in ("train100_top1", "val_top1")},
-                      "seeds": seeds, "command": "python benchmarks/calibration_images.py " + " ".join(sys.argv[1:]), "commit": commit()}
-        print(f"{name}: train100 {rows[name]['train100_top1_mean']:.1f}, val {rows[name]['val_top1_mean']:.1f}, "
-              f"teacher confidence {confidence:.2f}", flush=True)
+        rows[name] = row(name, seeds, what=ROWS[name][0] if name in ROWS else "distill.py's pool: scaled stops, bf16, last-phase masks",
+                         inversion_seconds=run["batches"][0]["wall_seconds"], teacher_confidence=confidence)
         save(rows)
     for name, (what, changes, fill) in RECON_ROWS.items():
         if args.only and name not in args.only:
@@ -236,20 +230,23 @@ def main() -> None:
                 batches = [(filled(images, keep, fill, teacher.patch_embed.patch_size), None) for images, keep in batches]
             for seed in args.seeds:
                 runs[f"{pool}, seed {seed}"] = reconstruction(f"{name}-{pool}-seed{seed}", teacher, batches, {**changes, "seed": seed}, yardstick, val)
-        rows[name] = {"what": what, "pools": list(RECON_POOLS), "recon_changes": changes, "all_patches": fill is not None, "fill": fill,
-                      **{f"{k}_mean": statistics.mean(r[k] for r in runs.values()) for k in ("train100_top1", "val_top1")},
-                      "seeds": runs, "command": "python benchmarks/calibration_images.py " + " ".join(sys.argv[1:]), "commit": commit()}
-        print(f"{name}: train100 {rows[name]['train100_top1_mean']:.1f}, val {rows[name]['val_top1_mean']:.1f}", flush=True)
+        rows[name] = row(name, runs, what=what, pools=list(RECON_POOLS), recon_changes=changes, all_patches=fill is not None, fill=fill)
         save(rows)
     for name, (what, second) in MIXED_ROWS.items():
         if args.only and name not in args.only:
             continue
         batches = [batch for pool in ("calib_reference_fp32", second) for batch in pool_batches(teacher, pools[pool](), DEIT_TINY, NUM, NUM)]
         seeds = {seed: reconstruction(f"{name}-seed{seed}", teacher, batches, {"seed": seed}, yardstick, val) for seed in args.seeds}
-        rows[name] = {"what": what, "images": NUM * 2, **{f"{k}_mean": statistics.mean(s[k] for s in seeds.values()) for k in ("train100_top1", "val_top1")},
-                      "seeds": seeds, "command": "python benchmarks/calibration_images.py " + " ".join(sys.argv[1:]), "commit": commit()}
-        print(f"{name}: train100 {rows[name]['train100_top1_mean']:.1f}, val {rows[name]['val_top1_mean']:.1f}", flush=True)
+        rows[name] = row(name, seeds, what=what, images=NUM * 2)
         save(rows)
+
+
+def row(name: str, runs: dict, **fields) -> dict:
+    """A row of the results file: ``fields``, the mean scores over its reconstructions ``runs``, and them."""
+    means = {f"{k}_mean": statistics.mean(r[k] for r in runs.values()) for k in ("train100_top1", "val_top1")}
+    print(f"{name}: train100 {means['train100_top1_mean']:.1f}, val {means['val_top1_mean']:.1f}"
+          + (f", teacher confidence {fields['teacher_confidence']:.2f}" if "teacher_confidence" in fields else ""), flush=True)
+    return {**fields, **means, "seeds": runs, "command": "python benchmarks/calibration_images.py " + " ".join(sys.argv[1:]), "commit": commit()}
 
 
 def filled(images: torch.Tensor, keep: torch.Tensor, fill: str, patch: tuple[int, int]) -> torch.Tensor:
