@@ -9,7 +9,8 @@ the reconstruction rows by ``--only recon_iters_100 recon_drop_0.75 recon_steps_
 ``... --seeds 1`` (one per core), then the same with no ``--seeds`` to gather both (all cached);
 ``--only all_patches --seeds 0``; ``--only filled_mean filled_blur --seeds 0``; ``--only calib_tv_1e-3``,
 ``--only calib_energy_0.3``, ``--only calib_energy_early_1``, ``--only calib_energy_early_3`` (one process per core);
-``--only mixed_plain_64 --seeds 0`` and ``--only mixed_aimed_64 --seeds 0`` (one per core).
+``--only mixed_plain_64 --seeds 0`` and ``--only mixed_aimed_64 --seeds 0`` (one per core);
+``--only contrast_0.8`` and ``--only contrast_0.6`` (one per core).
 
 Each row inverts 32 sparse DeiT-Tiny images (400 steps, seed 0 unless the row says otherwise,
 fp32, rescored masks: ``benchmarks/make_pools.py``'s pools) with one setting changed, quantizes the model W4/A4 with
@@ -44,7 +45,9 @@ seeds 0 and 1: four runs, like the reference-stops rows together) and make the r
 left where calibration put them; or feed the same images whole (``all_patches``: every patch, the
 stopped ones black as the pool stores them, instead of the kept ones only; ``filled_mean``: the stopped
 patches set to the normalisation mean, flat grey; ``filled_blur``: the stopped patches taken from the
-kept patches' colours smoothed over the patch grid, a smooth background).
+kept patches' colours smoothed over the patch grid, a smooth background), or feed the kept patches with
+lower contrast (``contrast_0.8``, ``contrast_0.6``: normalised pixels times 0.8 or 0.6, toward the
+mean colour; the energy of the first blocks falls with it, no inversion needed).
 
 Rows on 64 images: the reference-stop pool of seed 0 with the plain pool of seed 1
 (``mixed_plain_64``), or with 32 images (pool seed 2) inverted against the W4/A4 model calibrated on
@@ -156,7 +159,7 @@ ROWS = {
 DISTILL_POOL = "kt_sparse_512_s0"  # distill.py's pool: scaled stops, bf16, last-phase masks (its first 32 images)
 # Rows on the same images (the two reference-stop pools, seeds 0 and 1), reconstructed or fed
 # otherwise; name -> (what, ReconConfig fields changed, what fills the stopped patches when the images
-# are fed whole: None feeds the kept patches only).
+# are fed whole: None feeds the kept patches only; a number feeds them with their normalised pixels scaled by it).
 RECON_POOLS = ("calib_reference_fp32", "calib_reference_fp32_s1")
 RECON_ROWS = {
     "recon_iters_100": ("100 reconstruction steps per unit (default 300)", {"iters": 100}, None),
@@ -167,6 +170,11 @@ RECON_ROWS = {
     # whole images whose stopped patches are a plain background.
     "filled_mean": ("fed whole, the stopped patches flat at the normalisation mean", {}, "mean"),
     "filled_blur": ("fed whole, the stopped patches from the kept patches' colours smoothed over the patch grid", {}, "blur"),
+    # Lower contrast lowers that energy without another inversion: the kept patches' normalised
+    # pixels scaled toward the mean colour (0.6 brings block 0's projection input from 3.8 to 2.0
+    # times the real images').
+    "contrast_0.8": ("kept patches, normalised pixels scaled by 0.8 (toward the mean colour)", {}, 0.8),
+    "contrast_0.6": ("kept patches, normalised pixels scaled by 0.6 (toward the mean colour)", {}, 0.6),
 }
 
 
@@ -226,11 +234,20 @@ def main() -> None:
         runs = {}
         for pool in RECON_POOLS:
             batches = pool_batches(teacher, pools[pool](), DEIT_TINY, NUM, NUM)
-            if fill is not None:
+            if isinstance(fill, float):
+                batches = [(images * fill, keep) for images, keep in batches]
+            elif fill is not None:
                 batches = [(filled(images, keep, fill, teacher.patch_embed.patch_size), None) for images, keep in batches]
             for seed in args.seeds:
                 runs[f"{pool}, seed {seed}"] = reconstruction(f"{name}-{pool}-seed{seed}", teacher, batches, {**changes, "seed": seed}, yardstick, val)
-        rows[name] = row(name, runs, what=what, pools=list(RECON_POOLS), recon_changes=changes, all_patches=fill is not None, fill=fill)
+        if isinstance(fill, float):  # does the teacher still see the class in them?
+            with torch.no_grad():
+                confidence = statistics.mean(logits(teacher, x * fill, k).softmax(-1).amax(-1).mean().item()
+                                             for pool in RECON_POOLS for x, k in pool_batches(teacher, pools[pool](), DEIT_TINY, NUM, NUM))
+            rows[name] = row(name, runs, what=what, pools=list(RECON_POOLS), recon_changes=changes, contrast=fill,
+                             teacher_confidence=confidence)
+        else:
+            rows[name] = row(name, runs, what=what, pools=list(RECON_POOLS), recon_changes=changes, all_patches=fill is not None, fill=fill)
         save(rows)
     for name, (what, second) in MIXED_ROWS.items():
         if args.only and name not in args.only:
