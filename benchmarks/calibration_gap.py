@@ -2,7 +2,7 @@
 
     python benchmarks/calibration_gap.py make sparse|real|real2     # one reconstruction each (a core each)
     python benchmarks/calibration_gap.py swap [--base sparse|real2] [--shard I/N]    # the hybrids, then the results file
-    python benchmarks/calibration_gap.py energy [--pools NAME ...]     # activation energy of the calibration images
+    python benchmarks/calibration_gap.py energy [--pools NAME ...] [--contrast C ...]  # activation energy of the calibration images
     python benchmarks/calibration_gap.py --bits 3 make sparse|real; ... --bits 3 swap    # the same at W3/A3 (no control)
 
 A diagnostic, not a data-free result: it reads real images to say where inverted ones fall short.
@@ -203,7 +203,7 @@ def mean_squares(teacher, batches) -> dict[str, list[float]]:
     return sums
 
 
-def energy(teacher, others: list[str]) -> None:
+def energy(teacher, others: list[str], contrasts: list[float]) -> None:
     sparse = pool_batches(teacher, POOL, DEIT_TINY, NUM, NUM)
     kept = sparse[0][1].shape[1]
     real = batches_for(teacher, "real", NUM)
@@ -211,12 +211,14 @@ def energy(teacher, others: list[str]) -> None:
         salient = [(x, sparse_forward(teacher, x, None, return_cls_attn=True).cls_attn.topk(kept, dim=1).indices.sort(1).values) for x, _ in real]
     sums = {name: mean_squares(teacher, b) for name, b in (("sparse", sparse), ("real", real), ("real_salient", salient))}
     sums.update({pool: mean_squares(teacher, pool_batches(teacher, CACHE / "pools" / pool, DEIT_TINY, NUM, NUM)) for pool in others})
-    pairs = [("sparse", "real"), ("real_salient", "real"), ("sparse", "real_salient"), *((pool, "real") for pool in others)]
+    sums.update({f"sparse_contrast_{c}": mean_squares(teacher, [(x * c, k) for x, k in sparse]) for c in contrasts})
+    extra = [*others, *(f"sparse_contrast_{c}" for c in contrasts)]
+    pairs = [("sparse", "real"), ("real_salient", "real"), ("sparse", "real_salient"), *((name, "real") for name in extra)]
     ratio = {f"{a}/{b}": {kind: [round(x / y, 3) for x, y in zip(sums[a][kind], sums[b][kind])] for kind in sums[a]} for a, b in pairs}
     write_results("calibration_energy", {
         "what": f"per block, mean square of the input over the calibration images; real_salient: the real images fed the {kept} "
                 f"patches the teacher's last block attends to most from the class token; other pools (their first {NUM} images, "
-                "kept patches) by name", "sparse_pool": POOL.name, "mean_square": sums, "ratio": ratio})
+                "kept patches) by name; sparse_contrast_C: the sparse images' normalised pixels times C", "sparse_pool": POOL.name, "mean_square": sums, "ratio": ratio})
     for name, r in ratio.items():
         print(name, {kind: [round(v, 2) for v in values] for kind, values in r.items()})
 
@@ -229,14 +231,16 @@ def main() -> None:
     swap_parser = sub.add_parser("swap")
     swap_parser.add_argument("--base", choices=["sparse", "real2"], default="sparse", help="the model parts are swapped into")
     swap_parser.add_argument("--shard", default="0/1", help="I/N: evaluate every N-th hybrid from the I-th (one process per core)")
-    sub.add_parser("energy").add_argument("--pools", nargs="*", default=[], help="other cached pools to measure the same way")
+    energy_parser = sub.add_parser("energy")
+    energy_parser.add_argument("--pools", nargs="*", default=[], help="other cached pools to measure the same way")
+    energy_parser.add_argument("--contrast", nargs="*", type=float, default=[], help="also the sparse images with their normalised pixels times these")
     args = parser.parse_args()
     torch.manual_seed(0)
     teacher = load_model(DEIT_TINY, DEIT_TINY_CKPT).eval()
     if args.stage == "make":
         make(args.source, teacher, args.bits)
     elif args.stage == "energy":
-        energy(teacher, args.pools)
+        energy(teacher, args.pools, args.contrast)
     else:
         index, count = map(int, args.shard.split("/"))
         swap(teacher, args.base, (index, count), args.bits)
