@@ -10,7 +10,8 @@ the reconstruction rows by ``--only recon_iters_100 recon_drop_0.75 recon_steps_
 ``--only all_patches --seeds 0``; ``--only filled_mean filled_blur --seeds 0``; ``--only calib_tv_1e-3``,
 ``--only calib_energy_0.3``, ``--only calib_energy_early_1``, ``--only calib_energy_early_3`` (one process per core);
 ``--only mixed_plain_64 --seeds 0`` and ``--only mixed_aimed_64 --seeds 0`` (one per core);
-``--only contrast_0.8`` and ``--only contrast_0.6`` (one per core).
+``--only contrast_0.8`` and ``--only contrast_0.6`` (one per core); ``--only calib_reference_4000_bf16`` and
+``--only calib_reference_4000_bf16_s1`` (one per core).
 
 Each row inverts 32 sparse DeiT-Tiny images (400 steps, seed 0 unless the row says otherwise,
 fp32, rescored masks: ``benchmarks/make_pools.py``'s pools) with one setting changed, quantizes the model W4/A4 with
@@ -28,6 +29,7 @@ Rows:
   ``sparseinv invert --iterations 400`` does and what ``benchmarks/distill.py``'s pools use);
 * bf16: reference stops with ``--precision auto`` (bf16 on this CPU);
 * 1600 steps: reference stops in a 1600-step run, bf16;
+* 4000 steps: reference stops in a 4000-step run (``sparseinv invert``'s default length), bf16, pool seeds 0 and 1;
 * label smoothing 0.3: cross-entropy against a smoothed target (teacher no longer pushed to
   certainty);
 * boundary 0.4: cross-entropy against 0.6 of the class and 0.4 of a partner class (a fixed
@@ -148,6 +150,11 @@ ROWS = {
     "calib_reference_bf16": ("reference stops, bf16", lambda _: replace(pool_config(True, NUM), precision="auto")),
     "calib_reference_1600_bf16": ("reference stops, 1600 steps, bf16",
                                   lambda _: replace(pool_config(True, NUM, iterations=1600), precision="auto")),
+    # The length `sparseinv invert` runs by default (its stops are these as they are), pool seeds 0 and 1.
+    "calib_reference_4000_bf16": ("reference stops, 4000 steps (invert's default length), bf16",
+                                  lambda _: replace(pool_config(True, NUM, iterations=4000), precision="auto")),
+    "calib_reference_4000_bf16_s1": ("reference stops, 4000 steps, bf16, pool seed 1",
+                                     lambda _: replace(pool_config(True, NUM, iterations=4000, seed=1), precision="auto")),
     "calib_smooth_0.3": ("label smoothing 0.3", lambda _: soft("smooth", 0.3)),
     "calib_boundary_0.4": ("boundary 0.4", lambda _: soft("boundary", 0.4)),
     "calib_tv_1e-3": ("TV-L2 weight 1e-3 (default 1e-4)", lambda _: replace(pool_config(True, NUM), loss=InversionLoss(tv_l2=1e-3))),
