@@ -229,8 +229,7 @@ def main() -> None:
         path = pool()
         run = json.loads((path / "run.json").read_text())
         batches = pool_batches(teacher, path, DEIT_TINY, NUM, NUM)
-        with torch.no_grad():
-            confidence = torch.cat([logits(teacher, x, k).softmax(-1).amax(-1) for x, k in batches]).mean().item()
+        confidence = teacher_confidence(teacher, batches)
         seeds = {seed: reconstruction(f"{name}-seed{seed}", teacher, batches, {"seed": seed}, yardstick, val) for seed in args.seeds}
         rows[name] = row(name, seeds, what=ROWS[name][0] if name in ROWS else "distill.py's pool: scaled stops, bf16, last-phase masks",
                          inversion_seconds=run["batches"][0]["wall_seconds"], teacher_confidence=confidence)
@@ -238,23 +237,19 @@ def main() -> None:
     for name, (what, changes, fill) in RECON_ROWS.items():
         if args.only and name not in args.only:
             continue
-        runs = {}
+        runs, confidences = {}, []
         for pool in RECON_POOLS:
             batches = pool_batches(teacher, pools[pool](), DEIT_TINY, NUM, NUM)
             if isinstance(fill, float):
                 batches = [(images * fill, keep) for images, keep in batches]
+                confidences.append(teacher_confidence(teacher, batches))  # does the teacher still see the class?
             elif fill is not None:
                 batches = [(filled(images, keep, fill, teacher.patch_embed.patch_size), None) for images, keep in batches]
             for seed in args.seeds:
                 runs[f"{pool}, seed {seed}"] = reconstruction(f"{name}-{pool}-seed{seed}", teacher, batches, {**changes, "seed": seed}, yardstick, val)
-        if isinstance(fill, float):  # does the teacher still see the class in them?
-            with torch.no_grad():
-                confidence = statistics.mean(logits(teacher, x * fill, k).softmax(-1).amax(-1).mean().item()
-                                             for pool in RECON_POOLS for x, k in pool_batches(teacher, pools[pool](), DEIT_TINY, NUM, NUM))
-            rows[name] = row(name, runs, what=what, pools=list(RECON_POOLS), recon_changes=changes, contrast=fill,
-                             teacher_confidence=confidence)
-        else:
-            rows[name] = row(name, runs, what=what, pools=list(RECON_POOLS), recon_changes=changes, all_patches=fill is not None, fill=fill)
+        fed = ({"contrast": fill, "teacher_confidence": statistics.mean(confidences)} if isinstance(fill, float)
+               else {"all_patches": fill is not None, "fill": fill})
+        rows[name] = row(name, runs, what=what, pools=list(RECON_POOLS), recon_changes=changes, **fed)
         save(rows)
     for name, (what, second) in MIXED_ROWS.items():
         if args.only and name not in args.only:
@@ -263,6 +258,12 @@ def main() -> None:
         seeds = {seed: reconstruction(f"{name}-seed{seed}", teacher, batches, {"seed": seed}, yardstick, val) for seed in args.seeds}
         rows[name] = row(name, seeds, what=what, images=NUM * 2)
         save(rows)
+
+
+@torch.no_grad()
+def teacher_confidence(teacher, batches) -> float:
+    """The teacher's mean top probability on the images of ``batches``."""
+    return torch.cat([logits(teacher, x, k).softmax(-1).amax(-1) for x, k in batches]).mean().item()
 
 
 def row(name: str, runs: dict, **fields) -> dict:
