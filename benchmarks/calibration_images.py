@@ -305,14 +305,18 @@ def make_pool(name: str, config, teacher):
                 term.remove()
 
 
-def reconstruction(cell_name: str, teacher, batches, recon_changes: dict, yardstick, val) -> dict:
-    """One W4/A4 reconstruction (the default ReconConfig with ``recon_changes``), scored; cached as it finishes."""
-    cell = CACHE / "calibration_images" / f"{cell_name}.json"
+def reconstruction(cell_name: str, teacher, batches, recon_changes: dict, yardstick, val, *, folder: str = "calibration_images",
+                   measures=None) -> dict:
+    """One W4/A4 reconstruction (the default ReconConfig with ``recon_changes``), scored; cached as it finishes
+    under ``benchmarks/cache/<folder>``. ``measures(model)``: more fields to record (taken without gradients)."""
+    cell = CACHE / folder / f"{cell_name}.json"
     if not cell.is_file():
         start = time.perf_counter()
         config = QuantConfig.for_method("recon", 4, 4)
         model = quantize_(copy.deepcopy(teacher), replace(config, recon=replace(config.recon, **recon_changes)), batches, progress=False)
-        result = {"fit_seconds": time.perf_counter() - start,
+        with torch.no_grad():
+            extra = measures(model) if measures else {}
+        result = {**extra, "fit_seconds": time.perf_counter() - start,
                   "train100_top1": evaluate_tensors(model, *yardstick, progress=False)["top1"],
                   "val_top1": evaluate_tensors(model, *val, progress=False)["top1"], "commit": commit()}
         cell.parent.mkdir(parents=True, exist_ok=True)

@@ -23,21 +23,18 @@ Results: ``benchmarks/results/recon_restarts.json``.
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import statistics
 import sys
-import time
-from dataclasses import replace
 
 import torch
-from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, TRAIN100, commit, image_subset, write_results
+from calibration_images import reconstruction
+from common import CACHE, DEIT_TINY, DEIT_TINY_CKPT, TRAIN100, image_subset, write_results
 from quantization import heldout_kl, val_subset
 
 from sparseinv import load_model
-from sparseinv.data import evaluate_tensors
-from sparseinv.quant import QuantConfig, pool_batches, quantize_
+from sparseinv.quant import pool_batches
 
 NUM = 32
 HELDOUT = "kt_sparse_64_s7"
@@ -45,22 +42,9 @@ MEASURES = ("heldout_kl", "recon_loss")  # lower is better
 
 
 def cell(teacher, pool: str, seed: int, batches, heldout, yardstick, val) -> dict:
-    path = CACHE / "recon_restarts" / f"{pool}-seed{seed}.json"
-    if not path.is_file():
-        start = time.perf_counter()
-        config = QuantConfig.for_method("recon", 4, 4)
-        model = quantize_(copy.deepcopy(teacher), replace(config, recon=replace(config.recon, seed=seed)), batches, progress=False)
-        with torch.no_grad():
-            result = {"heldout_kl": heldout_kl(model, teacher, heldout),
-                      "recon_loss": sum(r["loss_after"] for r in model.recon_report),
-                      "fit_seconds": time.perf_counter() - start,
-                      "train100_top1": evaluate_tensors(model, *yardstick, progress=False)["top1"],
-                      "val_top1": evaluate_tensors(model, *val, progress=False)["top1"], "commit": commit()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result))
-    result = json.loads(path.read_text())
-    print(f"{pool} seed {seed}: {result}", flush=True)
-    return result
+    def measures(model) -> dict:
+        return {"heldout_kl": heldout_kl(model, teacher, heldout), "recon_loss": sum(r["loss_after"] for r in model.recon_report)}
+    return reconstruction(f"{pool}-seed{seed}", teacher, batches, {"seed": seed}, yardstick, val, folder="recon_restarts", measures=measures)
 
 
 def picks(seeds: dict[int, dict], n: int) -> dict:
