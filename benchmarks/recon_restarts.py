@@ -1,6 +1,6 @@
 """Can a data-free yardstick pick the better of several W4/A4 reconstructions of the same images?
 
-    python benchmarks/recon_restarts.py [--pool NAME] [--seeds 0 1 ...]
+    python benchmarks/recon_restarts.py [--pool NAME ...] [--seeds 0 1 ...] [--shard I/N]
 
 One W4/A4 ``recon`` reconstruction of DeiT-Tiny moves by several points with its seed alone
 (``calibration_images.py``: 48.0 to 57.5 on the yardstick over two pools and two seeds). If a
@@ -15,8 +15,8 @@ best is a cheap way up. Each reconstruction seed of one calibration pool (32 spa
 
 Then, for N = 2 and 4, the mean over every N-subset of seeds of the top-1 of the seed each
 data-free measure picks, beside the subsets' mean (one reconstruction) and best (an oracle).
-Each seed is cached as it finishes (``benchmarks/cache/recon_restarts``); run two processes with
-disjoint ``--seeds`` (one per core), then one with all of them to gather.
+Each seed is cached as it finishes (``benchmarks/cache/recon_restarts``); run ``--shard 0/2`` and
+``--shard 1/2`` (one process per core: every other seed), then no ``--shard`` to gather and write the file.
 Results: ``benchmarks/results/recon_restarts.json``.
 """
 
@@ -84,16 +84,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pool", nargs="+", default=["calib_reference_fp32", "calib_reference_fp32_s1"], help="calibration pools")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(range(8)), help="reconstruction seeds (default 0-7)")
+    parser.add_argument("--shard", default="0/1", help="I/N: reconstruct every N-th seed from the I-th and write no results (one process per core)")
     args = parser.parse_args()
     torch.manual_seed(0)
     teacher = load_model(DEIT_TINY, DEIT_TINY_CKPT).eval()
     yardstick, val = image_subset(teacher, TRAIN100, 20, "train100"), val_subset(teacher, 100)
     heldout = pool_batches(teacher, CACHE / "pools" / HELDOUT, DEIT_TINY, 64, 32)
+    index, count = map(int, args.shard.split("/"))
     pools = {}
     for pool in args.pool:
         batches = pool_batches(teacher, CACHE / "pools" / pool, DEIT_TINY, NUM, NUM)
-        seeds = {seed: cell(teacher, pool, seed, batches, heldout, yardstick, val) for seed in args.seeds}
-        if len(seeds) < 4:
+        seeds = {seed: cell(teacher, pool, seed, batches, heldout, yardstick, val) for seed in args.seeds[index::count]}
+        if count > 1:
             continue  # a shard: its cells are cached, the gathering run writes the file
         pools[pool] = {
             "seeds": seeds,
